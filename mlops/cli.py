@@ -1,0 +1,147 @@
+"""The ``mlops`` command line: the lifecycle steps for a terminal user.
+
+Only this module (and ``pipelines/``) prints and configures logging; an ``MlopsError``
+becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+import click
+
+from mlops.errors import MlopsError
+
+
+def _common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="Experiment YAML to start from (default: conf/default.yaml)."),
+        click.option("--dataset", default=None, help="A CSV path or sklearn:breast_cancer|wine|iris|diabetes."),
+        click.option("--target", default=None, help="Target column (CSV datasets)."),
+        click.option("--seed", type=int, default=None, help="Random seed for split and model."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, dotted (repeatable), e.g. --set model.params.C=0.5."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_config(config_path: str | None, overrides: Sequence[str], **named: Any):
+    """The Config from a YAML path, ``--set`` pairs and the named options that were given."""
+    from mlops.config import load_config
+
+    keys = {"dataset": "data.dataset", "target": "data.target", "seed": "seed", "model": "model.family"}
+    pairs = [f"{keys[k]}={v}" for k, v in named.items() if v not in (None, "")]
+    return load_config(config_path or None, [*pairs, *overrides])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
+def cli(verbose: bool) -> None:
+    """mlops: from raw data to a monitored MLflow model.
+
+    Runs are tracked wherever MLFLOW_TRACKING_URI points (default: sqlite:///mlflow.db).
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@_common_options
+def prepare(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
+            overrides: tuple[str, ...]) -> None:
+    """Load, validate, clean and split a dataset; log it to an MLflow run.
+
+    \b
+    Example:
+        mlops prepare --dataset data/churn.csv --target churned
+        mlops prepare --dataset sklearn:wine --seed 7
+    """
+    from mlops import data
+    from mlops.tracking import step_run
+
+    config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed)
+    with step_run(config, run_name="prepare") as run:
+        import mlflow
+
+        mlflow.log_params({k: v for k, v in config.flat().items() if k.startswith(("data.", "seed"))})
+        split = data.prepare(config)
+        data.log_split(split, with_files=True)
+    click.echo(
+        f"prepared {split.source}: {split.n_rows} rows ({split.n_duplicates_dropped} duplicates dropped), "
+        f"train/validation/test = {len(split.train)}/{len(split.validation)}/{len(split.test)}, "
+        f"hash {split.content_hash[:12]}, run {run.info.run_id}"
+    )
+
+
+@cli.command()
+@_common_options
+@click.option("--model", default=None, help="Model family: logreg, ridge, random_forest, hist_gb, keras_mlp.")
+@click.option("--register/--no-register", default=False,
+              help="Also register the model under registry.model_name (no alias is set).")
+def train(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
+          overrides: tuple[str, ...], model: str | None, register: bool) -> None:
+    """Prepare the data and train, evaluate and log one model.
+
+    \b
+    Example:
+        mlops train --model random_forest --set model.params.n_estimators=300
+        mlops train --dataset sklearn:diabetes --model keras_mlp
+    """
+    import mlflow
+
+    from mlops.training import train as run_training
+
+    config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed, model=model)
+    result = run_training(config, register=register)
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("test_"))
+    click.echo(f"trained {result.family} ({result.task}) in run {result.run_id}: {shown}")
+    click.echo(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})" if result.registered_version else ""))
+    click.echo(f"see it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: runs the CLI, mapping MlopsError to one line and exit 1."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="mlops", standalone_mode=False)
+    except MlopsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def entry_point(command: str) -> Callable[[], None]:
+    """A ``main()`` for one MLflow-project entry point: ``python -m pipelines.<command>``."""
+    return functools.partial(_run_entry, command)
+
+
+def _run_entry(command: str) -> None:
+    # MLproject passes every parameter: an empty value means "not set, use the config", and
+    # --overrides carries space-separated key=value pairs.
+    args, argv = [], list(sys.argv[1:])
+    while argv:
+        arg = argv.pop(0)
+        value = argv.pop(0) if arg.startswith("--") and argv and not argv[0].startswith("--") else None
+        if value in (None, ""):
+            if not arg.startswith("--"):
+                args.append(arg)
+            continue
+        if arg == "--overrides":
+            args += [f"--set={pair}" for pair in value.split()]
+        else:
+            args += [arg, value]
+    main([command, *args])

@@ -1,0 +1,193 @@
+"""Typed, validated configuration: loaded once from ``conf/`` and passed down.
+
+``load_config()`` reads the experiment YAML, merges the chosen model family's default
+hyperparameters from ``conf/models/<family>.yaml``, applies ``key=value`` overrides (dotted
+keys, values parsed as YAML) and validates the result into a frozen :class:`Config`.
+Unknown keys, wrong types and invalid YAML fail with the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlops.errors import ConfigError
+
+_PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+class _Strict(BaseModel):
+    # kedro-mlflow's habit: unknown keys are an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.7, gt=0, lt=1)
+    validation: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + validation + test must be 1.0, got {total:g}; adjust the three fractions"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    dataset: str = "sklearn:breast_cancer"
+    target: str | None = None
+    task: Literal["auto", "classification", "regression"] = "auto"
+    categorical: list[str] = Field(default_factory=list)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class ModelConfig(_Strict):
+    family: str = "logreg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "mlops-model"
+
+
+class Config(_Strict):
+    """The whole experiment configuration (see ``conf/default.yaml``)."""
+
+    experiment: str = "mlops"
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"dotted.key": value}``, ready for ``mlflow.log_params``."""
+        return _flatten(self.model_dump())
+
+
+def conf_dir() -> Path:
+    """The folder holding the YAML files: ``$MLOPS_CONF_DIR``, ``./conf`` or the project's."""
+    env = os.environ.get("MLOPS_CONF_DIR")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "conf"
+    if (local / "default.yaml").is_file():
+        return local
+    return _PACKAGE_CONF
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] | dict[str, Any] = (),
+) -> Config:
+    """Load, merge and validate the configuration.
+
+    Args:
+        path: the experiment YAML; ``conf/default.yaml`` when omitted.
+        overrides: ``"data.dataset=sklearn:wine"``-style strings, or a dict of dotted keys.
+
+    Example:
+        >>> cfg = load_config(overrides=["model.family=random_forest", "seed=7"])
+    """
+    base_dir = conf_dir()
+    cfg_path = Path(path) if path else base_dir / "default.yaml"
+    raw = _read_yaml(cfg_path)
+    pairs = _parse_overrides(overrides)
+
+    family = pairs.get("model.family", raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None)
+    family = family or ModelConfig.model_fields["family"].default
+    family_file = base_dir / "models" / f"{family}.yaml"
+    if family_file.is_file():
+        fam_raw = _read_yaml(family_file)
+        unknown = set(fam_raw) - {"params"}
+        if unknown:
+            raise ConfigError(
+                f"{family_file}: unknown key(s) {sorted(unknown)}; a model family file holds only 'params'"
+            )
+        defaults = fam_raw.get("params") or {}
+        model_section = raw.setdefault("model", {})
+        if not isinstance(model_section, dict):
+            raise ConfigError(f"{cfg_path}: key 'model' must be a mapping, got {model_section!r}")
+        model_section["params"] = {**defaults, **(model_section.get("params") or {})}
+
+    for key, value in pairs.items():
+        _set_dotted(raw, key, value, cfg_path)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, cfg_path)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file with --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}; fix the file's syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return copy.deepcopy(data)
+
+
+def _parse_overrides(overrides: Iterable[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    pairs: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not key=value; write it like model.params.C=0.5")
+        try:
+            pairs[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            pairs[key.strip()] = value
+    return pairs
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: Path) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{key}': '{'.'.join(parts[: i + 1])}' in {source} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, source: Path) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'; remove it or check its spelling")
+        else:
+            got = err.get("input")
+            problems.append(f"key '{key}': {err['msg']} (got {got!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,313 @@
+"""Data preparation: load, validate, clean, split 70/20/10, hash and log to MLflow.
+
+The public entry point is :func:`prepare`; :func:`log_split` records a split on the active
+MLflow run as dataset inputs (contexts ``train``, ``validation``, ``test``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as ptypes
+from sklearn.model_selection import train_test_split
+
+from mlops.config import Config, DataConfig
+from mlops.errors import DataValidationError
+
+logger = logging.getLogger(__name__)
+
+SKLEARN_PREFIX = "sklearn:"
+SKLEARN_TARGET = "target"
+
+
+def _sklearn_loader(name: str) -> Callable[..., object]:
+    from sklearn import datasets
+
+    return getattr(datasets, f"load_{name}")
+
+
+# name -> the task it poses; loaded lazily through sklearn.datasets.load_<name>
+SKLEARN_DATASETS: dict[str, str] = {
+    "breast_cancer": "classification",
+    "wine": "classification",
+    "iris": "classification",
+    "diabetes": "regression",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSplit:
+    """A cleaned, validated dataset split into train / validation / test."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    target: str
+    task: str  # "classification" | "regression"
+    numeric_columns: tuple[str, ...]
+    categorical_columns: tuple[str, ...]
+    classes: tuple[str, ...] | None  # sorted class labels, as strings, for classification
+    content_hash: str
+    source: str
+    n_rows: int
+    n_duplicates_dropped: int
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return self.numeric_columns + self.categorical_columns
+
+    def xy(self, part: str) -> tuple[pd.DataFrame, pd.Series]:
+        """Features and target of ``part`` ("train", "validation" or "test")."""
+        frame: pd.DataFrame = getattr(self, part)
+        return frame[list(self.feature_columns)], frame[self.target]
+
+
+def prepare(config: Config) -> DatasetSplit:
+    """Load the configured dataset, validate and clean it, and split it reproducibly.
+
+    Example:
+        >>> split = prepare(load_config(overrides=["data.dataset=sklearn:wine"]))
+        >>> len(split.train), len(split.validation), len(split.test)
+    """
+    data_cfg = config.data
+    frame, target, default_task = load_source(data_cfg)
+    validate_frame(frame, target, data_cfg.categorical, data_cfg.dataset)
+    frame, n_dupes = clean(frame, target, data_cfg.categorical)
+    task = _infer_task(frame[target], data_cfg.task, default_task)
+    categorical = tuple(c for c in frame.columns if c != target and c in data_cfg.categorical)
+    numeric = tuple(c for c in frame.columns if c != target and c not in categorical)
+    classes: tuple[str, ...] | None = None
+    if task == "classification":
+        frame[target] = frame[target].astype(str)
+        classes = tuple(sorted(frame[target].unique()))
+        if len(classes) < 2:
+            raise DataValidationError(
+                f"target column '{target}' has a single class {classes[0]!r}; "
+                "classification needs at least two classes, or set data.task=regression"
+            )
+    elif not ptypes.is_numeric_dtype(frame[target]):
+        raise DataValidationError(
+            f"target column '{target}' is not numeric but data.task is regression; "
+            "set data.task=classification or pick a numeric target"
+        )
+    else:
+        frame[target] = frame[target].astype("float64")
+
+    train, validation, test = _split(frame, target, task, data_cfg, config.seed)
+    split = DatasetSplit(
+        train=train,
+        validation=validation,
+        test=test,
+        target=target,
+        task=task,
+        numeric_columns=numeric,
+        categorical_columns=categorical,
+        classes=classes,
+        content_hash=content_hash(frame),
+        source=_describe_source(data_cfg.dataset),
+        n_rows=len(frame),
+        n_duplicates_dropped=n_dupes,
+    )
+    logger.info(
+        "prepared %s: %d rows (%d duplicates dropped), split %d/%d/%d, hash %s",
+        split.source, split.n_rows, n_dupes, len(train), len(validation), len(test), split.content_hash[:12],
+    )
+    return split
+
+
+def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
+    """Read the dataset named by ``data.dataset``; returns (frame, target column, known task)."""
+    dataset = data_cfg.dataset
+    if dataset.startswith(SKLEARN_PREFIX):
+        name = dataset[len(SKLEARN_PREFIX):]
+        if name not in SKLEARN_DATASETS:
+            valid = ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
+            raise DataValidationError(f"data.dataset: unknown scikit-learn dataset '{dataset}'; use one of {valid}")
+        bunch = _sklearn_loader(name)(as_frame=True)
+        frame = bunch.frame.copy()
+        task = SKLEARN_DATASETS[name]
+        if task == "classification":
+            names = np.asarray(bunch.target_names)
+            frame[SKLEARN_TARGET] = names[frame[SKLEARN_TARGET].to_numpy()]
+        if data_cfg.target not in (None, SKLEARN_TARGET):
+            raise DataValidationError(
+                f"data.target: '{data_cfg.target}' is not a column of {dataset}; its target column is "
+                f"'{SKLEARN_TARGET}', so leave --target unset"
+            )
+        return frame, SKLEARN_TARGET, task
+
+    path = Path(dataset)
+    if not path.is_file():
+        raise DataValidationError(
+            f"data.dataset: file '{dataset}' not found; pass an existing CSV path or one of "
+            + ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
+        )
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(f"data.dataset: '{dataset}' is empty; give a CSV with a header row and data") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"data.dataset: '{dataset}' is not a readable CSV ({exc}); fix the file") from None
+    if not data_cfg.target:
+        raise DataValidationError(
+            f"data.target: not set for CSV '{dataset}'; pass --target COLUMN (columns: {', '.join(map(str, frame.columns))})"
+        )
+    return frame, data_cfg.target, None
+
+
+def validate_frame(frame: pd.DataFrame, target: str, categorical: list[str], source: str) -> None:
+    """Check the raw frame; raise one :class:`DataValidationError` naming every problem."""
+    if frame.empty or len(frame.columns) == 0:
+        raise DataValidationError(f"data.dataset: '{source}' has no rows; give a dataset with data")
+    columns = [str(c) for c in frame.columns]
+    if target not in columns:
+        raise DataValidationError(
+            f"data.target: column '{target}' not in '{source}'; pick one of: {', '.join(columns)}"
+        )
+    problems: list[str] = []
+    missing_cat = [c for c in categorical if c not in columns]
+    if missing_cat:
+        problems.append(f"data.categorical names column(s) {missing_cat} not in the data; remove them")
+    for col in frame.columns:
+        series = frame[col]
+        if series.isna().all():
+            problems.append(f"column '{col}' is entirely empty; drop it from the data")
+            continue
+        if col == target or col in categorical:
+            continue
+        if not (ptypes.is_numeric_dtype(series) or ptypes.is_bool_dtype(series)):
+            example = series.dropna().iloc[0]
+            problems.append(
+                f"column '{col}' is not numeric (e.g. {example!r}); declare it categorical with "
+                f"--set data.categorical=[{col}] or remove it"
+            )
+    if len([c for c in columns if c != target]) == 0:
+        problems.append(f"'{source}' has no feature columns besides the target '{target}'")
+    if problems:
+        raise DataValidationError("; ".join(problems))
+
+
+def clean(frame: pd.DataFrame, target: str, categorical: list[str]) -> tuple[pd.DataFrame, int]:
+    """Drop duplicated rows and rows without a target; give features stable dtypes.
+
+    Returns the cleaned frame and the number of duplicated rows dropped.
+    """
+    frame = frame.copy()
+    frame.columns = [str(c) for c in frame.columns]
+    n_before = len(frame)
+    frame = frame.drop_duplicates()
+    n_dupes = n_before - len(frame)
+    if n_dupes:
+        logger.warning("dropped %d duplicated row(s)", n_dupes)
+    no_target = frame[target].isna()
+    if no_target.any():
+        logger.warning("dropped %d row(s) with no value in target '%s'", int(no_target.sum()), target)
+        frame = frame[~no_target]
+    for col in frame.columns:
+        if col == target:
+            continue
+        if col in categorical:
+            frame[col] = frame[col].astype("string").astype(object).where(frame[col].notna(), None)
+        else:
+            # One numeric dtype for every feature keeps the model signature simple (double).
+            frame[col] = frame[col].astype("float64")
+    return frame.reset_index(drop=True), n_dupes
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    """SHA-256 of the cleaned data: column names, dtypes and every value, order included."""
+    digest = hashlib.sha256()
+    digest.update(repr([(c, str(t)) for c, t in frame.dtypes.items()]).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
+    """Log the three parts as MLflow dataset inputs and the hash as a tag, on the active run.
+
+    With ``with_files``, the parts are also stored as CSV artifacts under ``data/``.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if split.source.startswith(SKLEARN_PREFIX):
+        source: object = CodeDatasetSource(tags={"dataset": split.source})
+    else:
+        source = split.source
+    base = Path(split.source).stem if not split.source.startswith(SKLEARN_PREFIX) else split.source[len(SKLEARN_PREFIX):]
+    for context in ("train", "validation", "test"):
+        frame = getattr(split, context)
+        dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
+        mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": split.content_hash})
+    mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source})
+    mlflow.log_params({"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task})
+    mlflow.log_metrics(
+        {
+            "data_duplicates_dropped": split.n_duplicates_dropped,
+            "data_train_rows": len(split.train),
+            "data_validation_rows": len(split.validation),
+            "data_test_rows": len(split.test),
+        }
+    )
+    if with_files:
+        with tempfile.TemporaryDirectory() as tmp:
+            for context in ("train", "validation", "test"):
+                getattr(split, context).to_csv(Path(tmp) / f"{context}.csv", index=False)
+            mlflow.log_artifacts(tmp, artifact_path="data")
+
+
+def _describe_source(dataset: str) -> str:
+    return dataset if dataset.startswith(SKLEARN_PREFIX) else str(Path(dataset).resolve())
+
+
+def _infer_task(target: pd.Series, configured: str, known: str | None) -> str:
+    if configured != "auto":
+        return configured
+    if known:
+        return known
+    if not ptypes.is_numeric_dtype(target) or ptypes.is_bool_dtype(target):
+        return "classification"
+    values = target.dropna()
+    if ptypes.is_integer_dtype(values) or np.all(np.mod(values, 1) == 0):
+        if values.nunique() <= 20:
+            return "classification"
+    return "regression"
+
+
+def _split(
+    frame: pd.DataFrame, target: str, task: str, data_cfg: DataConfig, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    fractions = data_cfg.split
+    if task == "classification":
+        counts = frame[target].value_counts()
+        needed = int(np.ceil(1 / min(fractions.train, fractions.validation, fractions.test)))
+        rare = counts[counts < 3]
+        if not rare.empty:
+            raise DataValidationError(
+                f"target column '{target}': class(es) {list(rare.index)} have fewer than 3 rows, too few to "
+                f"stratify a train/validation/test split (about {needed} per class are advisable); add rows or merge classes"
+            )
+    stratify = frame[target] if task == "classification" else None
+    try:
+        rest, test = train_test_split(frame, test_size=fractions.test, random_state=seed, stratify=stratify)
+        val_share = fractions.validation / (fractions.train + fractions.validation)
+        stratify_rest = rest[target] if task == "classification" else None
+        train, validation = train_test_split(rest, test_size=val_share, random_state=seed, stratify=stratify_rest)
+    except ValueError as exc:
+        raise DataValidationError(
+            f"cannot split {len(frame)} rows {fractions.train}/{fractions.validation}/{fractions.test}: {exc}; "
+            "add rows or change data.split"
+        ) from None
+    return (
+        train.reset_index(drop=True),
+        validation.reset_index(drop=True),
+        test.reset_index(drop=True),
+    )

@@ -1,0 +1,27 @@
+"""The error hierarchy: every failure a user can fix is an ``MlopsError``.
+
+Each message names the field, the value and the fix, so an entry point can print it as
+one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class MlopsError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(MlopsError, ValueError):
+    """A configuration file, key or value is invalid."""
+
+
+class DataValidationError(MlopsError, ValueError):
+    """The input data does not satisfy the schema a model needs."""
+
+
+class TrainingError(MlopsError, RuntimeError):
+    """Training could not produce a model."""
+
+
+class InvalidRequest(MlopsError, ValueError):
+    """A scoring request is malformed (turned into an HTTP 400 by the serving layer)."""

@@ -1,0 +1,191 @@
+"""Model families behind one scikit-learn contract.
+
+Every family builds a scikit-learn ``Pipeline(preprocess, estimator)``: hyperparameters in
+the constructor, learning in ``fit``, fitted state in ``*_`` attributes. Training, tuning and
+serving never branch on the family; estimators that can report per-epoch progress accept
+``eval_set`` and ``on_epoch_end`` in ``fit`` (see :func:`fit_model`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from mlops.errors import ConfigError
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A named family: which estimator class to build for each task it supports."""
+
+    name: str
+    estimators: dict[str, Callable[..., BaseEstimator]]  # task -> estimator factory
+    seed_param: str | None = "random_state"
+    description: str = ""
+
+    def estimator_class(self, task: str) -> Callable[..., BaseEstimator]:
+        if task not in self.estimators:
+            others = [f.name for f in FAMILIES.values() if task in f.estimators]
+            raise ConfigError(
+                f"model.family '{self.name}' does not do {task}; for {task} use one of: {', '.join(others)}"
+            )
+        return self.estimators[task]
+
+
+def _sk(module: str, name: str) -> Callable[..., BaseEstimator]:
+    def factory(**params: Any) -> BaseEstimator:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(**params)
+
+    factory.__qualname__ = name
+    return factory
+
+
+def _keras(name: str) -> Callable[..., BaseEstimator]:
+    def factory(**params: Any) -> BaseEstimator:
+        from mlops.models import keras_mlp
+
+        return getattr(keras_mlp, name)(**params)
+
+    factory.__qualname__ = name
+    return factory
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f
+    for f in (
+        ModelFamily(
+            "logreg",
+            {"classification": _sk("sklearn.linear_model", "LogisticRegression")},
+            description="logistic regression",
+        ),
+        ModelFamily(
+            "ridge",
+            {"regression": _sk("sklearn.linear_model", "Ridge")},
+            description="ridge regression",
+        ),
+        ModelFamily(
+            "random_forest",
+            {
+                "classification": _sk("sklearn.ensemble", "RandomForestClassifier"),
+                "regression": _sk("sklearn.ensemble", "RandomForestRegressor"),
+            },
+            description="random forest",
+        ),
+        ModelFamily(
+            "hist_gb",
+            {
+                "classification": _sk("sklearn.ensemble", "HistGradientBoostingClassifier"),
+                "regression": _sk("sklearn.ensemble", "HistGradientBoostingRegressor"),
+            },
+            description="histogram gradient boosting",
+        ),
+        ModelFamily(
+            "keras_mlp",
+            {
+                "classification": _keras("KerasMLPClassifier"),
+                "regression": _keras("KerasMLPRegressor"),
+            },
+            description="TensorFlow/Keras multilayer perceptron",
+        ),
+    )
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; the error lists the valid names."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(
+            f"model.family: unknown model family '{name}'; choose one of: {', '.join(FAMILIES)}"
+        ) from None
+
+
+def build_model(
+    family_name: str,
+    task: str,
+    params: dict[str, Any],
+    *,
+    numeric_columns: tuple[str, ...] | list[str],
+    categorical_columns: tuple[str, ...] | list[str] = (),
+    seed: int | None = None,
+) -> Pipeline:
+    """A fresh, unfitted ``Pipeline(preprocess, model)`` for the family and task.
+
+    Unknown hyperparameters fail with the family's valid parameter names.
+    """
+    family = get_family(family_name)
+    factory = family.estimator_class(task)
+    valid = set(factory().get_params(deep=False))
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ConfigError(
+            f"model.params: {unknown} not accepted by {family_name} ({task}); valid parameters: {', '.join(sorted(valid))}"
+        )
+    kwargs = dict(params)
+    if seed is not None and family.seed_param in valid and kwargs.get(family.seed_param) is None:
+        kwargs[family.seed_param] = seed
+    try:
+        estimator = factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.params for {family_name}: {exc}") from None
+    return Pipeline([("preprocess", build_preprocessor(numeric_columns, categorical_columns)), ("model", estimator)])
+
+
+def build_preprocessor(
+    numeric_columns: tuple[str, ...] | list[str], categorical_columns: tuple[str, ...] | list[str]
+) -> ColumnTransformer:
+    """Imputation and scaling for numeric columns, imputation and one-hot for categorical ones."""
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if numeric_columns:
+        transformers.append(
+            ("numeric", Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]), list(numeric_columns))
+        )
+    if categorical_columns:
+        transformers.append(
+            (
+                "categorical",
+                Pipeline(
+                    [
+                        ("impute", SimpleImputer(strategy="most_frequent")),
+                        ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+                    ]
+                ),
+                list(categorical_columns),
+            )
+        )
+    return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+
+
+def fit_model(
+    pipeline: Pipeline,
+    X_train: pd.DataFrame,
+    y_train: np.ndarray,
+    X_val: pd.DataFrame | None = None,
+    y_val: np.ndarray | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> Pipeline:
+    """Fit preprocessing on train only, then the model, passing validation data where it helps."""
+    preprocess, estimator = pipeline.steps[0][1], pipeline.steps[-1][1]
+    Xt = preprocess.fit_transform(X_train, y_train)
+    accepted = inspect.signature(estimator.fit).parameters
+    kwargs: dict[str, Any] = {}
+    if "eval_set" in accepted and X_val is not None:
+        kwargs["eval_set"] = (preprocess.transform(X_val), y_val)
+    if "on_epoch_end" in accepted and on_epoch_end is not None:
+        kwargs["on_epoch_end"] = on_epoch_end
+    estimator.fit(Xt, y_train, **kwargs)
+    return pipeline

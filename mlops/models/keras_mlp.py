@@ -1,0 +1,153 @@
+"""A TensorFlow/Keras multilayer perceptron behind the scikit-learn estimator contract.
+
+The estimators pickle (the Keras model travels as ``.keras`` bytes), so a fitted pipeline
+saves and loads like any scikit-learn one. TensorFlow is imported only when one is built.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+class _KerasMLP(BaseEstimator):
+    def __init__(
+        self,
+        hidden_units: Sequence[int] = (64, 32),
+        activation: str = "relu",
+        dropout: float = 0.1,
+        learning_rate: float = 1e-3,
+        l2: float = 0.0,
+        epochs: int = 100,
+        batch_size: int = 32,
+        patience: int = 10,
+        random_state: int | None = None,
+        verbose: int = 0,
+    ) -> None:
+        self.hidden_units = hidden_units
+        self.activation = activation
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # subclasses say what the output layer and loss are
+    def _head(self, y: np.ndarray) -> tuple[int, str, str, list[str]]:
+        raise NotImplementedError
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return np.asarray(y)
+
+    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None, on_epoch_end=None) -> "_KerasMLP":
+        keras = _keras()
+        if self.random_state is not None:
+            keras.utils.set_random_seed(int(self.random_state))
+        X = np.asarray(X, dtype="float32")
+        units, out_activation, loss, metrics = self._head(np.asarray(y))
+        y_enc = self._encode_target(np.asarray(y))
+        reg = keras.regularizers.L2(self.l2) if self.l2 else None
+        layers: list[Any] = [keras.Input(shape=(X.shape[1],))]
+        for width in self.hidden_units:
+            layers.append(keras.layers.Dense(int(width), activation=self.activation, kernel_regularizer=reg))
+            if self.dropout:
+                layers.append(keras.layers.Dropout(float(self.dropout)))
+        layers.append(keras.layers.Dense(units, activation=out_activation))
+        model = keras.Sequential(layers)
+        model.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss, metrics=metrics)
+
+        validation_data = None
+        if eval_set is not None:
+            validation_data = (np.asarray(eval_set[0], dtype="float32"), self._encode_target(np.asarray(eval_set[1])))
+        monitor = "val_loss" if validation_data is not None else "loss"
+        callbacks: list[Any] = [
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=int(self.patience), restore_best_weights=True)
+        ]
+        if on_epoch_end is not None:
+            callbacks.append(
+                keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, {k: float(v) for k, v in (logs or {}).items()})
+                )
+            )
+        history = model.fit(
+            X, y_enc, validation_data=validation_data, epochs=int(self.epochs),
+            batch_size=int(self.batch_size), callbacks=callbacks, verbose=self.verbose,
+        )
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        self.n_epochs_ = len(next(iter(self.history_.values()), []))
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _forward(self, X: Any) -> np.ndarray:
+        # Calling the model directly avoids model.predict's per-call set-up (tens of ms),
+        # which dominates for the small batches a scoring server sees.
+        X = np.asarray(X, dtype="float32")
+        return np.asarray(self.model_(X, training=False))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        model = state.pop("model_", None)
+        if model is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.keras")
+                model.save(path)
+                with open(path, "rb") as fh:
+                    state["_model_bytes"] = fh.read()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        blob = state.pop("_model_bytes", None)
+        self.__dict__.update(state)
+        if blob is not None:
+            keras = _keras()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.keras")
+                with open(path, "wb") as fh:
+                    fh.write(blob)
+                self.model_ = keras.saving.load_model(path, compile=False)
+
+
+class KerasMLPClassifier(ClassifierMixin, _KerasMLP):
+    """Keras MLP classifier; expects integer-coded or arbitrary labels, exposes ``classes_``."""
+
+    def _head(self, y: np.ndarray) -> tuple[int, str, str, list[str]]:
+        self.classes_ = np.unique(y)
+        return len(self.classes_), "softmax", "sparse_categorical_crossentropy", ["accuracy"]
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.classes_, y).astype("int32")
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self._forward(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self._forward(X), axis=1)]
+
+
+class KerasMLPRegressor(RegressorMixin, _KerasMLP):
+    """Keras MLP regressor (mean squared error loss)."""
+
+    def _head(self, y: np.ndarray) -> tuple[int, str, str, list[str]]:
+        return 1, "linear", "mse", ["mae"]
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return np.asarray(y, dtype="float32")
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self._forward(X).reshape(-1)

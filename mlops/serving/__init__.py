@@ -1,0 +1,86 @@
+"""Logging and loading the project's pyfunc model (see :mod:`mlops.serving.wrapper`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
+
+from mlops.data import DatasetSplit
+from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
+
+__all__ = ["MlopsModel", "log_model", "model_metadata", "requirements_for"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def model_metadata(split: DatasetSplit, family: str) -> dict[str, Any]:
+    """What the wrapper needs at load time, derived from the data split."""
+    return {
+        "task": split.task,
+        "family": family,
+        "target": split.target,
+        "numeric_columns": list(split.numeric_columns),
+        "categorical_columns": list(split.categorical_columns),
+        "classes": list(split.classes) if split.classes else None,
+        "data_hash": split.content_hash,
+    }
+
+
+def requirements_for(family: str) -> list[str]:
+    """Pinned pip requirements of a served model of ``family``."""
+    names = ["mlflow", "scikit-learn", "pandas", "numpy", "scipy", "joblib", "cloudpickle", "pyyaml", "pydantic"]
+    if family == "keras_mlp":
+        names += ["tensorflow", "keras"]
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib_metadata.version(name)}")
+        except importlib_metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def log_model(
+    pipeline: Any,
+    split: DatasetSplit,
+    family: str,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+) -> ModelInfo:
+    """Log ``pipeline`` through :class:`MlopsModel` on the active run.
+
+    The model carries a signature and an input example taken from the training split, the
+    ``mlops`` package as code, and pinned requirements, so it serves on its own.
+    """
+    import joblib
+
+    meta = model_metadata(split, family)
+    X_example = split.train[list(split.feature_columns)].head(5)
+    wrapper = MlopsModel()
+    wrapper._configure(pipeline, meta)
+    signature = infer_signature(X_example, wrapper.predict(None, X_example))
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe_path = Path(tmp) / "pipeline.joblib"
+        meta_path = Path(tmp) / "metadata.json"
+        joblib.dump(pipeline, pipe_path)
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("model_code.py")),
+            artifacts={PIPELINE_ARTIFACT: str(pipe_path), METADATA_ARTIFACT: str(meta_path)},
+            code_paths=[str(_PACKAGE_DIR)],
+            signature=signature,
+            input_example=X_example,
+            pip_requirements=requirements_for(family),
+            registered_model_name=registered_model_name,
+            metadata={"mlops_family": family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
+        )
+

@@ -1,0 +1,186 @@
+"""Training: build the configured family, fit it, evaluate, plot and log the model.
+
+The public entry point is :func:`train`; it runs inside the active MLflow run (or starts
+one) and returns a :class:`TrainingResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots go to files, never to a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+from sklearn.preprocessing import label_binarize  # noqa: E402
+
+from mlops import data as data_step  # noqa: E402
+from mlops.config import Config  # noqa: E402
+from mlops.data import DatasetSplit  # noqa: E402
+from mlops.models import build_model, fit_model  # noqa: E402
+from mlops.serving import log_model  # noqa: E402
+from mlops.tracking import step_run  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced."""
+
+    run_id: str
+    model_uri: str
+    family: str
+    task: str
+    data_hash: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    registered_version: str | None = None
+
+
+def train(config: Config, split: DatasetSplit | None = None, *, register: bool = False) -> TrainingResult:
+    """Prepare the data (unless given), train, evaluate and log the model on one MLflow run.
+
+    Example:
+        >>> result = train(load_config(overrides=["model.family=hist_gb"]))
+        >>> result.metrics["test_accuracy"]
+    """
+    with step_run(config, run_name=f"train-{config.model.family}") as run:
+        mlflow.log_params(config.flat())
+        if split is None:
+            split = data_step.prepare(config)
+        data_step.log_split(split)
+        pipeline, metrics = fit_and_evaluate(config, split)
+        _log_plots(pipeline, split)
+        info = log_model(
+            pipeline, split, config.model.family,
+            registered_model_name=config.registry.model_name if register else None,
+        )
+        version = getattr(info, "registered_model_version", None)
+        return TrainingResult(
+            run_id=run.info.run_id,
+            model_uri=info.model_uri,
+            family=config.model.family,
+            task=split.task,
+            data_hash=split.content_hash,
+            metrics=metrics,
+            registered_version=str(version) if version is not None else None,
+        )
+
+
+def fit_and_evaluate(config: Config, split: DatasetSplit, *, log: bool = True) -> tuple[Any, dict[str, float]]:
+    """Fit the configured model on train and score it on validation and test.
+
+    With ``log``, per-epoch metrics (Keras) and final metrics go to the active run.
+    """
+    pipeline = build_model(
+        config.model.family, split.task, config.model.params,
+        numeric_columns=split.numeric_columns, categorical_columns=split.categorical_columns, seed=config.seed,
+    )
+    X_train, y_train = split.xy("train")
+    X_val, y_val = split.xy("validation")
+
+    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+        # Keras names validation metrics val_*; train-side ones get a train_ prefix.
+        named = {(k if k.startswith("val_") else f"train_{k}"): v for k, v in logs.items() if np.isfinite(v)}
+        mlflow.log_metrics(named, step=epoch)
+
+    fit_model(
+        pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
+        on_epoch_end=on_epoch_end if log else None,
+    )
+    metrics: dict[str, float] = {}
+    for part in ("validation", "test"):
+        X, y = split.xy(part)
+        metrics.update({f"{part}_{k}": v for k, v in evaluate(pipeline, split, X, y).items()})
+    if log:
+        mlflow.log_metrics(metrics)
+        epochs = getattr(pipeline.steps[-1][1], "n_epochs_", None)
+        if epochs is not None:
+            mlflow.log_metric("epochs_trained", epochs)
+    return pipeline, metrics
+
+
+def encode_target(split: DatasetSplit, y: pd.Series) -> np.ndarray:
+    """Class labels as integer codes in ``split.classes`` order; regression targets as floats."""
+    if split.task == "classification":
+        return np.searchsorted(np.asarray(split.classes), y.to_numpy().astype(str))
+    return y.to_numpy(dtype=float)
+
+
+def evaluate(pipeline: Any, split: DatasetSplit, X: pd.DataFrame, y: pd.Series) -> dict[str, float]:
+    """Task metrics: accuracy, F1, ROC AUC, log loss; or RMSE, MAE, R²."""
+    y_true = encode_target(split, y)
+    if split.task == "regression":
+        pred = pipeline.predict(X)
+        return {
+            "rmse": float(np.sqrt(skm.mean_squared_error(y_true, pred))),
+            "mae": float(skm.mean_absolute_error(y_true, pred)),
+            "r2": float(skm.r2_score(y_true, pred)),
+        }
+    n_classes = len(split.classes or ())
+    pred = np.asarray(pipeline.predict(X)).astype(int)
+    out = {
+        "accuracy": float(skm.accuracy_score(y_true, pred)),
+        "f1": float(skm.f1_score(y_true, pred, average="binary" if n_classes == 2 else "macro")),
+    }
+    if hasattr(pipeline, "predict_proba"):
+        proba = pipeline.predict_proba(X)
+        labels = list(range(n_classes))
+        out["log_loss"] = float(skm.log_loss(y_true, proba, labels=labels))
+        if len(np.unique(y_true)) == n_classes:
+            out["roc_auc"] = float(
+                skm.roc_auc_score(y_true, proba[:, 1]) if n_classes == 2
+                else skm.roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
+            )
+    return out
+
+
+def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
+    X, y = split.xy("test")
+    y_true = encode_target(split, y)
+    if split.task == "regression":
+        pred = pipeline.predict(X)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.scatter(pred, y_true - pred, s=10, alpha=0.6)
+        ax1.axhline(0, color="grey", lw=1)
+        ax1.set(xlabel="predicted", ylabel="residual (true - predicted)", title="Residuals (test)")
+        ax2.scatter(y_true, pred, s=10, alpha=0.6)
+        lims = [min(y_true.min(), pred.min()), max(y_true.max(), pred.max())]
+        ax2.plot(lims, lims, color="grey", lw=1)
+        ax2.set(xlabel="true", ylabel="predicted", title="Predicted vs true (test)")
+        fig.tight_layout()
+        mlflow.log_figure(fig, "plots/residuals.png")
+        plt.close(fig)
+        return
+    classes = list(split.classes or ())
+    pred = np.asarray(pipeline.predict(X)).astype(int)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    skm.ConfusionMatrixDisplay.from_predictions(
+        y_true, pred, labels=list(range(len(classes))), display_labels=classes, ax=ax, colorbar=False
+    )
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "plots/confusion_matrix.png")
+    plt.close(fig)
+    if hasattr(pipeline, "predict_proba"):
+        proba = pipeline.predict_proba(X)
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        if len(classes) == 2:
+            skm.RocCurveDisplay.from_predictions(y_true, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax)
+        else:
+            onehot = label_binarize(y_true, classes=list(range(len(classes))))
+            for i, cls in enumerate(classes):
+                if onehot[:, i].any() and not onehot[:, i].all():
+                    skm.RocCurveDisplay.from_predictions(onehot[:, i], proba[:, i], name=f"{cls} vs rest", ax=ax)
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+        ax.set_title("ROC curve (test)")
+        fig.tight_layout()
+        mlflow.log_figure(fig, "plots/roc_curve.png")
+        plt.close(fig)
