@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 # Install into a project-local virtual environment, then run the main job (prepare + train)
 # on the embedded default: sqlite:///mlflow.db and local artifacts, nothing to start.
 run: $(VENV)/.installed
-	$(BIN)/mlflow run . --env-manager local --experiment-name mlops
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name mlops
 	@echo "See the run:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
 
 # Install the test dependencies, make sure the services the tests use are up, run every test.

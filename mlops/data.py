@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -245,7 +246,11 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
     base = Path(split.source).stem if not split.source.startswith(SKLEARN_PREFIX) else split.source[len(SKLEARN_PREFIX):]
     for context in ("train", "validation", "test"):
         frame = getattr(split, context)
-        dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source under two schemes and warns that a plain
+            # path matches both; either reading is the same source.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
         mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": split.content_hash})
     mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source})
     mlflow.log_params({"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task})
@@ -296,11 +301,13 @@ def _split(
                 f"stratify a train/validation/test split (about {needed} per class are advisable); add rows or merge classes"
             )
     stratify = frame[target] if task == "classification" else None
+    # Whole row counts, so 120 rows split exactly 84/24/12 (fractions of fractions drift).
+    n_test = max(1, round(len(frame) * fractions.test))
+    n_val = max(1, round(len(frame) * fractions.validation))
     try:
-        rest, test = train_test_split(frame, test_size=fractions.test, random_state=seed, stratify=stratify)
-        val_share = fractions.validation / (fractions.train + fractions.validation)
+        rest, test = train_test_split(frame, test_size=n_test, random_state=seed, stratify=stratify)
         stratify_rest = rest[target] if task == "classification" else None
-        train, validation = train_test_split(rest, test_size=val_share, random_state=seed, stratify=stratify_rest)
+        train, validation = train_test_split(rest, test_size=n_val, random_state=seed, stratify=stratify_rest)
     except ValueError as exc:
         raise DataValidationError(
             f"cannot split {len(frame)} rows {fractions.train}/{fractions.validation}/{fractions.test}: {exc}; "

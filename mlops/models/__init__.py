@@ -140,8 +140,14 @@ def build_model(
         kwargs[family.seed_param] = seed
     try:
         estimator = factory(**kwargs)
+        # scikit-learn checks values only in fit(); check them now, before any run work.
+        validate = getattr(estimator, "_validate_params", None)
+        if callable(validate):
+            validate()
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.params for {family_name}: {exc}") from None
+        raise ConfigError(
+            f"model.params for {family_name}: {exc} Fix it in conf/models/{family_name}.yaml or with --set"
+        ) from None
     return Pipeline([("preprocess", build_preprocessor(numeric_columns, categorical_columns)), ("model", estimator)])
 
 

@@ -47,6 +47,31 @@ class _KerasMLP(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    def _validate_params(self) -> None:
+        """Check hyperparameter values before training, as scikit-learn estimators do."""
+        units = self.hidden_units
+        if isinstance(units, (int, str)) or not all(isinstance(u, int) and u > 0 for u in units):
+            raise ValueError(f"hidden_units must be a list of positive integers, got {units!r}.")
+        def is_int(v: Any, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        checks = {
+            "dropout": (lambda v: 0.0 <= float(v) < 1.0, "a float in [0, 1)"),
+            "learning_rate": (lambda v: float(v) > 0, "a float > 0"),
+            "l2": (lambda v: float(v) >= 0, "a float >= 0"),
+            "epochs": (lambda v: is_int(v, 1), "an integer >= 1"),
+            "batch_size": (lambda v: is_int(v, 1), "an integer >= 1"),
+            "patience": (lambda v: is_int(v, 0), "an integer >= 0"),
+        }
+        for name, (check, expected) in checks.items():
+            value = getattr(self, name)
+            try:
+                ok = check(value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"The '{name}' parameter must be {expected}, got {value!r}.")
+
     # subclasses say what the output layer and loss are
     def _head(self, y: np.ndarray) -> tuple[int, str, str, list[str]]:
         raise NotImplementedError

@@ -49,8 +49,9 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self.proba_columns = [f"{PROBA_PREFIX}{c}" for c in self.classes] if self.classes is not None else []
         self.has_proba = self.classes is not None and hasattr(pipeline, "predict_proba")
 
-    # predict() carries no type hints on purpose: MLflow would read them as the signature.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # A DataFrame hint is one MLflow does not turn into a schema: the logged signature stays
+    # the one inferred from the training data.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = self._validate(model_input)
         if self.task == "classification":
             if self.has_proba:

@@ -1,0 +1,66 @@
+"""Test isolation: every test gets its own SQLite tracking store and working folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite store, made once: creating one runs MLflow's migrations (seconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "mlruns"))
+    store.engine.dispose()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def tracking_uri(tmp_path: Path, template_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test: its own store copied from the template, cwd in tmp_path, no run left active."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_store, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLOPS_CONF_DIR", str(REPO / "conf"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    # set_experiment() in an earlier test must not leak its experiment id into this one
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def python_bin() -> str:
+    return sys.executable
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a laptop without the service; fail in CI, where the service must be there."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this test may not skip)")
+    pytest.skip(reason)

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops.config import load_config
+from mlops.data import content_hash, log_split, prepare
+from mlops.errors import DataValidationError
+from tests.helpers import make_csv
+
+
+def cfg(*overrides: str):
+    return load_config(overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name,task,n_classes", [("breast_cancer", "classification", 2),
+                                                 ("wine", "classification", 3),
+                                                 ("diabetes", "regression", None)])
+def test_sklearn_datasets_split_70_20_10(name: str, task: str, n_classes: int | None) -> None:
+    split = prepare(cfg(f"data.dataset=sklearn:{name}"))
+    n = split.n_rows
+    assert split.task == task
+    assert len(split.train) + len(split.validation) + len(split.test) == n
+    assert abs(len(split.train) / n - 0.7) < 0.02
+    assert abs(len(split.validation) / n - 0.2) < 0.02
+    assert abs(len(split.test) / n - 0.1) < 0.02
+    assert (len(split.classes) if split.classes else None) == n_classes
+
+
+def test_split_is_stratified() -> None:
+    split = prepare(cfg("data.dataset=sklearn:wine"))
+    overall = pd.concat([split.train, split.validation, split.test])[split.target].value_counts(normalize=True)
+    for part in (split.train, split.validation):
+        share = part[split.target].value_counts(normalize=True)
+        assert np.allclose(share.reindex(overall.index), overall, atol=0.05)
+
+
+def test_split_is_reproducible_from_seed() -> None:
+    a = prepare(cfg("seed=11"))
+    b = prepare(cfg("seed=11"))
+    c = prepare(cfg("seed=12"))
+    pd.testing.assert_frame_equal(a.train, b.train)
+    pd.testing.assert_frame_equal(a.test, b.test)
+    assert not a.train.equals(c.train)
+    assert a.content_hash == c.content_hash  # the hash is of the data, not of the split
+
+
+def test_hash_changes_with_one_value() -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": ["x", "y", "z"]})
+    changed = frame.copy()
+    changed.loc[1, "a"] = 2.5
+    assert content_hash(frame) == content_hash(frame.copy())
+    assert content_hash(frame) != content_hash(changed)
+
+
+def test_csv_with_declared_categorical(tmp_path: Path) -> None:
+    path = make_csv(tmp_path / "d.csv")
+    split = prepare(cfg(f"data.dataset={path}", "data.target=label", "data.categorical=[color]"))
+    assert split.categorical_columns == ("color",)
+    assert split.numeric_columns == ("x1", "x2")
+    assert split.classes == ("no", "yes")
+    assert split.source == str(path.resolve())
+
+
+def test_duplicates_are_reported_and_dropped(tmp_path: Path) -> None:
+    path = make_csv(tmp_path / "d.csv", n=100)
+    frame = pd.read_csv(path)
+    pd.concat([frame, frame.head(7)]).to_csv(path, index=False)
+    split = prepare(cfg(f"data.dataset={path}", "data.target=label", "data.categorical=[color]"))
+    assert split.n_duplicates_dropped == 7
+    assert split.n_rows == 100
+
+
+@pytest.mark.parametrize(
+    "setup,overrides,message",
+    [
+        (None, ["data.dataset=missing.csv", "data.target=label"], r"file 'missing.csv' not found.*sklearn:breast_cancer"),
+        ("empty", ["data.target=label"], r"is empty; give a CSV with a header row"),
+        ("header_only", ["data.target=label"], r"has no rows"),
+        ("ok", ["data.target=nope", "data.categorical=[color]"], r"data.target: column 'nope' not in .*pick one of: x1, x2, color, label"),
+        ("ok", [], r"data.target: not set .*--target COLUMN"),
+        ("ok", ["data.target=label"], r"column 'color' is not numeric \(e.g. '(red|green|blue)'\); declare it categorical with --set data.categorical=\[color\]"),
+        ("all_null", ["data.target=label", "data.categorical=[color]"], r"column 'empty' is entirely empty"),
+        ("ok", ["data.target=label", "data.categorical=[colour]"], r"data.categorical names column\(s\) \['colour'\] not in the data"),
+        (None, ["data.dataset=sklearn:mnist"], r"unknown scikit-learn dataset 'sklearn:mnist'; use one of"),
+        ("one_class", ["data.target=label", "data.categorical=[color]"], r"single class 'yes'"),
+        ("ok", ["data.target=label", "data.categorical=[color]", "data.task=regression"], r"target column 'label' is not numeric but data.task is regression"),
+    ],
+)
+def test_validation_errors_name_the_problem(tmp_path: Path, setup: str | None, overrides: list[str], message: str) -> None:
+    path = tmp_path / "d.csv"
+    if setup == "empty":
+        path.write_text("")
+    elif setup == "header_only":
+        path.write_text("x1,x2,label\n")
+    elif setup == "ok":
+        make_csv(path)
+    elif setup == "all_null":
+        make_csv(path, empty=np.nan)
+    elif setup == "one_class":
+        make_csv(path)
+        frame = pd.read_csv(path)
+        frame["label"] = "yes"
+        frame.to_csv(path, index=False)
+    if setup:
+        overrides = [f"data.dataset={path}", *overrides]
+    with pytest.raises(DataValidationError, match=message):
+        prepare(cfg(*overrides))
+
+
+def test_rare_class_cannot_be_stratified(tmp_path: Path) -> None:
+    path = make_csv(tmp_path / "d.csv")
+    frame = pd.read_csv(path)
+    frame.loc[0, "label"] = "maybe"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=r"class\(es\) \['maybe'\] have fewer than 3 rows"):
+        prepare(cfg(f"data.dataset={path}", "data.target=label", "data.categorical=[color]"))
+
+
+def test_log_split_records_dataset_inputs_and_hash() -> None:
+    split = prepare(cfg("data.dataset=sklearn:wine"))
+    with mlflow.start_run() as run:
+        log_split(split, with_files=True)
+    client = mlflow.MlflowClient()
+    stored = client.get_run(run.info.run_id)
+    contexts = {}
+    for dataset_input in stored.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in dataset_input.tags}
+        contexts[tags["mlflow.data.context"]] = (dataset_input.dataset, tags["mlops.data_hash"])
+    assert set(contexts) == {"train", "validation", "test"}
+    assert contexts["train"][0].name == "wine-train"
+    assert all(h == split.content_hash for _, h in contexts.values())
+    assert stored.data.tags["mlops.data_hash"] == split.content_hash
+    assert stored.data.params["data_hash"] == split.content_hash
+    assert stored.data.metrics["data_train_rows"] == len(split.train)
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert files == {"data/train.csv", "data/validation.csv", "data/test.csv"}
