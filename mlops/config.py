@@ -58,6 +58,11 @@ class RegistryConfig(_Strict):
     model_name: str = "mlops-model"
 
 
+class ServingConfig(_Strict):
+    max_rows: int = Field(10_000, gt=0)
+    impute_missing: bool = False
+
+
 class Config(_Strict):
     """The whole experiment configuration (see ``conf/default.yaml``)."""
 
@@ -66,6 +71,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, ready for ``mlflow.log_params``."""

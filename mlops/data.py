@@ -214,7 +214,8 @@ def clean(frame: pd.DataFrame, target: str, categorical: list[str]) -> tuple[pd.
         if col == target:
             continue
         if col in categorical:
-            frame[col] = frame[col].astype("string").astype(object).where(frame[col].notna(), None)
+            # strings, with NaN for missing: what scikit-learn's imputers and encoders expect
+            frame[col] = frame[col].astype("string").astype(object).where(frame[col].notna(), np.nan)
         else:
             # One numeric dtype for every feature keeps the model signature simple (double).
             frame[col] = frame[col].astype("float64")

@@ -59,7 +59,7 @@ def train(config: Config, split: DatasetSplit | None = None, *, register: bool =
         pipeline, metrics = fit_and_evaluate(config, split)
         _log_plots(pipeline, split)
         info = log_model(
-            pipeline, split, config.model.family,
+            pipeline, split, config,
             registered_model_name=config.registry.model_name if register else None,
         )
         version = getattr(info, "registered_model_version", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -12,6 +13,7 @@ import mlflow
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
+from mlops.config import Config
 from mlops.data import DatasetSplit
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
 
@@ -20,16 +22,25 @@ __all__ = ["MlopsModel", "log_model", "model_metadata", "requirements_for"]
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
-def model_metadata(split: DatasetSplit, family: str) -> dict[str, Any]:
-    """What the wrapper needs at load time, derived from the data split."""
+def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
+    """What the wrapper needs at load time, derived from the data split and the config."""
+    features = list(split.feature_columns)
+    train = split.train[features]
+    sample = train.head(20).copy()
+    sample.loc[len(sample)] = [None] * len(features)  # a row of nulls checks imputation too
     return {
         "task": split.task,
-        "family": family,
+        "family": config.model.family,
         "target": split.target,
         "numeric_columns": list(split.numeric_columns),
         "categorical_columns": list(split.categorical_columns),
+        "nullable_columns": [c for c in features if train[c].isna().any()],
         "classes": list(split.classes) if split.classes else None,
         "data_hash": split.content_hash,
+        "registered_model_name": config.registry.model_name,
+        "max_rows": config.serving.max_rows,
+        "impute_missing": config.serving.impute_missing,
+        "sample": {c: [None if isinstance(v, float) and math.isnan(v) else v for v in sample[c].tolist()] for c in features},
     }
 
 
@@ -50,7 +61,7 @@ def requirements_for(family: str) -> list[str]:
 def log_model(
     pipeline: Any,
     split: DatasetSplit,
-    family: str,
+    config: Config,
     *,
     name: str = "model",
     registered_model_name: str | None = None,
@@ -62,10 +73,10 @@ def log_model(
     """
     import joblib
 
-    meta = model_metadata(split, family)
+    meta = model_metadata(split, config)
     X_example = split.train[list(split.feature_columns)].head(5)
     wrapper = MlopsModel()
-    wrapper._configure(pipeline, meta)
+    wrapper._configure(pipeline, meta, model_name=config.registry.model_name, model_version="1")
     signature = infer_signature(X_example, wrapper.predict(None, X_example))
     with tempfile.TemporaryDirectory() as tmp:
         pipe_path = Path(tmp) / "pipeline.joblib"
@@ -79,8 +90,7 @@ def log_model(
             code_paths=[str(_PACKAGE_DIR)],
             signature=signature,
             input_example=X_example,
-            pip_requirements=requirements_for(family),
+            pip_requirements=requirements_for(config.model.family),
             registered_model_name=registered_model_name,
-            metadata={"mlops_family": family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
+            metadata={"mlops_family": config.model.family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
         )
-
