@@ -107,6 +107,52 @@ def train(config_path: str | None, dataset: str | None, target: str | None, seed
     click.echo(f"see it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
 
 
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--alias", default="production", show_default=True, help="Registered-model alias to serve.")
+@click.option("--version", "version", default=None, help="Serve this version instead of an alias.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "-p", type=int, default=5000, show_default=True)
+@click.option("--workers", "-w", type=int, default=1, show_default=True, help="Server worker processes.")
+@click.option("--max-rows", type=int, default=None, help="Largest batch accepted (default: as logged).")
+@click.option("--impute-missing/--reject-missing", default=None,
+              help="Impute nulls in any column, or accept them only where training data had them.")
+@click.option("--dry-run", is_flag=True, help="Print the mlflow command instead of running it.")
+def serve(name: str | None, alias: str, version: str | None, host: str, port: int, workers: int,
+          max_rows: int | None, impute_missing: bool | None, dry_run: bool) -> None:
+    """Serve a registered model over REST with `mlflow models serve`.
+
+    \b
+    Example:
+        mlops serve churn-model --alias production --port 5000 --workers 2
+        curl -s localhost:5000/invocations -H 'Content-Type: application/json' \\
+             -d '{"dataframe_records": [{"x1": 0.3, "x2": 1.2}]}'
+    """
+    import json
+    import os
+    import subprocess
+
+    from mlops.config import load_config
+
+    name = name or load_config().registry.model_name
+    uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+               "-h", host, "-p", str(port), "--workers", str(workers)]
+    env = dict(os.environ)
+    # mlflow starts `uvicorn` by name: it must be the one installed beside this Python
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    options = {k: v for k, v in {"max_rows": max_rows, "impute_missing": impute_missing}.items() if v is not None}
+    if options:
+        env["SERVING_MODEL_CONFIG"] = json.dumps(options)
+    click.echo(" ".join(command) + (f"  (model config {options})" if options else ""), err=True)
+    if dry_run:
+        return
+    try:
+        raise SystemExit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: runs the CLI, mapping MlopsError to one line and exit 1."""
     try:

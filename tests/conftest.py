@@ -37,6 +37,7 @@ def tracking_uri(tmp_path: Path, template_store: Path, monkeypatch: pytest.Monke
     uri = f"sqlite:///{db}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.setenv("MLOPS_CONF_DIR", str(REPO / "conf"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)

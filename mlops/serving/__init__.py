@@ -38,8 +38,6 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
         "classes": list(split.classes) if split.classes else None,
         "data_hash": split.content_hash,
         "registered_model_name": config.registry.model_name,
-        "max_rows": config.serving.max_rows,
-        "impute_missing": config.serving.impute_missing,
         "sample": {c: [None if isinstance(v, float) and math.isnan(v) else v for v in sample[c].tolist()] for c in features},
     }
 
@@ -92,5 +90,12 @@ def log_model(
             input_example=X_example,
             pip_requirements=requirements_for(config.model.family),
             registered_model_name=registered_model_name,
+            # defaults that `mlflow models serve` / load_model(model_config=...) may override
+            model_config={
+                "max_rows": config.serving.max_rows,
+                "impute_missing": config.serving.impute_missing,
+                "model_name": "",
+                "model_version": "",
+            },
             metadata={"mlops_family": config.model.family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
         )

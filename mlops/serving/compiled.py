@@ -87,6 +87,9 @@ def compile_pipeline(pipeline: Any, numeric: list[str], categorical: list[str],
     except (AttributeError, KeyError, TypeError, IndexError):
         return None
     if sample is not None and len(sample):
+        sample = sample.copy()
+        for col in categorical:  # missing as NaN, as training data and the wrapper give it
+            sample[col] = sample[col].astype(object).where(sample[col].notna(), np.nan)
         expected = np.asarray(ct.transform(sample), dtype=float)
         num = sample[numeric].to_numpy(dtype=float) if numeric else np.zeros((len(sample), 0))
         cat = sample[categorical].to_numpy(dtype=object) if categorical else None

@@ -69,8 +69,8 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self.categorical: list[str] = list(meta["categorical_columns"])
         self.features: list[str] = self.numeric + self.categorical
         self.feature_set = frozenset(self.features)
-        self.max_rows = int(max_rows if max_rows is not None else meta.get("max_rows", 10_000))
-        impute = bool(impute_missing if impute_missing is not None else meta.get("impute_missing", False))
+        self.max_rows = int(max_rows) if max_rows is not None else 10_000
+        impute = impute_missing.strip().lower() in ("1", "true", "yes") if isinstance(impute_missing, str) else bool(impute_missing)
         nullable = set(self.features) if impute else set(meta.get("nullable_columns", []))
         self.required_numeric = np.array([c not in nullable for c in self.numeric], dtype=bool)
         self.required_categorical = [c not in nullable for c in self.categorical]

@@ -1,0 +1,73 @@
+"""The pyfunc wrapper in-process: NumPy preprocessing equals scikit-learn's, errors are 400s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from mlops.config import load_config
+from mlops.training import train
+from tests.helpers import make_csv
+
+
+@pytest.fixture
+def trained(tmp_path: Path):
+    csv = make_csv(tmp_path / "d.csv", n=200)
+    frame = pd.read_csv(csv)
+    frame.loc[::7, "x1"] = np.nan
+    frame.loc[::9, "color"] = np.nan
+    frame.to_csv(csv, index=False)
+    config = load_config(overrides=[f"data.dataset={csv}", "data.target=label", "data.categorical=[color]",
+                                    "serving.max_rows=100"])
+    result = train(config)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    return model, model._model_impl.python_model, frame
+
+
+def test_numpy_preprocessing_matches_scikit_learn(trained) -> None:
+    model, wrapper, frame = trained
+    assert wrapper.compiled is not None
+    X = frame[["x1", "x2", "color"]].head(100).copy()
+    X.loc[3, "color"] = "purple"  # unseen category
+    X["color"] = X["color"].astype(object).where(X["color"].notna(), np.nan)
+    expected = wrapper.pipeline.predict_proba(X)
+    numeric, categorical = wrapper.arrays_from_frame(X.assign(x1=X["x1"]))
+    got = wrapper.estimator.predict_proba(wrapper.compiled.transform(numeric, categorical))
+    assert np.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    out = model.predict(X)
+    classes = np.array(["no", "yes"])
+    assert out["prediction"].tolist() == classes[expected.argmax(axis=1)].tolist()
+
+
+def test_nulls_allowed_only_where_training_had_them(trained) -> None:
+    model, wrapper, frame = trained
+    row = frame[["x1", "x2", "color"]].head(1).copy()
+    model.predict(row.assign(x1=np.nan, color=None))  # both had nulls in training
+    with pytest.raises(MlflowException, match=r"column 'x2' is null in row 0"):
+        model.predict(row.assign(x2=np.nan))
+
+
+def test_row_limit_and_missing_columns(trained) -> None:
+    model, _, frame = trained
+    X = frame[["x1", "x2", "color"]]
+    with pytest.raises(MlflowException, match=r"150 rows, more than the limit of 100"):
+        model.predict(X.head(150))
+    # in-process, MLflow's own schema enforcement answers first; it names the column too
+    with pytest.raises(MlflowException, match=r"missing inputs \['x2'\]") as info:
+        model.predict(X.head(2).drop(columns="x2"))
+    assert info.value.get_http_status_code() == 400
+
+
+def test_model_config_overrides_row_limit(trained, tmp_path: Path) -> None:
+    model, _, frame = trained
+    uri = model.metadata.get_model_info().model_uri
+    relaxed = mlflow.pyfunc.load_model(uri, model_config={"max_rows": 500, "impute_missing": "true"})
+    wrapper = relaxed._model_impl.python_model
+    assert wrapper.max_rows == 500
+    out = relaxed.predict(frame[["x1", "x2", "color"]].head(150).assign(x2=np.nan))
+    assert len(out) == 150
