@@ -21,16 +21,18 @@ logger = logging.getLogger(__name__)
 def step_run(config: Config, run_name: str) -> Iterator[Run]:
     """Start (or, under ``mlflow run``, resume) the run of one step.
 
-    The experiment comes from the config unless ``mlflow run`` already chose one. Any
-    exception ends the run as FAILED, so no half-finished run stays RUNNING.
+    The experiment comes from the config unless ``mlflow run`` already created the run (it
+    passes ``MLFLOW_RUN_ID``). Any exception ends the run as FAILED, so no half-finished run
+    stays RUNNING.
     """
     active = mlflow.active_run()
     if active is not None:
         yield active
         return
-    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    resumed = bool(os.environ.get("MLFLOW_RUN_ID"))
+    if not resumed:
         mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name) as run:
+    with mlflow.start_run(run_name=None if resumed else run_name) as run:
         commit = git_commit()
         if commit:
             mlflow.set_tag("mlops.git_commit", commit)

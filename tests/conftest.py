@@ -6,12 +6,15 @@ import os
 import shutil
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no traffic off this machine
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +51,29 @@ def tracking_uri(tmp_path: Path, template_store: Path, monkeypatch: pytest.Monke
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Point MLflow at ``uri`` for a block (module fixtures), then restore what was there."""
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), mlflow.tracking.fluent._active_experiment_id
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.tracking.fluent._active_experiment_id = None
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        mlflow.tracking.fluent._active_experiment_id = saved[2]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from mlops.config import load_config
 from mlops.training import train
-from tests.conftest import free_port
+from tests.conftest import free_port, using_store
 from tests.helpers import make_csv
 from tests.servers import BIN, get, post, running, server_env
 
@@ -36,11 +36,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
     frame = pd.read_csv(csv)
     frame.loc[::10, "x2"] = np.nan  # x2 had missing values in training: nulls are allowed there
     frame.to_csv(csv, index=False)
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        out = {"uri": uri, "root": root, "csv": csv}
+    out = {"uri": uri, "root": root, "csv": csv}
+    with using_store(uri):
         for name, family, extra in [
             ("svc-sk", "hist_gb", ["model.params.max_iter=30"]),
             ("svc-keras", "keras_mlp", ["model.params.epochs=5", "model.params.hidden_units=[8]"]),
@@ -52,9 +49,6 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
             result = train(config, register=True)
             mlflow.MlflowClient().set_registered_model_alias(name, "production", result.registered_version)
             out[name] = result
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     yield out
 
 

@@ -111,3 +111,11 @@ def test_failed_training_leaves_run_failed_not_running() -> None:
 def test_keras_hyperparameters_are_checked_before_training(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         train(load_config(overrides=["model.family=keras_mlp", override]))
+
+
+def test_each_run_goes_to_its_configured_experiment() -> None:
+    a = train(load_config(overrides=["experiment=first", "model.params.max_iter=200"]))
+    b = train(load_config(overrides=["experiment=second", "model.params.max_iter=200"]))
+    client = mlflow.MlflowClient()
+    names = {client.get_experiment(client.get_run(r.run_id).info.experiment_id).name for r in (a, b)}
+    assert names == {"first", "second"}

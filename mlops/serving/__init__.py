@@ -26,8 +26,8 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
     """What the wrapper needs at load time, derived from the data split and the config."""
     features = list(split.feature_columns)
     train = split.train[features]
-    sample = train.head(20).copy()
-    sample.loc[len(sample)] = [None] * len(features)  # a row of nulls checks imputation too
+    head = train.head(20).reset_index(drop=True)
+    sample = head.reindex(range(len(head) + 1))  # the added last row is all missing: checks imputation
     return {
         "task": split.task,
         "family": config.model.family,
