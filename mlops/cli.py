@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -47,6 +48,8 @@ def cli(verbose: bool) -> None:
 
     Runs are tracked wherever MLFLOW_TRACKING_URI points (default: sqlite:///mlflow.db).
     """
+    # the registry downloads model files for its gates: no per-file progress bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -151,6 +154,148 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
         raise SystemExit(subprocess.call(command, env=env))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _registry_config(config_path: str | None):
+    from mlops.config import load_config
+
+    return load_config(config_path or None)
+
+
+_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                              help="Experiment YAML with the registry settings (default: conf/default.yaml).")
+
+
+def _print_gates(gates) -> None:
+    for gate in gates:
+        click.echo("  " + gate.line(), err=not gate.passed)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--version", "version", required=True, help="The version to check.")
+@click.option("--to", "to", type=click.Choice(["staging", "production"]), default="production", show_default=True)
+@_config_option
+def evaluate(name: str | None, version: str, to: str, config_path: str | None) -> None:
+    """Run the gates a promotion would face now, changing nothing (exit 1 if any fails).
+
+    \b
+    Example:
+        mlops evaluate churn-model --version 4 --to production
+    """
+    from mlops.errors import GateFailed
+    from mlops.registry import evaluate as run_gates
+
+    config = _registry_config(config_path)
+    name = name or config.registry.model_name
+    gates = run_gates(config, name, version, to)
+    click.echo(f"gates for {name} version {version} -> {to}:")
+    _print_gates(gates)
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        raise GateFailed(f"{len(failed)} gate(s) would refuse {name} version {version} for {to}", failed)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--version", "version", required=True, help="The version to promote.")
+@click.option("--to", "to", type=click.Choice(["staging", "production"]), required=True)
+@click.option("--reason", default=None, help="Why (recorded in the audit trail; required with --force).")
+@click.option("--force", is_flag=True, help="Promote to production without passing through staging.")
+@_config_option
+def promote(name: str | None, version: str, to: str, reason: str | None, force: bool, config_path: str | None) -> None:
+    """Promote a model version to staging or production, past the validation gates.
+
+    \b
+    Example:
+        mlops promote churn-model --version 4 --to staging --reason "weekly retrain"
+        mlops promote churn-model --version 4 --to production
+    """
+    from mlops.errors import GateFailed
+    from mlops.registry import promote as run_promotion
+
+    config = _registry_config(config_path)
+    name = name or config.registry.model_name
+    try:
+        result = run_promotion(config, name, version, to, reason=reason, force=force)
+    except GateFailed as exc:
+        click.echo(f"refused: {name} version {version} -> {to}", err=True)
+        _print_gates(exc.gates)
+        raise
+    _print_gates(result.gates)
+    click.echo(f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
+               f"audit #{result.audit_id} by {result.who}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--to", "to_version", default=None, help="Version to go back to (default: the one production replaced).")
+@click.option("--reason", default=None, help="Why (recorded in the audit trail).")
+@_config_option
+def rollback(name: str | None, to_version: str | None, reason: str | None, config_path: str | None) -> None:
+    """Move production back to the version it replaced, in one command.
+
+    \b
+    Example:
+        mlops rollback churn-model --reason "accuracy alert"
+        mlops rollback churn-model --to 2
+    """
+    from mlops.errors import GateFailed
+    from mlops.registry import rollback as run_rollback
+
+    config = _registry_config(config_path)
+    name = name or config.registry.model_name
+    try:
+        result = run_rollback(config, name, to_version=to_version, reason=reason)
+    except GateFailed as exc:
+        click.echo(f"rollback of {name} refused", err=True)
+        _print_gates(exc.gates)
+        raise
+    click.echo(f"{name}: production rolled back to version {result.to_version} (from {result.from_version}); "
+               f"audit #{result.audit_id} by {result.who}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_config_option
+def status(name: str | None, config_path: str | None) -> None:
+    """Print the versions of a registered model with aliases, metrics, data hash and age.
+
+    \b
+    Example:
+        mlops status churn-model
+    """
+    from mlops.registry import status as read_status
+
+    name = name or _registry_config(config_path).registry.model_name
+    rows = read_status(name)
+    click.echo(f"{'version':>7}  {'aliases':<20} {'stage':<10} {'created (UTC)':<19}  {'data hash':<12}  metrics")
+    for r in rows:
+        shown = ", ".join(f"{k}={val:.4f}" for k, val in r.metrics.items() if k.startswith("test_"))
+        click.echo(f"{r.version:>7}  {','.join(r.aliases) or '-':<20} {r.stage:<10} "
+                   f"{r.created:%Y-%m-%d %H:%M:%S}  {(r.data_hash or '-')[:12]:<12}  {shown}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_config_option
+def audit(name: str | None, config_path: str | None) -> None:
+    """Print the audit trail of promotions, refusals and rollbacks of a model.
+
+    \b
+    Example:
+        mlops audit churn-model
+    """
+    from mlops.registry import audit_trail
+
+    config = _registry_config(config_path)
+    name = name or config.registry.model_name
+    for r in audit_trail(config, name):
+        failed = [g["gate"] for g in r.gates if not g["passed"]]
+        click.echo(f"#{r.id} {r.at:%Y-%m-%d %H:%M:%S} {r.who} {r.action} {r.outcome}: {r.target} "
+                   f"{r.from_version or '-'} -> {r.to_version}{' (forced)' if r.forced else ''}"
+                   f"{' reason: ' + r.reason if r.reason else ''}"
+                   f"{' failed: ' + ', '.join(failed) if failed else ''}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

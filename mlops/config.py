@@ -54,8 +54,36 @@ class ModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class Threshold(_Strict):
+    """A validation gate as data: ``metric`` must be at or past ``threshold``."""
+
+    metric: str
+    threshold: float
+    higher_is_better: bool = True
+
+
+class StagingGates(_Strict):
+    classification: list[Threshold] = Field(
+        default_factory=lambda: [Threshold(metric="validation_accuracy", threshold=0.8)]
+    )
+    regression: list[Threshold] = Field(
+        default_factory=lambda: [Threshold(metric="validation_r2", threshold=0.0)]
+    )
+
+
+class ProductionGates(_Strict):
+    # accuracy | f1 | rmse | mae | r2, measured now on the challenger's held-out test split
+    metric_classification: Literal["accuracy", "f1"] = "accuracy"
+    metric_regression: Literal["rmse", "mae", "r2"] = "rmse"
+    margin: float = 0.0            # the challenger must beat the champion by at least this
+    tolerance: float | None = None  # ...or be no worse than this (None: the margin rule alone)
+
+
 class RegistryConfig(_Strict):
     model_name: str = "mlops-model"
+    audit_url: str = "sqlite:///mlops.db"
+    staging: StagingGates = Field(default_factory=StagingGates)
+    production: ProductionGates = Field(default_factory=ProductionGates)
 
 
 class ServingConfig(_Strict):

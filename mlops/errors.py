@@ -25,3 +25,15 @@ class TrainingError(MlopsError, RuntimeError):
 
 class InvalidRequest(MlopsError, ValueError):
     """A scoring request is malformed (turned into an HTTP 400 by the serving layer)."""
+
+
+class RegistryError(MlopsError, RuntimeError):
+    """A registry operation could not be carried out (unknown model, version, store)."""
+
+
+class GateFailed(MlopsError):
+    """A promotion was refused by one or more validation gates; nothing was changed."""
+
+    def __init__(self, message: str, gates: list = ()) -> None:  # type: ignore[assignment]
+        super().__init__(message)
+        self.gates = list(gates)

@@ -58,11 +58,12 @@ def train(config: Config, split: DatasetSplit | None = None, *, register: bool =
         data_step.log_split(split)
         pipeline, metrics = fit_and_evaluate(config, split)
         _log_plots(pipeline, split)
-        info = log_model(
-            pipeline, split, config,
-            registered_model_name=config.registry.model_name if register else None,
-        )
-        version = getattr(info, "registered_model_version", None)
+        info = log_model(pipeline, split, config)
+        version = None
+        if register:
+            from mlops.registry import register as register_version
+
+            version = register_version(info.model_uri, config.registry.model_name).version
         return TrainingResult(
             run_id=run.info.run_id,
             model_uri=info.model_uri,

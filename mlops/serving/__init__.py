@@ -62,12 +62,12 @@ def log_model(
     config: Config,
     *,
     name: str = "model",
-    registered_model_name: str | None = None,
 ) -> ModelInfo:
     """Log ``pipeline`` through :class:`MlopsModel` on the active run.
 
     The model carries a signature and an input example taken from the training split, the
-    ``mlops`` package as code, and pinned requirements, so it serves on its own.
+    ``mlops`` package as code, and pinned requirements, so it serves on its own. Register it
+    with :func:`mlops.registry.register`, which also records its checksum.
     """
     import joblib
 
@@ -89,7 +89,6 @@ def log_model(
             signature=signature,
             input_example=X_example,
             pip_requirements=requirements_for(config.model.family),
-            registered_model_name=registered_model_name,
             # defaults that `mlflow models serve` / load_model(model_config=...) may override
             model_config={
                 "max_rows": config.serving.max_rows,
