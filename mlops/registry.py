@@ -264,7 +264,7 @@ def _get_version(client, name: str, version: str | int | None) -> ModelVersion:
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
-        versions = [m.version for m in client.search_model_versions(f"name = '{name}'")]
+        versions = [str(m.version) for m in client.search_model_versions(f"name = '{name}'")]
         if not versions:
             raise RegistryError(f"registered model '{name}' not found; register one with `mlops train --register`") from None
         raise RegistryError(

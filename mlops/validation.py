@@ -216,7 +216,11 @@ def champion_gate(challenger: Candidate, champion: Candidate | None, config: Con
     mine = score(challenger, X, y, task)[metric]
     if champion is None:
         return GateResult("beats champion", True, f"{metric} {mine:.4f}", "no champion yet")
-    theirs = score(champion, X, y, task)[metric]
+    try:
+        theirs = score(champion, X, y, task)[metric]
+    except Exception as exc:  # noqa: BLE001 - e.g. the champion needs a column this data lacks
+        return GateResult("beats champion", False, f"{champion.name} cannot score this test split: "
+                          f"{str(exc).splitlines()[0][:200]}", "both versions scored on the same rows")
     delta = (mine - theirs) if higher else (theirs - mine)
     ok = delta >= gates.margin or (gates.tolerance is not None and delta >= -gates.tolerance)
     required = f"improvement >= {gates.margin:g}" + (f" or loss <= {gates.tolerance:g}" if gates.tolerance is not None else "")
