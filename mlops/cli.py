@@ -156,6 +156,49 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
         raise SystemExit(130) from None
 
 
+@cli.command()
+@_common_options
+@click.option("--model", default=None, help="Model family whose search space to search.")
+@click.option("--n-trials", type=int, default=None, help="Trials in the study, across all workers.")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
+@click.option("--storage", default=None, help="Optuna storage URL: sqlite:///optuna.db, postgresql://...")
+@click.option("--study-name", default=None, help="Study to create, resume or join.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def tune(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
+         overrides: tuple[str, ...], model: str | None, n_trials: int | None, timeout: float | None,
+         storage: str | None, study_name: str | None, no_progress: bool) -> None:
+    """Search hyperparameters with Optuna; retrain, log and register the best.
+
+    Each trial is a nested MLflow run. Start the same command on several machines with one
+    PostgreSQL --storage and --study-name to share the study.
+
+    \b
+    Example:
+        mlops tune --model hist_gb --n-trials 30
+        mlops tune --model hist_gb --n-trials 60 --storage postgresql://optuna@db/optuna --study-name churn-hgb
+    """
+    import optuna
+
+    from mlops.tuning import tune as run_tuning
+
+    if not no_progress:  # the progress bar says it; per-trial log lines would break it up
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    extra = [f"tuning.{k}={v}" for k, v in
+             {"n_trials": n_trials, "timeout": timeout, "storage": storage, "study_name": study_name}.items()
+             if v not in (None, "")]
+    config = build_config(config_path, [*extra, *overrides], dataset=dataset, target=target, seed=seed, model=model)
+    result = run_tuning(config, progress=not no_progress)
+    click.echo(f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
+               f"{result.n_failed} failed; parent run {result.parent_run_id}")
+    if result.best_trial is not None:
+        click.echo(f"best trial {result.best_trial}: validation_{result.metric}={result.best_value:.4f} {result.best_params}")
+    if result.model_uri:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()))
+        click.echo(f"best retrained on train+validation: {shown}; model {result.model_uri}"
+                   + (f", registered as {config.registry.model_name} version {result.registered_version}"
+                      if result.registered_version else ""))
+
+
 def _registry_config(config_path: str | None):
     from mlops.config import load_config
 

@@ -91,6 +91,49 @@ class ServingConfig(_Strict):
     impute_missing: bool = False
 
 
+class ParamSpace(_Strict):
+    """One hyperparameter's search range (see ``conf/search_spaces/``)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ParamSpace":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"'low' ({self.low:g}) must be below 'high' ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs 'low' > 0, got {self.low:g}")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError("'step' must be > 0 and cannot be combined with log scale")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int parameter needs whole-number 'low' and 'high'")
+        return self
+
+
+class TuningConfig(_Strict):
+    n_trials: int = Field(20, gt=0)
+    timeout: float | None = Field(None, gt=0)
+    storage: str | None = None        # None: in memory; sqlite:///optuna.db; postgresql://...
+    study_name: str | None = None     # default: "<experiment>-<family>"
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    cv_folds: int = Field(3, ge=2)    # scikit-learn families: fold scores feed the pruner
+    heartbeat_interval: int = Field(10, gt=0)
+    grace_period: int = Field(30, gt=0)
+    register_best: bool = True
+    search_space: dict[str, ParamSpace] = Field(default_factory=dict)
+
+
 class Config(_Strict):
     """The whole experiment configuration (see ``conf/default.yaml``)."""
 
@@ -100,6 +143,7 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, ready for ``mlflow.log_params``."""
@@ -150,6 +194,16 @@ def load_config(
         if not isinstance(model_section, dict):
             raise ConfigError(f"{cfg_path}: key 'model' must be a mapping, got {model_section!r}")
         model_section["params"] = {**defaults, **(model_section.get("params") or {})}
+
+    space_file = base_dir / "search_spaces" / f"{family}.yaml"
+    if space_file.is_file():
+        space_raw = _read_yaml(space_file)
+        if set(space_raw) - {"params"}:
+            raise ConfigError(f"{space_file}: unknown key(s) {sorted(set(space_raw) - {'params'})}; "
+                              "a search space file holds only 'params'")
+        tuning = raw.setdefault("tuning", {})
+        if isinstance(tuning, dict) and not tuning.get("search_space"):
+            tuning["search_space"] = space_raw.get("params") or {}
 
     for key, value in pairs.items():
         _set_dotted(raw, key, value, cfg_path)

@@ -97,8 +97,14 @@ PG_ADMIN_URL = os.environ.get("MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(postgres_databases) -> str:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    return postgres_databases()
+
+
+@pytest.fixture
+def postgres_databases() -> Iterator:
+    """A factory of fresh PostgreSQL databases for one test, all dropped afterwards."""
     import uuid
 
     import sqlalchemy as sa
@@ -109,13 +115,19 @@ def postgres_url() -> Iterator[str]:
             conn.execute(sa.text("select 1"))
     except Exception as exc:  # noqa: BLE001
         skip_or_fail(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}")
-    name = f"mlops_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'create database "{name}"'))
-    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    names: list[str] = []
+
+    def create() -> str:
+        name = f"mlops_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'create database "{name}"'))
+        names.append(name)
+        return sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
     try:
-        yield url
+        yield create
     finally:
         with admin.connect() as conn:
-            conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+            for name in names:
+                conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
         admin.dispose()

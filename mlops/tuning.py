@@ -1,0 +1,386 @@
+"""Hyperparameter search with Optuna: one nested MLflow run per trial, pruning, resumable
+and distributed studies, and the best configuration retrained, logged and registered.
+
+The public entry point is :func:`tune`. Storage is chosen by URL (``tuning.storage``): in
+memory by default, SQLite for one process, PostgreSQL for many workers. Workers started with
+the same storage and study name share one study and together finish exactly ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from mlops import data as data_step
+from mlops.config import Config
+from mlops.data import DatasetSplit
+from mlops.errors import ConfigError
+from mlops.models import build_model, fit_model, get_family
+from mlops.tracking import step_run
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# metric optimized per task, and its direction
+OBJECTIVES = {"classification": ("accuracy", "maximize"), "regression": ("rmse", "minimize")}
+
+
+class _SurplusTrial(Exception):
+    """A trial started after the study already had its n_trials: it is not run."""
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What a tuning run found and produced."""
+
+    study_name: str
+    metric: str
+    direction: str
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_trial: int | None
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    parent_run_id: str
+    model_uri: str | None = None
+    registered_version: str | None = None
+    test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = None) -> StudyResult:
+    """Search ``tuning.search_space`` for the configured family; see the module docstring.
+
+    Example:
+        >>> result = tune(load_config(overrides=["model.family=hist_gb", "tuning.n_trials=30"]))
+        >>> result.best_params, result.registered_version
+    """
+    tcfg = config.tuning
+    family = config.model.family
+    get_family(family)
+    check_search_space(config)
+    storage = open_storage(config)
+    split = split or data_step.prepare(config)
+    metric, direction = OBJECTIVES[split.task]
+    study_name = tcfg.study_name or f"{config.experiment}-{family}"
+    sampler = (optuna.samplers.TPESampler(seed=config.seed) if tcfg.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=config.seed))
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+              "hyperband": optuna.pruners.HyperbandPruner(),
+              "none": optuna.pruners.NopPruner()}[tcfg.pruner]
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction=direction, load_if_exists=True)
+    except ValueError as exc:  # e.g. an existing study with the other direction
+        raise ConfigError(f"tuning.study_name '{study_name}': {exc}; pick another study name") from None
+
+    with step_run(config, run_name=f"tune-{family}") as parent:
+        parent_id = parent.info.run_id
+        mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space")})
+        mlflow.set_tags({"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"})
+        data_step.log_split(split)
+        objective = _Objective(config, split, metric, parent_id)
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        bar = _progress(tcfg.n_trials, done, enabled=progress)
+        try:
+            study.optimize(
+                objective, n_trials=None, timeout=tcfg.timeout, catch=(_SurplusTrial,),
+                callbacks=[optuna.study.MaxTrialsCallback(tcfg.n_trials, states=FINISHED), bar.callback],
+                gc_after_trial=False,
+            )
+        finally:
+            bar.close()
+        return _summarize(config, study, split, metric, direction, parent_id, storage)
+
+
+def check_search_space(config: Config) -> None:
+    """Every parameter of the space must be one the family accepts."""
+    space = config.tuning.search_space
+    family = config.model.family
+    if not space:
+        raise ConfigError(f"tuning.search_space is empty for {family}; declare one in conf/search_spaces/{family}.yaml")
+    estimators = get_family(family).estimators.values()
+    valid = set().union(*(set(factory().get_params(deep=False)) for factory in estimators))
+    unknown = sorted(set(space) - valid)
+    if unknown:
+        raise ConfigError(f"tuning.search_space: {unknown} not parameters of {family}; valid: {', '.join(sorted(valid))}")
+
+
+def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
+    """The study storage named by ``tuning.storage``; fails within seconds with the URL masked."""
+    url = config.tuning.storage
+    if not url:
+        return None
+    masked = _mask(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgres"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2) \
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
+        else optuna.storages.RetryFailedTrialCallback(max_retry=2)
+
+    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        _end_orphan_runs(trial)
+        retry(study, trial)
+
+    callback_kw = ("heartbeat_stale_trial_callback"
+                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                   else "failed_trial_callback")
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=config.tuning.heartbeat_interval,
+            grace_period=config.tuning.grace_period, **{callback_kw: on_stale},
+        )
+    except Exception as exc:  # noqa: BLE001 - any driver or connection error ends here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"tuning.storage: cannot open study storage {masked} ({first[:200]}); "
+                          "check the URL and that the database is reachable") from None
+
+
+class _Objective:
+    """One trial: a nested MLflow run, a fit with pruning, the validation metric."""
+
+    def __init__(self, config: Config, split: DatasetSplit, metric: str, parent_id: str) -> None:
+        self.config, self.split, self.metric, self.parent_id = config, split, metric, parent_id
+        self.space = config.tuning.search_space
+        self.n_trials = config.tuning.n_trials
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED) if t.number < trial.number]
+        if len(ahead) >= self.n_trials:  # other workers already hold every trial asked for
+            trial.set_user_attr("mlops.surplus", True)
+            trial.study.stop()
+            raise _SurplusTrial(f"trial {trial.number} not needed: the study has its {self.n_trials} trials")
+        params = {name: _suggest(trial, name, spec) for name, spec in self.space.items()}
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+            mlflow.set_tags({"mlops.trial_number": trial.number, "mlops.study_name": trial.study.study_name})
+            mlflow.log_params(params)
+            try:
+                value = self._fit(trial, {**self.config.model.params, **params})
+            except optuna.TrialPruned:
+                mlflow.set_tag("mlops.trial_state", "PRUNED")
+                mlflow.end_run(status="KILLED")
+                raise
+            except Exception:
+                mlflow.set_tag("mlops.trial_state", "FAIL")
+                raise
+            mlflow.log_metric(f"validation_{self.metric}", value)
+            mlflow.set_tag("mlops.trial_state", "COMPLETE")
+            return value
+
+    def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        split, config = self.split, self.config
+        pipeline = build_model(config.model.family, split.task, params, numeric_columns=split.numeric_columns,
+                               categorical_columns=split.categorical_columns, seed=config.seed)
+        from mlops.training import encode_target, evaluate
+
+        X_train, y_train = split.xy("train")
+        if "on_epoch_end" in inspect.signature(pipeline.steps[-1][1].fit).parameters:
+            # per-epoch validation metric: the pruner sees each epoch
+            X_val, y_val = split.xy("validation")
+
+            def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+                value = logs.get("val_accuracy") if split.task == "classification" else np.sqrt(logs.get("val_loss", np.nan))
+                if value is None or not np.isfinite(value):
+                    return
+                mlflow.log_metric(f"val_{self.metric}", float(value), step=epoch)
+                trial.report(float(value), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+            fit_model(pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
+                      on_epoch_end=on_epoch_end)
+            return evaluate(pipeline, split, X_val, y_val)[self.metric]
+        # scikit-learn families: k-fold scores on the training part, one step per fold
+        from sklearn.base import clone
+        from sklearn.model_selection import KFold, StratifiedKFold
+
+        folds = (StratifiedKFold if split.task == "classification" else KFold)(
+            n_splits=config.tuning.cv_folds, shuffle=True, random_state=config.seed)
+        y_codes = encode_target(split, y_train)
+        scores = []
+        for step, (fit_idx, val_idx) in enumerate(folds.split(X_train, y_codes)):
+            model = clone(pipeline)
+            fit_model(model, X_train.iloc[fit_idx], y_codes[fit_idx])
+            score = evaluate(model, split, X_train.iloc[val_idx], y_train.iloc[val_idx])[self.metric]
+            scores.append(score)
+            mean = float(np.mean(scores))
+            mlflow.log_metric(f"cv_{self.metric}", mean, step=step)
+            trial.report(mean, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after fold {step}")
+        return float(np.mean(scores))
+
+
+def _suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
+    if spec.type == "categorical":
+        return trial.suggest_categorical(name, spec.choices)
+    if spec.type == "int":
+        return trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+
+
+def _summarize(config: Config, study: optuna.Study, split: DatasetSplit, metric: str, direction: str,
+               parent_id: str, storage: Any) -> StudyResult:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    mlflow.log_metrics({"trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
+                        "trials_failed": counts[TrialState.FAIL]})
+    _log_study_artifacts(study)
+    result = StudyResult(study.study_name, metric, direction, None, {}, None, counts[TrialState.COMPLETE],
+                         counts[TrialState.PRUNED], counts[TrialState.FAIL], parent_id)
+    if not complete:
+        logger.warning("no trial completed; nothing to retrain")
+        return result
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    mlflow.log_metric(f"best_validation_{metric}", best.value)
+    mlflow.set_tag("mlops.best_trial", best.number)
+    result = dataclasses.replace(result, best_value=best.value, best_params=dict(best.params), best_trial=best.number)
+    with _claim(study, storage) as mine:
+        if not mine:
+            logger.info("another worker retrains and registers the best model of %s", study.study_name)
+            return result
+        return _retrain_best(config, study, split, best, result)
+
+
+@contextmanager
+def _claim(study: optuna.Study, storage: Any) -> Iterator[bool]:
+    """True for exactly one worker: the one that finds the study finished and unclaimed."""
+    lock = _advisory_lock(storage, study.study_name) if storage is not None else nullcontext()
+    with lock:
+        # trials still running elsewhere: their worker finishes the study and claims it
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if study.user_attrs.get("mlops.best_registered_by") or running:
+            yield False
+            return
+        study.set_user_attr("mlops.best_registered_by", f"{os.uname().nodename}:{os.getpid()}:{time.time():.0f}")
+    yield True
+
+
+@contextmanager
+def _advisory_lock(storage: Any, key: str) -> Iterator[None]:
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        conn.execute(sa.text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("select pg_advisory_unlock(hashtext(:k))"), {"k": key})
+            conn.commit()
+
+
+def _retrain_best(config: Config, study: optuna.Study, split: DatasetSplit, best: Any,
+                  result: StudyResult) -> StudyResult:
+    from mlops.registry import register
+    from mlops.serving import log_model
+    from mlops.training import fit_and_evaluate
+
+    best_config = config.model_copy(update={"model": config.model.model_copy(
+        update={"params": {**config.model.params, **best.params}})})
+    merged = dataclasses.replace(split, train=pd.concat([split.train, split.validation], ignore_index=True))
+    pipeline, metrics = fit_and_evaluate(best_config, merged, log=False)
+    test_metrics = {k: v for k, v in metrics.items() if k.startswith("test_")}
+    mlflow.log_metrics(test_metrics)
+    info = log_model(pipeline, split, best_config)
+    version = None
+    if config.tuning.register_best:
+        mv = register(info.model_uri, config.registry.model_name)
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(mv.name, mv.version, "mlops.study_name", study.study_name)
+        client.set_model_version_tag(mv.name, mv.version, "mlops.best_trial", str(best.number))
+        version = str(mv.version)
+    return dataclasses.replace(result, model_uri=info.model_uri, registered_version=version, test_metrics=test_metrics)
+
+
+def _log_study_artifacts(study: optuna.Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = study.trials_dataframe()
+        frame.to_csv(Path(tmp) / "trials.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "trials.csv"), artifact_path="study")
+    import warnings
+
+    for name, plot in (("optimization_history", ovm.plot_optimization_history),
+                       ("param_importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            mlflow.log_figure(fig, f"study/{name}.png")
+            plt.close(fig)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            logger.info("no %s plot: %s", name, exc)
+
+
+def _end_orphan_runs(trial: optuna.trial.FrozenTrial) -> None:
+    """A stale trial's worker is gone: end its trial run and its parent run as FAILED."""
+    client = mlflow.MlflowClient()
+    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+        run_id = trial.user_attrs.get(key)
+        if not run_id:
+            continue
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
+            logger.warning("could not end orphaned run %s: %s", run_id, exc)
+
+
+class _progress:
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=min(initial, total), desc="trials", unit="trial", disable=not enabled)
+
+    def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state in FINISHED:
+            best = study.best_value if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) else None
+            self.bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _mask(url: str) -> str:
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "<unparseable URL>"
+
+
+__all__ = ["StudyResult", "check_search_space", "open_storage", "tune"]
