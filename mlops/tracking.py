@@ -11,6 +11,7 @@ from typing import Iterator
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from mlops.config import Config
 
@@ -31,7 +32,13 @@ def step_run(config: Config, run_name: str) -> Iterator[Run]:
         return
     resumed = bool(os.environ.get("MLFLOW_RUN_ID"))
     if not resumed:
-        mlflow.set_experiment(config.experiment)
+        try:
+            mlflow.set_experiment(config.experiment)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # another worker created it between our lookup and our create: use theirs
+            mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=None if resumed else run_name) as run:
         commit = git_commit()
         if commit:

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,11 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
     split = split or data_step.prepare(config)
     metric, direction = OBJECTIVES[split.task]
     study_name = tcfg.study_name or f"{config.experiment}-{family}"
-    sampler = (optuna.samplers.TPESampler(seed=config.seed) if tcfg.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=config.seed))
+    # A stored study is resumed or shared: a worker seeded like the others (or like the run it
+    # resumes) would draw the same configurations again, so each process gets its own seed.
+    seed = config.seed if storage is None else (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
+    sampler = (optuna.samplers.TPESampler(seed=seed) if tcfg.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(),
               "none": optuna.pruners.NopPruner()}[tcfg.pruner]
@@ -130,9 +134,11 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgres"):
         kwargs["connect_args"] = {"connect_timeout": 10}
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2) \
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
-        else optuna.storages.RetryFailedTrialCallback(max_retry=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2) \
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
+            else optuna.storages.RetryFailedTrialCallback(max_retry=2)
 
     def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         _end_orphan_runs(trial)
@@ -141,11 +147,22 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
     callback_kw = ("heartbeat_stale_trial_callback"
                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                    else "failed_trial_callback")
-    try:
+    import sqlalchemy.exc as sa_exc
+
+    def connect() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=config.tuning.heartbeat_interval,
             grace_period=config.tuning.grace_period, **{callback_kw: on_stale},
         )
+
+    try:
+        try:
+            return connect()
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
+            # workers started together on a new database race to create Optuna's tables;
+            # the loser finds them made a moment later
+            time.sleep(1.0)
+            return connect()
     except Exception as exc:  # noqa: BLE001 - any driver or connection error ends here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ConfigError(f"tuning.storage: cannot open study storage {masked} ({first[:200]}); "
