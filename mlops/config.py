@@ -131,6 +131,7 @@ class TuningConfig(_Strict):
     heartbeat_interval: int = Field(10, gt=0)
     grace_period: int = Field(30, gt=0)
     register_best: bool = True
+    log_trials: bool = True           # one nested MLflow run per trial (off: only the parent run)
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
 
 

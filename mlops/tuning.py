@@ -24,6 +24,8 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from mlops import data as data_step
@@ -62,6 +64,8 @@ class StudyResult:
     model_uri: str | None = None
     registered_version: str | None = None
     test_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # (trial number, state, value, seconds from the start of this call to the trial's end)
+    history: tuple[tuple[int, str, float | None, float], ...] = ()
 
 
 def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = None) -> StudyResult:
@@ -93,6 +97,7 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
     except ValueError as exc:  # e.g. an existing study with the other direction
         raise ConfigError(f"tuning.study_name '{study_name}': {exc}; pick another study name") from None
 
+    started = time.time()
     with step_run(config, run_name=f"tune-{family}") as parent:
         parent_id = parent.info.run_id
         mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space")})
@@ -109,7 +114,14 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
             )
         finally:
             bar.close()
-        return _summarize(config, study, split, metric, direction, parent_id, storage)
+            mlflow.flush_async_logging()
+        result = _summarize(config, study, split, metric, direction, parent_id, storage)
+    history = tuple(
+        (t.number, t.state.name, t.value, (t.datetime_complete.timestamp() - started))
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete is not None and t.datetime_complete.timestamp() >= started
+    )
+    return dataclasses.replace(result, history=history)
 
 
 def check_search_space(config: Config) -> None:
@@ -174,6 +186,8 @@ class _Objective:
 
     def __init__(self, config: Config, split: DatasetSplit, metric: str, parent_id: str) -> None:
         self.config, self.split, self.metric, self.parent_id = config, split, metric, parent_id
+        self.experiment_id = mlflow.MlflowClient().get_run(parent_id).info.experiment_id
+        self.steps: list[Metric] = []
         self.space = config.tuning.search_space
         self.n_trials = config.tuning.n_trials
 
@@ -184,23 +198,37 @@ class _Objective:
             trial.study.stop()
             raise _SurplusTrial(f"trial {trial.number} not needed: the study has its {self.n_trials} trials")
         params = {name: _suggest(trial, name, spec) for name, spec in self.space.items()}
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
-            mlflow.set_tags({"mlops.trial_number": trial.number, "mlops.study_name": trial.study.study_name})
-            mlflow.log_params(params)
-            try:
-                value = self._fit(trial, {**self.config.model.params, **params})
-            except optuna.TrialPruned:
-                mlflow.set_tag("mlops.trial_state", "PRUNED")
-                mlflow.end_run(status="KILLED")
-                raise
-            except Exception:
-                mlflow.set_tag("mlops.trial_state", "FAIL")
-                raise
-            mlflow.log_metric(f"validation_{self.metric}", value)
-            mlflow.set_tag("mlops.trial_state", "COMPLETE")
+        self.steps: list[Metric] = []
+        if not self.config.tuning.log_trials:
+            return self._fit(trial, {**self.config.model.params, **params})
+        # Three store round trips per trial (create, one batch, terminate): the trial's own
+        # work, not its bookkeeping, should set the pace of a search.
+        client = mlflow.MlflowClient()
+        run = client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags={
+            MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
+            "mlops.study_name": trial.study.study_name})
+        run_id = run.info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        state, status, value = "FAIL", "FAILED", None
+        try:
+            value = self._fit(trial, {**self.config.model.params, **params})
+            state, status = "COMPLETE", "FINISHED"
             return value
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "KILLED"
+            raise
+        finally:
+            metrics = list(self.steps)
+            if value is not None:
+                metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
+            # queued: MLflow's async logger writes it while the next trial runs (flushed in tune())
+            client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                             tags=[RunTag("mlops.trial_state", state)], synchronous=False)
+            client.set_terminated(run_id, status)
+
+    def _log_step(self, key: str, value: float, step: int) -> None:
+        self.steps.append(Metric(key, float(value), int(time.time() * 1000), step))
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
         split, config = self.split, self.config
@@ -217,7 +245,7 @@ class _Objective:
                 value = logs.get("val_accuracy") if split.task == "classification" else np.sqrt(logs.get("val_loss", np.nan))
                 if value is None or not np.isfinite(value):
                     return
-                mlflow.log_metric(f"val_{self.metric}", float(value), step=epoch)
+                self._log_step(f"val_{self.metric}", float(value), epoch)
                 trial.report(float(value), epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
@@ -239,7 +267,7 @@ class _Objective:
             score = evaluate(model, split, X_train.iloc[val_idx], y_train.iloc[val_idx])[self.metric]
             scores.append(score)
             mean = float(np.mean(scores))
-            mlflow.log_metric(f"cv_{self.metric}", mean, step=step)
+            self._log_step(f"cv_{self.metric}", mean, step)
             trial.report(mean, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after fold {step}")
