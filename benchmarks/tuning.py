@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ["OMP_NUM_THREADS"] = "1"  # before numpy / scikit-learn load their thread pools
 
 import argparse  # noqa: E402

@@ -120,9 +120,13 @@ def train(config_path: str | None, dataset: str | None, target: str | None, seed
 @click.option("--max-rows", type=int, default=None, help="Largest batch accepted (default: as logged).")
 @click.option("--impute-missing/--reject-missing", default=None,
               help="Impute nulls in any column, or accept them only where training data had them.")
+@click.option("--monitor/--no-monitor", "monitor", default=None,
+              help="Log every prediction for `mlops monitor` (default: as logged, monitoring.enabled).")
+@click.option("--log-url", default=None, help="SQLAlchemy URL of the prediction log (default: as logged).")
 @click.option("--dry-run", is_flag=True, help="Print the mlflow command instead of running it.")
 def serve(name: str | None, alias: str, version: str | None, host: str, port: int, workers: int,
-          max_rows: int | None, impute_missing: bool | None, dry_run: bool) -> None:
+          max_rows: int | None, impute_missing: bool | None, monitor: bool | None, log_url: str | None,
+          dry_run: bool) -> None:
     """Serve a registered model over REST with `mlflow models serve`.
 
     \b
@@ -144,7 +148,8 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
     env = dict(os.environ)
     # mlflow starts `uvicorn` by name: it must be the one installed beside this Python
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
-    options = {k: v for k, v in {"max_rows": max_rows, "impute_missing": impute_missing}.items() if v is not None}
+    options = {k: v for k, v in {"max_rows": max_rows, "impute_missing": impute_missing, "monitoring": monitor,
+                                 "monitoring_url": log_url}.items() if v is not None}
     if options:
         env["SERVING_MODEL_CONFIG"] = json.dumps(options)
     click.echo(" ".join(command) + (f"  (model config {options})" if options else ""), err=True)
@@ -339,6 +344,90 @@ def audit(name: str | None, config_path: str | None) -> None:
                    f"{r.from_version or '-'} -> {r.to_version}{' (forced)' if r.forced else ''}"
                    f"{' reason: ' + r.reason if r.reason else ''}"
                    f"{' failed: ' + ', '.join(failed) if failed else ''}")
+
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a config key, dotted (repeatable), e.g. --set monitoring.min_rows=50.")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--window", default=None, help="Span of predictions to check: 90s, 30m, 1h, 2d (default: monitoring.window).")
+@click.option("--every", default=None, help="Check again at this interval (5m, 1h) until stopped.")
+@click.option("--count", type=int, default=None, help="With --every: stop after this many checks.")
+@_config_option
+@_set_option
+def monitor(name: str | None, window: str | None, every: str | None, count: int | None, config_path: str | None,
+            overrides: tuple[str, ...]) -> None:
+    """Check the production version: drift, latency, errors, accuracy; alert; roll back.
+
+    Each check is one MLflow run in the experiment NAME-monitoring (metrics stepped by the
+    check time, so the UI charts them over time), with a drift report as its artifact.
+
+    \b
+    Example:
+        mlops monitor churn-model --window 1h
+        mlops monitor churn-model --window 1h --every 5m
+    """
+    import time
+
+    from mlops.monitoring.checks import check, parse_duration
+
+    config = build_config(config_path, overrides)
+    name = name or config.registry.model_name
+    interval = parse_duration(every, "--every") if every else None
+    done = 0
+    while True:
+        started = time.monotonic()
+        _print_check(check(config, name, window=window))
+        done += 1
+        if interval is None or (count is not None and done >= count):
+            return
+        try:
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            return
+
+
+def _print_check(result) -> None:
+    m = result.metrics
+    click.echo(f"{result.model} v{result.version}: {int(m.get('requests', 0))} requests, "
+               f"{int(m.get('predictions', 0))} predictions, {int(m.get('labelled', 0))} labelled in the last "
+               f"{result.window_s:g} s; run {result.run_id}")
+    shown = [k for k in ("error_rate", "latency_p50_ms", "latency_p99_ms", "dropped_rows", "psi_max",
+                         "prediction_psi", "accuracy", "f1", "accuracy_drop", "rmse", "rmse_ratio") if k in m]
+    if shown:
+        click.echo("  " + ", ".join(f"{k}={m[k]:.4g}" for k in shown))
+    if result.drifted:
+        click.echo(f"  drifted features: {', '.join(result.drifted)}")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    for alert in result.alerts:
+        extra = "".join(f"; {x}" for x in (alert.action, alert.webhook and f"webhook {alert.webhook}") if x)
+        click.echo(f"  ALERT {alert.message}{extra}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False),
+              help="CSV with columns request_id,label (and row, for multi-row requests).")
+@_config_option
+@_set_option
+def feedback(name: str | None, labels_path: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Attach ground-truth labels to logged predictions, joined on the request id.
+
+    The server returns a request_id column with every prediction when monitoring is on.
+
+    \b
+    Example:
+        mlops feedback churn-model --labels labels.csv      # request_id,label
+    """
+    from mlops.monitoring import feedback as run_feedback
+
+    config = build_config(config_path, overrides)
+    name = name or config.registry.model_name
+    stored = run_feedback(config, name, labels_path)
+    click.echo(f"{name}: {stored} labels attached")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -135,6 +135,46 @@ class TuningConfig(_Strict):
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
 
 
+class AlertRule(_Strict):
+    """An alert: ``metric`` (a check metric; ``psi/*`` matches every feature) above or below a bound."""
+
+    name: str
+    metric: str
+    above: float | None = None
+    below: float | None = None
+    auto_rollback: bool = False   # also move production back to the version it replaced
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "AlertRule":
+        if (self.above is None) == (self.below is None):
+            raise ValueError(f"rule '{self.name}' needs exactly one of 'above' or 'below'")
+        return self
+
+
+def _default_rules() -> list[AlertRule]:
+    return [
+        AlertRule(name="feature_drift", metric="psi/*", above=0.2),
+        AlertRule(name="prediction_drift", metric="prediction_psi", above=0.2),
+        AlertRule(name="accuracy_drop", metric="accuracy_drop", above=0.05),
+        AlertRule(name="latency_p99", metric="latency_p99_ms", above=250.0),
+        AlertRule(name="error_rate", metric="error_rate", above=0.01),
+    ]
+
+
+class MonitoringConfig(_Strict):
+    enabled: bool = False                 # log every served prediction (model config of the logged model)
+    log_url: str = "sqlite:///predictions.db"   # SQLAlchemy URL of the prediction log
+    sensitive_columns: list[str] = Field(default_factory=list)
+    sensitive_mode: Literal["hash", "mask"] = "hash"
+    queue_rows: int = Field(10_000, gt=0)  # rows buffered in the server process before new ones are dropped
+    window: str = "1h"                    # mlops monitor: the span of predictions one check looks at
+    min_rows: int = Field(100, gt=0)      # fewer predictions than this: drift is not computed
+    min_labels: int = Field(30, gt=0)     # fewer labelled predictions: accuracy is not computed
+    bins: int = Field(10, ge=2)           # reference histogram bins (quantiles of the training data)
+    webhook: str | None = None            # alerts are POSTed here as JSON
+    rules: list[AlertRule] = Field(default_factory=_default_rules)
+
+
 class Config(_Strict):
     """The whole experiment configuration (see ``conf/default.yaml``)."""
 
@@ -145,6 +185,7 @@ class Config(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, ready for ``mlflow.log_params``."""

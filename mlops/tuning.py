@@ -8,6 +8,7 @@ the same storage and study name share one study and together finish exactly ``n_
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import inspect
 import logging
@@ -114,7 +115,7 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
             )
         finally:
             bar.close()
-            mlflow.flush_async_logging()
+            objective.close()
         result = _summarize(config, study, split, metric, direction, parent_id, storage)
     history = tuple(
         (t.number, t.state.name, t.value, (t.datetime_complete.timestamp() - started))
@@ -188,6 +189,10 @@ class _Objective:
         self.config, self.split, self.metric, self.parent_id = config, split, metric, parent_id
         self.experiment_id = mlflow.MlflowClient().get_run(parent_id).info.experiment_id
         self.steps: list[Metric] = []
+        # a trial's closing writes (metrics, params, state, end) go to this one thread while
+        # the next trial trains; close() waits for them
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlops-trial-log")
+        self._pending: list[concurrent.futures.Future] = []
         self.space = config.tuning.search_space
         self.n_trials = config.tuning.n_trials
 
@@ -222,10 +227,24 @@ class _Objective:
             metrics = list(self.steps)
             if value is not None:
                 metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
-            # queued: MLflow's async logger writes it while the next trial runs (flushed in tune())
-            client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
-                             tags=[RunTag("mlops.trial_state", state)], synchronous=False)
-            client.set_terminated(run_id, status)
+            self._pending.append(self._writer.submit(
+                self._finish_run, client, run_id, metrics, [Param(k, str(v)) for k, v in params.items()],
+                [RunTag("mlops.trial_state", state)], status, int(time.time() * 1000)))
+
+    @staticmethod
+    def _finish_run(client, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag],
+                    status: str, end_time: int) -> None:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        client.set_terminated(run_id, status, end_time=end_time)
+
+    def close(self) -> None:
+        """Wait for every trial's closing writes; a failed write is reported, not lost silently."""
+        self._writer.shutdown(wait=True)
+        for future in self._pending:
+            exc = future.exception()
+            if exc is not None:
+                logger.warning("could not finish a trial's MLflow run: %s", exc)
+        self._pending.clear()
 
     def _log_step(self, key: str, value: float, step: int) -> None:
         self.steps.append(Metric(key, float(value), int(time.time() * 1000), step))

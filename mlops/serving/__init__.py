@@ -14,7 +14,9 @@ from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
 from mlops.config import Config
+from mlops.errors import ConfigError
 from mlops.data import DatasetSplit
+from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
 
 __all__ = ["MlopsModel", "log_model", "model_metadata", "requirements_for"]
@@ -71,6 +73,10 @@ def log_model(
     """
     import joblib
 
+    unknown = sorted(set(config.monitoring.sensitive_columns) - set(split.feature_columns))
+    if unknown:
+        raise ConfigError(f"monitoring.sensitive_columns: {unknown} are not feature columns of the data; "
+                          f"choose from {list(split.feature_columns)}")
     meta = model_metadata(split, config)
     X_example = split.train[list(split.feature_columns)].head(5)
     wrapper = MlopsModel()
@@ -81,10 +87,13 @@ def log_model(
         meta_path = Path(tmp) / "metadata.json"
         joblib.dump(pipeline, pipe_path)
         meta_path.write_text(json.dumps(meta, indent=2))
+        profile_path = Path(tmp) / "reference_profile.json"
+        profile_path.write_text(json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins)))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("model_code.py")),
-            artifacts={PIPELINE_ARTIFACT: str(pipe_path), METADATA_ARTIFACT: str(meta_path)},
+            artifacts={PIPELINE_ARTIFACT: str(pipe_path), METADATA_ARTIFACT: str(meta_path),
+                       PROFILE_ARTIFACT: str(profile_path)},
             code_paths=[str(_PACKAGE_DIR)],
             signature=signature,
             input_example=X_example,
@@ -95,6 +104,12 @@ def log_model(
                 "impute_missing": config.serving.impute_missing,
                 "model_name": "",
                 "model_version": "",
+                # the prediction log of a served model (see mlops.monitoring)
+                "monitoring": config.monitoring.enabled,
+                "monitoring_url": config.monitoring.log_url,
+                "sensitive_columns": list(config.monitoring.sensitive_columns),
+                "sensitive_mode": config.monitoring.sensitive_mode,
+                "monitoring_queue_rows": config.monitoring.queue_rows,
             },
             metadata={"mlops_family": config.model.family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
         )

@@ -66,11 +66,7 @@ def install(wrapper: "MlopsModel") -> bool:
 def handle(wrapper: "MlopsModel", data: bytes | str, mime: str) -> str:
     """The JSON response body for one request; raises ``MlflowException`` (4xx) on bad input."""
     try:
-        if mime == _CSV:
-            numeric, categorical = _from_csv(wrapper, data)
-        else:
-            numeric, categorical = _from_json(wrapper, data)
-        result = wrapper.score(numeric, categorical)
+        result = wrapper.answer(lambda: _from_csv(wrapper, data) if mime == _CSV else _from_json(wrapper, data))
     except MlflowException:
         raise
     except Exception as exc:  # a bug or a model failure: a 500 that says so, and keep serving

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow.pyfunc
 import numpy as np
@@ -31,6 +33,8 @@ PREDICTION_COLUMN = "prediction"
 PROBA_PREFIX = "proba_"
 NAME_COLUMN = "model_name"
 VERSION_COLUMN = "model_version"
+REQUEST_ID_COLUMN = "request_id"  # with monitoring on: the id `mlops feedback` joins labels on
+PROBA_KEY = "__proba__"
 _SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"  # set by `mlflow models serve` for its workers
 
 
@@ -55,6 +59,12 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             max_rows=options.get("max_rows"), impute_missing=options.get("impute_missing"),
             model_name=str(name), model_version=str(version),
         )
+        if _truthy(options.get("monitoring")) and _SERVER_MODEL_PATH_ENV in os.environ:
+            self.enable_monitoring(
+                options.get("monitoring_url") or "sqlite:///predictions.db",
+                sensitive=options.get("sensitive_columns") or (), sensitive_mode=options.get("sensitive_mode") or "hash",
+                capacity=int(options.get("monitoring_queue_rows") or 10_000),
+            )
         if os.environ.get("MLOPS_FAST_SERVING", "1") != "0" and _SERVER_MODEL_PATH_ENV in os.environ:
             from mlops.serving.fastpath import install
 
@@ -70,7 +80,8 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self.features: list[str] = self.numeric + self.categorical
         self.feature_set = frozenset(self.features)
         self.max_rows = int(max_rows) if max_rows is not None else 10_000
-        impute = impute_missing.strip().lower() in ("1", "true", "yes") if isinstance(impute_missing, str) else bool(impute_missing)
+        impute = _truthy(impute_missing)
+        self.monitor = None
         nullable = set(self.features) if impute else set(meta.get("nullable_columns", []))
         self.required_numeric = np.array([c not in nullable for c in self.numeric], dtype=bool)
         self.required_categorical = [c not in nullable for c in self.categorical]
@@ -88,11 +99,51 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         sample = pd.DataFrame(meta["sample"]) if meta.get("sample") else None
         self.compiled = compile_pipeline(pipeline, self.numeric, self.categorical, sample)
 
+    def enable_monitoring(self, url: str, *, sensitive: Any = (), sensitive_mode: str = "hash",
+                          capacity: int = 10_000, **options: Any) -> None:
+        """Log every request from now on to the monitoring store at ``url`` (in the background).
+
+        Done by ``load_context`` in a scoring server when the model config says
+        ``monitoring: true``; never while the registry's gates evaluate a model.
+        """
+        from mlops.monitoring.logger import PredictionLogger
+
+        self.monitor = PredictionLogger(
+            url, model=self.model_name, version=self.model_version, numeric=self.numeric,
+            categorical=self.categorical, classes=list(self.classes) if self.has_proba else None,
+            sensitive=list(sensitive), sensitive_mode=sensitive_mode, capacity=capacity, **options)
+        if REQUEST_ID_COLUMN not in self.output_columns:
+            self.output_columns.append(REQUEST_ID_COLUMN)
+        logger.info("prediction log on: %s as %s version %s", self.monitor.url.split("@")[-1],
+                    self.model_name, self.model_version)
+
     # A DataFrame hint is one MLflow does not turn into a schema: the logged signature stays
     # the one inferred from the training data.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        numeric, categorical = self.arrays_from_frame(model_input)
-        return pd.DataFrame(self.score(numeric, categorical), columns=self.output_columns)
+        return pd.DataFrame(self.answer(lambda: self.arrays_from_frame(model_input)), columns=self.output_columns)
+
+    def answer(self, parse: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> dict[str, Any]:
+        """Parse, validate and score one request; with monitoring on, also log it (and its failure)."""
+        monitor = self.monitor
+        if monitor is None:
+            return self.score(*parse())
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        try:
+            numeric, categorical = parse()
+            result = self.score(numeric, categorical)
+        except MlflowException as exc:
+            monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000,
+                           status=exc.get_http_status_code(), error=exc.message[:1000])
+            raise
+        except Exception as exc:
+            monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000, status=500,
+                           error=repr(exc)[:1000])
+            raise
+        result[REQUEST_ID_COLUMN] = np.full(numeric.shape[0], request_id, dtype=object)
+        monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000, numeric=numeric,
+                       categorical=categorical, predictions=result[PREDICTION_COLUMN], scores=result.get(PROBA_KEY))
+        return result
 
     # ---- input: everything becomes (float matrix, object matrix) in feature order ----
     def arrays_from_frame(self, frame: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -176,6 +227,7 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         if self.task == "classification":
             if self.has_proba:
                 proba = np.asarray(model.predict_proba(X))
+                out[PROBA_KEY] = proba
                 out[PREDICTION_COLUMN] = self.classes[np.argmax(proba, axis=1)]
                 for i, col in enumerate(self.output_columns[1:1 + proba.shape[1]]):
                     out[col] = proba[:, i]
@@ -186,6 +238,10 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         out[NAME_COLUMN] = np.full(n, self.model_name, dtype=object)
         out[VERSION_COLUMN] = np.full(n, self.model_version, dtype=object)
         return out
+
+
+def _truthy(value: Any) -> bool:
+    return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
 
 def invalid(message: str) -> MlflowException:

@@ -1,0 +1,334 @@
+"""One monitoring check of a registered model's production version, tracked as an MLflow run.
+
+:func:`check` reads the predictions logged in the window, compares them with the reference
+profile that travels inside the model, joins the labels fed back so far, logs everything as
+one run of the ``<model>-monitoring`` experiment (metrics stepped by the check time, so the
+UI charts them over time; a drift report as artifacts), evaluates the alert rules of
+``conf/`` and, for a rule marked ``auto_rollback``, rolls production back through the
+registry, audited like a manual rollback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+
+from mlops.config import AlertRule, Config
+from mlops.errors import ConfigError, MlopsError
+from mlops.monitoring import profile as prof
+from mlops.monitoring.store import Alert, MonitoringStore, loads_features
+
+logger = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+MONITOR_USER = "mlops-monitor"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass
+class CheckResult:
+    model: str
+    version: str
+    at: float
+    window_s: float
+    run_id: str
+    status: str                                   # ok | insufficient_data
+    metrics: dict[str, float] = field(default_factory=dict)
+    drifted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    rollback: str | None = None
+
+
+def parse_duration(text: str | float | int, what: str = "window") -> float:
+    """Seconds in ``90s``, ``5m``, ``1h``, ``2d`` (or a plain number of seconds)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+        if not match:
+            raise ConfigError(f"{what} '{text}' is not a duration; write it like 90s, 5m, 1h or 2d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ConfigError(f"{what} '{text}' must be longer than zero")
+    return seconds
+
+
+def experiment_name(model: str) -> str:
+    return f"{model}-monitoring"
+
+
+def load_profile(name: str, version: str) -> dict[str, Any]:
+    """The reference profile logged inside version ``version`` of ``name``."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = ModelsArtifactRepository(f"models:/{name}/{version}").download_artifacts(
+                f"artifacts/{prof.PROFILE_ARTIFACT}.json", dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise MlopsError(
+                f"{name} version {version} has no reference profile ({str(exc).splitlines()[0][:200]}); "
+                "it was logged before monitoring existed: retrain it with this version of mlops"
+            ) from None
+        return json.loads(Path(path).read_text())
+
+
+def check(config: Config, name: str, *, window: str | float | None = None, now: float | None = None,
+          store: MonitoringStore | None = None) -> CheckResult:
+    """Check the production version of ``name`` over the last ``window`` (default from config)."""
+    mcfg = config.monitoring
+    window_s = parse_duration(window if window is not None else mcfg.window)
+    at = time.time() if now is None else float(now)
+    client = mlflow.MlflowClient()
+    try:
+        version = str(client.get_model_version_by_alias(name, PRODUCTION).version)
+    except MlflowException:
+        raise MlopsError(f"{name} has no '{PRODUCTION}' version to monitor; promote one first "
+                         f"(mlops promote {name} --version V --to production)") from None
+    profile = load_profile(name, version)
+    store = store or MonitoringStore(mcfg.log_url)
+
+    frame = store.predictions(name, version, at - window_s, at)
+    result = CheckResult(model=name, version=version, at=at, window_s=window_s, run_id="", status="ok")
+    m = result.metrics
+    per_request = frame.drop_duplicates("request_id")
+    m["requests"] = float(len(per_request))
+    ok = frame[frame["status"] == 200]
+    m["predictions"] = float(len(ok))
+    if len(per_request):
+        m["error_rate"] = float((per_request["status"] != 200).mean())
+        m["server_error_rate"] = float((per_request["status"] >= 500).mean())
+        lat = per_request["latency_ms"].to_numpy(dtype=float)
+        m["latency_p50_ms"] = float(np.percentile(lat, 50))
+        m["latency_p99_ms"] = float(np.percentile(lat, 99))
+    written, dropped = store.writer_counts(name, version, at - window_s, at)
+    m["dropped_rows"] = float(dropped)
+
+    features = pd.DataFrame(loads_features(ok["features"].tolist())) if len(ok) else pd.DataFrame()
+    if len(ok) < mcfg.min_rows:
+        result.status = "insufficient_data"
+        result.notes.append(f"too little data: {len(ok)} predictions of version {version} in the last "
+                            f"{_human(window_s)}, at least {mcfg.min_rows} needed (monitoring.min_rows); "
+                            "drift not computed")
+    else:
+        _drift(profile, features, ok, result)
+    _accuracy(profile, ok, store, name, mcfg.min_labels, result)
+    if dropped:
+        result.notes.append(f"{dropped} predictions were dropped by the servers' prediction log (its store was "
+                            "slow or down and the buffer was full); they are missing from this check")
+
+    result.run_id = _log_run(client, result, profile, features, ok)
+    _alerts(config, store, result)
+    client.set_tag(result.run_id, "mlops.monitor.alerts", str(len(result.alerts)))
+    if result.rollback:
+        client.set_tag(result.run_id, "mlops.monitor.rollback", result.rollback)
+    return result
+
+
+# ---- the measurements ----
+def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, result: CheckResult) -> None:
+    m = result.metrics
+    worst = 0.0
+    for col, ref in profile["features"].items():
+        if col not in features.columns:
+            result.notes.append(f"feature '{col}' is not in the logged predictions; drift not computed")
+            continue
+        values = features[col]
+        if values.map(lambda v: isinstance(v, str) and (v.startswith("sha256:") or v == "***")).any():
+            result.notes.append(f"feature '{col}' is masked in the prediction log (sensitive); drift not computed")
+            continue
+        stats_ = (prof.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
+                  if ref["kind"] == "numeric" else prof.categorical_drift(ref, values.tolist()))
+        key = metric_key(col)
+        for stat, value in stats_.items():
+            m[f"{stat}/{key}"] = value
+        worst = max(worst, stats_.get("psi", 0.0))
+    m["psi_max"] = worst
+    pred_ref = profile["prediction"]
+    if pred_ref["kind"] == "numeric":
+        pred_stats = prof.numeric_drift(pred_ref, pd.to_numeric(ok["prediction"], errors="coerce").to_numpy(dtype=float))
+    else:
+        pred_stats = prof.categorical_drift(pred_ref, ok["prediction"].tolist())
+    for stat, value in pred_stats.items():
+        m[f"prediction_{stat}"] = value
+
+
+def _accuracy(profile: dict[str, Any], ok: pd.DataFrame, store: MonitoringStore, name: str, min_labels: int,
+              result: CheckResult) -> None:
+    m = result.metrics
+    labels = store.labels_for(name, ok["request_id"].unique()) if len(ok) else pd.DataFrame(
+        columns=["request_id", "row", "label"])
+    joined = ok.merge(labels, on=["request_id", "row"]) if len(labels) else ok.iloc[0:0].assign(label=[])
+    m["labelled"] = float(len(joined))
+    if len(joined) < min_labels:
+        if len(ok):
+            result.notes.append(f"{len(joined)} labelled predictions in the window, at least {min_labels} needed "
+                                "(monitoring.min_labels); accuracy not computed (feed labels with mlops feedback)")
+        return
+    val = profile.get("validation_metrics", {})
+    if profile["task"] == "classification":
+        from sklearn.metrics import f1_score
+
+        y_true = joined["label"].map(_canonical).to_numpy(dtype=object)
+        y_pred = joined["prediction"].map(_canonical).to_numpy(dtype=object)
+        classes = [_canonical(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))]
+        m["accuracy"] = float(np.mean(y_true == y_pred))
+        if len(classes) == 2:
+            m["f1"] = float(f1_score(y_true, y_pred, pos_label=classes[1], average="binary", labels=classes))
+        else:
+            m["f1"] = float(f1_score(y_true, y_pred, average="macro", labels=classes))
+        if "accuracy" in val:
+            m["accuracy_drop"] = float(val["accuracy"] - m["accuracy"])
+    else:
+        y_true = pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=float)
+        y_pred = pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=float)
+        keep = np.isfinite(y_true) & np.isfinite(y_pred)
+        err = y_pred[keep] - y_true[keep]
+        m["rmse"] = float(np.sqrt(np.mean(err ** 2)))
+        m["mae"] = float(np.mean(np.abs(err)))
+        if val.get("rmse"):
+            m["rmse_ratio"] = float(m["rmse"] / val["rmse"])
+
+
+def _canonical(value: Any) -> str:
+    """A label as text, with 1, 1.0 and "1" the same."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def metric_key(name: str) -> str:
+    """A feature name as MLflow accepts it in a metric key."""
+    return re.sub(r"[^\w\-. :/]", "_", str(name))
+
+
+# ---- the MLflow run and its report ----
+def _log_run(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
+             ok: pd.DataFrame) -> str:
+    name = experiment_name(result.model)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except MlflowException:  # another checker created it meanwhile
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    when = datetime.fromtimestamp(result.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    run = client.create_run(experiment_id, run_name=f"check v{result.version} {when}", tags={
+        "mlops.monitor.model": result.model, "mlops.monitor.version": result.version,
+        "mlops.monitor.window_s": str(int(result.window_s)), "mlops.monitor.status": result.status,
+        "mlops.step": "monitor"})
+    step, ts = int(result.at), int(result.at * 1000)
+    metrics = [Metric(k, float(v), ts, step) for k, v in result.metrics.items() if v is not None and math.isfinite(v)]
+    for start in range(0, len(metrics), 900):
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 900])
+    if result.notes:
+        client.log_batch(run.info.run_id, tags=[RunTag("mlops.monitor.notes", "\n".join(result.notes)[:5000])])
+    with tempfile.TemporaryDirectory() as tmp:
+        from mlops.monitoring.report import write_report
+
+        write_report(Path(tmp), result, profile, features, ok)
+        client.log_artifacts(run.info.run_id, tmp, artifact_path="drift_report")
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=int(time.time() * 1000))
+    return run.info.run_id
+
+
+# ---- alerts ----
+def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[tuple[AlertRule, str, float, float]]:
+    """(rule, metric, value, bound) for every rule broken, each with its worst metric."""
+    fired = []
+    for rule in rules:
+        bound = rule.above if rule.above is not None else rule.below
+        broken = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
+                  and ((rule.above is not None and v > rule.above) or (rule.below is not None and v < rule.below))]
+        if broken:
+            key, value = (max if rule.above is not None else min)(broken, key=lambda kv: kv[1])
+            fired.append((rule, key, value, float(bound)))
+    return fired
+
+
+def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None:
+    mcfg = config.monitoring
+    rollback_rules = []
+    for rule, metric, value, bound in evaluate_rules(mcfg.rules, result.metrics):
+        side = "above" if rule.above is not None else "below"
+        others = [k for k, v in result.metrics.items()
+                  if k != metric and fnmatch.fnmatchcase(k, rule.metric) and _breaks(rule, v)]
+        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {bound:g}"
+                   + (f" (also {', '.join(others[:5])}{'...' if len(others) > 5 else ''})" if others else ""))
+        if rule.name.endswith("drift") or metric.startswith(("psi/", "ks/")):
+            result.drifted.extend(k.split("/", 1)[1] for k in [metric, *others] if "/" in k)
+        result.alerts.append(Alert(at=result.at, model=result.model, version=result.version, rule=rule.name,
+                                   metric=metric, value=float(value), threshold=bound, message=message,
+                                   check_run_id=result.run_id))
+        if rule.auto_rollback:
+            rollback_rules.append(rule.name)
+    if rollback_rules:
+        result.rollback = _auto_rollback(config, result, rollback_rules)
+    for i, alert in enumerate(result.alerts):
+        action = result.rollback if alert.rule in rollback_rules else None
+        alert = Alert(**{**alert.as_dict(), "action": action})
+        if mcfg.webhook:
+            alert = Alert(**{**alert.as_dict(), "webhook": post_webhook(mcfg.webhook, alert)})
+        store.add_alert(alert)
+        result.alerts[i] = alert
+    result.drifted = sorted(set(result.drifted))
+
+
+def _breaks(rule: AlertRule, value: float) -> bool:
+    return math.isfinite(value) and ((rule.above is not None and value > rule.above)
+                                     or (rule.below is not None and value < rule.below))
+
+
+def _auto_rollback(config: Config, result: CheckResult, rules: list[str]) -> str:
+    from mlops import registry
+
+    reason = f"auto-rollback by mlops monitor: {', '.join(rules)} (check run {result.run_id})"
+    try:
+        done = registry.rollback(config, result.model, reason=reason, who=MONITOR_USER)
+    except MlopsError as exc:
+        logger.error("auto-rollback of %s failed: %s", result.model, exc)
+        return f"rollback failed: {str(exc).splitlines()[0]}"
+    return f"rolled back production from {done.from_version} to {done.to_version}"
+
+
+def post_webhook(url: str, alert: Alert) -> str:
+    """POST ``alert`` as JSON to ``url``; the outcome as text (a failure never stops the check)."""
+    body = json.dumps({"source": "mlops", **alert.as_dict()}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return f"delivered (HTTP {response.status})"
+    except urllib.error.HTTPError as exc:
+        return f"failed: HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"failed: {exc}"
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

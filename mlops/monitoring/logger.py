@@ -1,0 +1,202 @@
+"""The prediction log of a served model: a bounded in-process buffer and a background writer.
+
+A request hands its arrays to :meth:`PredictionLogger.submit` (a lock, a counter and a deque
+append: microseconds) and is answered at once. A daemon thread turns what is buffered into
+rows (masking sensitive columns there, still inside the process), writes them in batches
+through SQLAlchemy, and records how many rows it wrote and dropped. When the store is slow
+or down the rows wait in the buffer, up to ``capacity`` rows; beyond that new rows are
+dropped and counted, and the count is written with the next successful batch, so
+``mlops monitor`` reports it. Serving never waits on the database.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import sqlalchemy as sa
+
+from mlops.monitoring.store import META, PREDICTIONS, WRITER_STATS, create_engine, mask_url
+
+logger = logging.getLogger(__name__)
+
+MASK = "***"
+
+
+@dataclass
+class _Request:
+    request_id: str
+    at: float
+    latency_ms: float
+    status: int
+    error: str | None
+    numeric: np.ndarray | None
+    categorical: np.ndarray | None
+    predictions: np.ndarray | None
+    scores: np.ndarray | None
+    rows: int
+
+
+class PredictionLogger:
+    """Buffers served predictions and writes them to the monitoring store in the background."""
+
+    def __init__(self, url: str, *, model: str, version: str, numeric: Sequence[str], categorical: Sequence[str],
+                 classes: Sequence[Any] | None = None, sensitive: Sequence[str] = (), sensitive_mode: str = "hash",
+                 capacity: int = 10_000, batch_rows: int = 1_000, flush_interval: float = 0.5,
+                 max_backoff: float = 5.0) -> None:
+        self.url, self.model, self.version = url, model, version
+        self.numeric, self.categorical = list(numeric), list(categorical)
+        self.classes = [str(c) for c in classes] if classes is not None else None
+        unknown = sorted(set(sensitive) - set(self.numeric) - set(self.categorical))
+        if unknown:
+            raise ValueError(f"sensitive column(s) {unknown} are not features of the model; "
+                             f"choose from {self.numeric + self.categorical}")
+        self.sensitive = frozenset(sensitive)
+        self.sensitive_mode = sensitive_mode
+        self.capacity, self.batch_rows = int(capacity), int(batch_rows)
+        self.flush_interval, self.max_backoff = float(flush_interval), float(max_backoff)
+        self.process = f"{socket.gethostname()}:{os.getpid()}"[:128]
+        self._items: collections.deque[_Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._buffered = 0      # rows submitted and not yet written
+        self._dropped = 0       # rows dropped since the last stats row
+        self.written_total = 0
+        self.dropped_total = 0
+        self.failures = 0
+        self._engine: sa.Engine | None = None
+        self._pending: list[dict[str, Any]] = []  # rows built, waiting for the store
+        self._thread = threading.Thread(target=self._run, name="mlops-prediction-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close, timeout=3.0)
+
+    # ---- the request path ----
+    def submit(self, request_id: str, *, latency_ms: float, numeric: np.ndarray | None = None,
+               categorical: np.ndarray | None = None, predictions: np.ndarray | None = None,
+               scores: np.ndarray | None = None, status: int = 200, error: str | None = None) -> bool:
+        """Buffer one request's rows; False (and counted as dropped) when the buffer is full."""
+        rows = int(numeric.shape[0]) if numeric is not None else 1
+        with self._lock:
+            if self._buffered + rows > self.capacity:
+                self._dropped += rows
+                self.dropped_total += rows
+                return False
+            self._buffered += rows
+        self._items.append(_Request(request_id, time.time(), latency_ms, status, error, numeric, categorical,
+                                    predictions, scores, rows))
+        if self._buffered >= self.batch_rows:
+            self._wake.set()
+        return True
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    # ---- the writer thread ----
+    def _run(self) -> None:
+        backoff = self.flush_interval
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval if not self._pending else backoff)
+            self._wake.clear()
+            if self._flush_once():
+                backoff = self.flush_interval
+            else:
+                backoff = min(self.max_backoff, max(backoff, 0.25) * 2)
+
+    def _flush_once(self) -> bool:
+        """Write what is buffered; False when the store refused (rows stay buffered)."""
+        while self._items and len(self._pending) < self.batch_rows:
+            self._pending.extend(self._rows(self._items.popleft()))
+        with self._lock:
+            dropped = self._dropped
+        if not self._pending and not dropped:
+            return True
+        batch = self._pending[: self.batch_rows]
+        try:
+            if self._engine is None:
+                self._engine = create_engine(self.url, connect_timeout=3)
+                META.create_all(self._engine)
+            with self._engine.begin() as conn:
+                if batch:
+                    conn.execute(sa.insert(PREDICTIONS), batch)
+                conn.execute(sa.insert(WRITER_STATS).values(
+                    at=time.time(), model=self.model, version=self.version, process=self.process,
+                    written=len(batch), dropped=dropped))
+        except Exception as exc:  # noqa: BLE001 - the store is down or slow: keep the rows, try again
+            self.failures += 1
+            if self.failures == 1 or self.failures % 50 == 0:
+                logger.warning("prediction log %s unavailable (%s: %s); %d rows buffered, %d dropped so far",
+                               mask_url(self.url), exc.__class__.__name__, str(exc).splitlines()[0][:200],
+                               self._buffered, self.dropped_total)
+            return False
+        del self._pending[: len(batch)]
+        with self._lock:
+            self._buffered -= len(batch)
+            self._dropped -= dropped
+        self.written_total += len(batch)
+        if self._items or self._pending:
+            self._wake.set()  # more than one batch waiting: go again at once
+        return True
+
+    def _rows(self, item: _Request) -> list[dict[str, Any]]:
+        base = dict(request_id=item.request_id, at=item.at, model=self.model, version=self.version,
+                    status=item.status, error=item.error, latency_ms=item.latency_ms)
+        if item.numeric is None:
+            return [dict(base, row=0, features=None, prediction=None, scores=None)]
+        numeric = item.numeric.tolist()
+        categorical = item.categorical.tolist() if item.categorical is not None else None
+        predictions = item.predictions.tolist() if item.predictions is not None else [None] * item.rows
+        scores = item.scores.tolist() if item.scores is not None else None
+        out = []
+        for i in range(item.rows):
+            features = {c: (v if v == v else None) for c, v in zip(self.numeric, numeric[i])}
+            if categorical is not None:
+                features.update({c: (v if isinstance(v, str) else None) for c, v in zip(self.categorical, categorical[i])})
+            for c in self.sensitive:
+                features[c] = self._mask(features[c])
+            row_scores = json.dumps(dict(zip(self.classes, scores[i]))) if scores is not None and self.classes else None
+            prediction = predictions[i]
+            out.append(dict(base, row=i, features=json.dumps(features),
+                            prediction=None if prediction is None else str(prediction), scores=row_scores))
+        return out
+
+    def _mask(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if self.sensitive_mode == "mask":
+            return MASK
+        return "sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:16]
+
+    # ---- lifecycle ----
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything buffered is written (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._buffered == 0 and self._dropped == 0:
+                    return True
+            self._wake.set()
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Flush for at most ``timeout`` seconds and stop the writer; what is left is lost."""
+        if self._stop.is_set():
+            return
+        self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=1.0)
+        if self._buffered:
+            logger.warning("prediction log: %d buffered rows not written at shutdown", self._buffered)

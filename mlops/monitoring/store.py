@@ -1,0 +1,194 @@
+"""The monitoring store: served predictions, ground-truth labels, writer counts and alerts.
+
+One SQLAlchemy URL (``monitoring.log_url``): SQLite by default, PostgreSQL in production.
+The served model's background writer inserts predictions; ``mlops feedback`` inserts labels;
+``mlops monitor`` reads both and inserts alerts. Nothing here deletes a prediction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from mlops.errors import MlopsError
+
+META = sa.MetaData()
+PREDICTIONS = sa.Table(
+    "mlops_predictions", META,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(32), nullable=False, index=True),
+    sa.Column("row", sa.Integer, nullable=False),             # the row's position in its request
+    sa.Column("at", sa.Float, nullable=False),                # epoch seconds when the request was answered
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),          # 200, or the 4xx/5xx the request got
+    sa.Column("error", sa.Text),
+    sa.Column("latency_ms", sa.Float, nullable=False),        # the wrapper's own work for the request
+    sa.Column("features", sa.Text),                           # JSON object; sensitive columns masked
+    sa.Column("prediction", sa.Text),                         # label or number, as text
+    sa.Column("scores", sa.Text),                             # JSON object of class probabilities
+    sa.Index("ix_mlops_predictions_model_at", "model", "at"),
+)
+LABELS = sa.Table(
+    "mlops_labels", META,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("row", sa.Integer, primary_key=True),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+WRITER_STATS = sa.Table(
+    "mlops_prediction_log_stats", META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("process", sa.String(128), nullable=False),
+    sa.Column("written", sa.Integer, nullable=False),         # rows written since the previous stats row
+    sa.Column("dropped", sa.Integer, nullable=False),         # rows dropped (buffer full) since then
+    sa.Index("ix_mlops_prediction_log_stats_model_at", "model", "at"),
+)
+ALERTS = sa.Table(
+    "mlops_alerts", META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("model", sa.String(256), nullable=False, index=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("rule", sa.String(128), nullable=False),
+    sa.Column("metric", sa.String(256), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("action", sa.Text),                              # e.g. "rolled back production from 3 to 2"
+    sa.Column("check_run_id", sa.String(64)),
+    sa.Column("webhook", sa.Text),                             # delivery outcome, when a webhook is set
+)
+
+
+def mask_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "<invalid URL>"
+
+
+def create_engine(url: str, *, connect_timeout: int = 10) -> sa.Engine:
+    args = {"timeout": 30} if url.startswith("sqlite") else {"connect_timeout": connect_timeout}
+    return sa.create_engine(url, connect_args=args, pool_pre_ping=True)
+
+
+@dataclass(frozen=True)
+class Alert:
+    at: float
+    model: str
+    version: str
+    rule: str
+    metric: str
+    value: float
+    threshold: float
+    message: str
+    action: str | None = None
+    check_run_id: str | None = None
+    webhook: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class MonitoringStore:
+    """Reads and writes of the monitoring tables behind one URL (created on first use)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = create_engine(url)
+            META.create_all(self.engine)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise MlopsError(
+                f"monitoring.log_url: cannot open the prediction log {mask_url(url)} ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0]}); check the URL and that the database is reachable"
+            ) from None
+
+    # ---- predictions ----
+    def predictions(self, model: str, version: str | None, since: float, until: float) -> pd.DataFrame:
+        """Logged rows of ``model`` (one version, or all) answered in ``[since, until)``."""
+        p = PREDICTIONS
+        query = sa.select(p.c.request_id, p.c.row, p.c.at, p.c.version, p.c.status, p.c.latency_ms,
+                          p.c.features, p.c.prediction).where(p.c.model == model, p.c.at >= since, p.c.at < until)
+        if version is not None:
+            query = query.where(p.c.version == version)
+        with self.engine.connect() as conn:
+            return pd.DataFrame(conn.execute(query).all(),
+                                columns=["request_id", "row", "at", "version", "status", "latency_ms", "features",
+                                         "prediction"])
+
+    def labels_for(self, model: str, request_ids: Iterable[str]) -> pd.DataFrame:
+        ids = list(dict.fromkeys(request_ids))
+        frames = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 5000):  # bounded IN lists
+                rows = conn.execute(sa.select(LABELS.c.request_id, LABELS.c.row, LABELS.c.label).where(
+                    LABELS.c.model == model, LABELS.c.request_id.in_(ids[start:start + 5000]))).all()
+                frames.append(pd.DataFrame(rows, columns=["request_id", "row", "label"]))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "row", "label"])
+
+    def writer_counts(self, model: str, version: str | None, since: float, until: float) -> tuple[int, int]:
+        """Rows written and rows dropped by the servers' writers in the span."""
+        s = WRITER_STATS
+        query = sa.select(sa.func.coalesce(sa.func.sum(s.c.written), 0), sa.func.coalesce(sa.func.sum(s.c.dropped), 0)
+                          ).where(s.c.model == model, s.c.at >= since, s.c.at < until)
+        if version is not None:
+            query = query.where(s.c.version == version)
+        with self.engine.connect() as conn:
+            written, dropped = conn.execute(query).one()
+        return int(written), int(dropped)
+
+    # ---- labels ----
+    def add_labels(self, model: str, labels: pd.DataFrame, at: float) -> tuple[int, list[str]]:
+        """Attach ``labels`` (request_id, row, label); returns (stored, unknown request ids).
+
+        Every request id must name a logged prediction of ``model``; otherwise nothing is stored.
+        A label given again for the same prediction replaces the earlier one.
+        """
+        ids = list(dict.fromkeys(labels["request_id"]))
+        known: set[tuple[str, int]] = set()
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 5000):
+                rows = conn.execute(sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row).where(
+                    PREDICTIONS.c.model == model, PREDICTIONS.c.status == 200,
+                    PREDICTIONS.c.request_id.in_(ids[start:start + 5000]))).all()
+                known.update((r, int(i)) for r, i in rows)
+        keys = list(zip(labels["request_id"], labels["row"].astype(int)))
+        unknown = sorted({f"{r}#{i}" if i else r for r, i in keys if (r, i) not in known})
+        if unknown:
+            return 0, unknown
+        records = [dict(request_id=r, row=int(i), model=model, label=str(lab), at=at)
+                   for (r, i), lab in zip(keys, labels["label"])]
+        with self.engine.begin() as conn:
+            for start in range(0, len(keys), 5000):
+                chunk = keys[start:start + 5000]
+                conn.execute(sa.delete(LABELS).where(
+                    sa.tuple_(LABELS.c.request_id, LABELS.c.row).in_(chunk)))
+            conn.execute(sa.insert(LABELS), records)
+        return len(records), []
+
+    # ---- alerts ----
+    def add_alert(self, alert: Alert) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(ALERTS).values(**alert.as_dict()))
+
+    def alerts(self, model: str) -> list[Alert]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ALERTS).where(ALERTS.c.model == model).order_by(ALERTS.c.id)).mappings().all()
+        return [Alert(**{k: v for k, v in r.items() if k != "id"}) for r in rows]
+
+
+def loads_features(texts: Iterable[str | None]) -> list[dict[str, Any]]:
+    """Feature JSON objects of many rows, parsed in one call."""
+    texts = [t if t else "{}" for t in texts]
+    return json.loads("[" + ",".join(texts) + "]") if texts else []
