@@ -1,0 +1,396 @@
+"""Production monitoring against a real served model: prediction log, drift, labels, alerts, rollback."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from mlops import registry
+from mlops.config import load_config
+from mlops.errors import ConfigError, DataValidationError
+from mlops.monitoring import profile as prof
+from mlops.monitoring import read_labels
+from mlops.monitoring.checks import check, evaluate_rules, parse_duration
+from mlops.monitoring.store import PREDICTIONS, MonitoringStore
+from mlops.training import train
+from tests.conftest import free_port, skip_or_fail, using_store
+from tests.servers import BIN, post, running, server_env
+
+pytestmark = pytest.mark.slow
+NAME = "mon-model"
+FEATURES = ["x1", "x2", "x3", "age", "color"]
+
+
+def synthetic(n: int, seed: int, shift_x3: float = 0.0) -> pd.DataFrame:
+    """x1 and x2 decide the label; x3 does not; age is a sensitive feature."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "x1": rng.normal(size=n), "x2": rng.normal(size=n), "x3": rng.normal(size=n) + shift_x3,
+        "age": rng.integers(18, 90, size=n).astype(float), "color": rng.choice(["red", "green", "blue"], size=n),
+    })
+    frame["label"] = np.where(frame.x1 + frame.x2 + 0.5 * (frame.color == "red") > 0.2, "yes", "no")
+    return frame
+
+
+def write_config(root: Path, **monitoring: object) -> Path:
+    """The experiment YAML the tests' commands share (stores in ``root``)."""
+    import yaml
+
+    config = {
+        "experiment": "mon", "data": {"dataset": str(root / "data.csv"), "target": "label", "categorical": ["color"]},
+        "registry": {"model_name": NAME, "audit_url": f"sqlite:///{root / 'audit.db'}",
+                     "production": {"tolerance": 0.05}},
+        "monitoring": {"enabled": True, "log_url": f"sqlite:///{root / 'predictions.db'}",
+                       "sensitive_columns": ["age"], "min_rows": 100, "min_labels": 30, **monitoring},
+    }
+    path = root / f"config-{len(list(root.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Iterator[dict]:
+    """Versions 1 and 2 of NAME; 2 is production and replaced 1."""
+    root = tmp_path_factory.mktemp("monitoring")
+    shutil.copy(template_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    synthetic(2000, seed=0).to_csv(root / "data.csv", index=False)
+    config_path = write_config(root)
+    with using_store(uri):
+        config = load_config(config_path)
+        v1 = train(config, register=True).registered_version
+        v2 = train(load_config(config_path, ["model.params.C=0.3"]), register=True).registered_version
+        for version in (v1, v2):
+            registry.promote(config, NAME, version, "staging")
+            registry.promote(config, NAME, version, "production", reason="test set-up")
+    yield {"uri": uri, "root": root, "config": config_path, "v1": v1, "v2": v2}
+
+
+@pytest.fixture(scope="module")
+def server(store: dict) -> Iterator[str]:
+    """`mlops serve` of @production with monitoring on (the log URL given on the command line)."""
+    port = free_port()
+    cmd = [str(BIN / "mlops"), "serve", NAME, "--alias", "production", "--port", str(port), "--monitor",
+           "--log-url", f"sqlite:///{store['root'] / 'predictions.db'}"]
+    with running(cmd, server_env(store["uri"]), port, store["root"] / "server.log") as base:
+        yield base
+
+
+def logged(url: str, request_ids: list[str], expect_rows: int, timeout: float = 20) -> pd.DataFrame:
+    """The logged rows of ``request_ids``, once ``expect_rows`` of them are there."""
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as conn:
+                try:
+                    rows = conn.execute(sa.select(PREDICTIONS).where(PREDICTIONS.c.request_id.in_(request_ids))
+                                        ).mappings().all()
+                except sa.exc.DBAPIError:  # no table yet, or the database is down
+                    rows = []
+            if len(rows) >= expect_rows or time.monotonic() > deadline:
+                return pd.DataFrame([dict(r) for r in rows])
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+def records(frame: pd.DataFrame) -> dict:
+    return {"dataframe_split": {"columns": FEATURES, "data": frame[FEATURES].values.tolist()}}
+
+
+def test_served_requests_are_logged_with_their_request_id_masked_and_timed(store: dict, server: str) -> None:
+    frame = synthetic(3, seed=5)
+    status, body = post(server, records(frame))
+    assert status == 200, body
+    rows = body["predictions"]
+    request_id = rows[0]["request_id"]
+    assert len(request_id) == 32 and all(r["request_id"] == request_id for r in rows)
+    assert {r["model_version"] for r in rows} == {store["v2"]}
+
+    bad_status, bad = post(server, {"dataframe_records": [{"x1": 1.0}]})
+    assert bad_status == 400 and "x2" in bad["message"]
+    good_after_status, after = post(server, records(frame.head(1)))
+    assert good_after_status == 200
+
+    url = f"sqlite:///{store['root'] / 'predictions.db'}"
+    log = logged(url, [request_id], 3).sort_values("row")
+    assert list(log["row"]) == [0, 1, 2] and set(log["status"]) == {200}
+    assert list(log["prediction"]) == [r["prediction"] for r in rows]
+    assert (log["latency_ms"] > 0).all() and set(log["version"]) == {store["v2"]} and set(log["model"]) == {NAME}
+    features = [json.loads(f) for f in log["features"]]
+    for sent, got in zip(frame.to_dict("records"), features):
+        assert got["x1"] == pytest.approx(sent["x1"]) and got["color"] == sent["color"]
+        # the sensitive column left the server hashed, never as the value
+        assert got["age"].startswith("sha256:") and str(int(sent["age"])) not in got["age"]
+    scores = json.loads(log["scores"].iloc[0])
+    assert scores == pytest.approx({"no": rows[0]["proba_no"], "yes": rows[0]["proba_yes"]})
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        failed = conn.execute(sa.select(PREDICTIONS).where(PREDICTIONS.c.status == 400)).mappings().all()
+    engine.dispose()
+    assert failed and "x2" in failed[-1]["error"] and failed[-1]["features"] is None
+
+
+def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, tmp_path: Path) -> None:
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        bad_status, _ = post(server, {"dataframe_records": [{"x1": 1.0}]})  # an error for the error-rate rule
+        assert bad_status == 400
+        # traffic with a known shift on x3 only (x3 does not decide the label)
+        traffic = synthetic(600, seed=11, shift_x3=1.5)
+        answered = []
+        for start in range(0, len(traffic), 50):
+            part = traffic.iloc[start:start + 50]
+            status, body = post(server, records(part))
+            assert status == 200, body
+            answered += [(p["request_id"], i, p["prediction"], label)
+                         for i, (p, label) in enumerate(zip(body["predictions"], part["label"]))]
+        labels_csv = tmp_path / "labels.csv"
+        labelled = answered[::2]  # ground truth arrives for half of the predictions
+        with open(labels_csv, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["request_id", "row", "label"])
+            out.writerows([(rid, row, label) for rid, row, _, label in labelled])
+        expected_accuracy = np.mean([pred == label for _, _, pred, label in labelled])
+
+        env = server_env(store["uri"])
+        config = write_config(store["root"], webhook=f"http://127.0.0.1:{hook.server_address[1]}/alerts", rules=[
+            {"name": "feature_drift", "metric": "psi/*", "above": 0.2, "auto_rollback": True},
+            {"name": "error_rate", "metric": "error_rate", "above": 0.01},
+            {"name": "accuracy_drop", "metric": "accuracy_drop", "above": 0.05, "auto_rollback": True},
+        ])
+        url = f"sqlite:///{store['root'] / 'predictions.db'}"
+        assert len(logged(url, list({a[0] for a in answered}), len(answered))) == len(answered)
+
+        # a label for a request that does not exist: refused as a whole, nothing stored
+        bogus = tmp_path / "bogus.csv"
+        bogus.write_text("request_id,label\nnot-a-request,yes\n" + f"{labelled[0][0]},yes\n")
+        refused = subprocess.run([str(BIN / "mlops"), "feedback", NAME, "--labels", str(bogus), "--config", str(config)],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and "not-a-request" in refused.stderr and "nothing was stored" in refused.stderr
+
+        fed = subprocess.run([str(BIN / "mlops"), "feedback", NAME, "--labels", str(labels_csv), "--config", str(config)],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert fed.returncode == 0, fed.stderr
+        assert f"{len(labelled)} labels attached" in fed.stdout
+
+        before = time.time()
+        done = subprocess.run([str(BIN / "mlops"), "monitor", NAME, "--window", "1h", "--config", str(config)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "drifted features: x3" in done.stdout and "ALERT" in done.stdout, done.stdout
+    finally:
+        hook.shutdown()
+
+    with using_store(store["uri"]):
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(f"{NAME}-monitoring")
+        (run,) = client.search_runs([experiment.experiment_id])
+        metrics = run.data.metrics
+        assert metrics["psi/x3"] > 0.2 and metrics["ks/x3"] > 0.3
+        for other in ("x1", "x2", "color"):
+            assert metrics[f"psi/{other}"] < 0.2, (other, metrics[f"psi/{other}"])
+        assert "psi/age" not in metrics and "masked" in run.data.tags["mlops.monitor.notes"]
+        assert metrics["labelled"] == len(labelled)
+        assert metrics["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+        assert metrics["requests"] >= 12 and metrics["error_rate"] > 0.01  # the 400 of the first test
+        history = client.get_metric_history(run.info.run_id, "psi/x3")
+        assert len(history) == 1 and before - 1 <= history[0].step <= time.time()
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "drift_report")}
+        assert {"drift_report/report.html", "drift_report/psi.png", "drift_report/feature_x3.png"} <= artifacts
+        assert run.data.tags["mlops.monitor.version"] == store["v2"]
+
+        # the drift rule rolled production back to the version 2 replaced, audited like a manual one
+        assert str(client.get_model_version_by_alias(NAME, "production").version) == store["v1"]
+        trail = registry.audit_trail(load_config(config), NAME)
+        last = trail[-1]
+        assert (last.action, last.outcome, last.who) == ("rollback", "done", "mlops-monitor")
+        assert (last.from_version, last.to_version) == (store["v2"], store["v1"]) and "feature_drift" in last.reason
+
+    rules = {a["rule"]: a for a in received}
+    assert set(rules) == {"feature_drift", "error_rate"}
+    assert rules["feature_drift"]["metric"] == "psi/x3" and rules["feature_drift"]["value"] > 0.2
+    assert rules["feature_drift"]["action"] == f"rolled back production from {store['v2']} to {store['v1']}"
+    assert rules["error_rate"]["action"] is None
+    stored = MonitoringStore(f"sqlite:///{store['root'] / 'predictions.db'}").alerts(NAME)
+    assert {a.rule for a in stored} == {"feature_drift", "error_rate"}
+    assert all(a.webhook == "delivered (HTTP 204)" and a.check_run_id == run.info.run_id for a in stored)
+
+    # production is now version 1, which has served nothing: said plainly, nothing computed
+    with using_store(store["uri"]):
+        quiet = check(load_config(config), NAME, window="1h")
+    assert quiet.version == store["v1"] and quiet.status == "insufficient_data"
+    assert "too little data: 0 predictions" in quiet.notes[0]
+    assert not any(k.startswith("psi") for k in quiet.metrics) and not quiet.alerts
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[tuple[str, callable, callable]]:
+    """A PostgreSQL server of this test's own (initdb on a free port), to stop and start at will."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not bins and not shutil.which("pg_ctl"):
+        skip_or_fail("no PostgreSQL server binaries (pg_ctl) on this machine")
+    bindir = bins[-1].parent if bins else Path(shutil.which("pg_ctl")).parent
+    folder = Path(tempfile.mkdtemp(prefix="mlops-pg-"))
+    folder.chmod(0o755)
+    data = folder / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "30"]
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def start() -> None:
+        subprocess.run([*pg_ctl, "-o", options, "-l", str(folder / "log"), "start"], check=True,
+                       capture_output=True, timeout=60)
+
+    def stop() -> None:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], check=True, capture_output=True, timeout=60)
+
+    try:
+        init = subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                               "--no-sync"], capture_output=True, text=True, timeout=120)
+        if init.returncode:
+            skip_or_fail(f"initdb failed: {init.stderr[-500:]}")
+        start()
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", stop, start
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
+        store: dict, private_postgres: tuple) -> None:
+    url, stop_db, start_db = private_postgres
+    port = free_port()
+    capacity = 40
+    env = server_env(store["uri"], SERVING_MODEL_CONFIG=json.dumps(
+        {"monitoring": True, "monitoring_url": url, "monitoring_queue_rows": capacity}))
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{store['v1']}", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    one = records(synthetic(1, seed=3))
+    with running(cmd, env, port, store["root"] / "pg-server.log") as base:
+        before = [post(base, one) for _ in range(20)]
+        assert all(status == 200 for status, _ in before)
+        before_ids = [body["predictions"][0]["request_id"] for _, body in before]
+        assert len(logged(url, before_ids, 20)) == 20
+
+        stop_db()
+        during = [post(base, one) for _ in range(100)]  # the store is down: serving goes on
+        assert [status for status, _ in during] == [200] * 100, [b for s, b in during if s != 200][:1]
+        during_ids = [body["predictions"][0]["request_id"] for _, body in during]
+        start_db()
+
+        all_ids = before_ids + during_ids
+        deadline = time.monotonic() + 40
+        while True:
+            rows = logged(url, all_ids, 20 + capacity, timeout=1)
+            engine = sa.create_engine(url)
+            with engine.connect() as conn:
+                dropped = conn.execute(sa.text("select coalesce(sum(dropped), 0) from mlops_prediction_log_stats")
+                                       ).scalar_one()
+            engine.dispose()
+            if (len(rows) >= 20 + capacity and dropped) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    # the buffer kept what it could hold; the rest was counted, not silently lost
+    assert len(rows) == 20 + capacity and rows["request_id"].is_unique
+    assert set(before_ids) <= set(rows["request_id"]) and set(rows["request_id"]) <= set(all_ids)
+    assert int(dropped) == 100 - capacity
+    assert len(rows) + int(dropped) == len(all_ids)
+
+    with using_store(store["uri"]):
+        mlflow.MlflowClient().set_registered_model_alias(NAME, "production", store["v1"])
+        config = load_config(store["config"], [f"monitoring.log_url={url}", "monitoring.min_rows=10"])
+        result = check(config, NAME, window="1h")
+    assert result.metrics["dropped_rows"] == 100 - capacity and result.metrics["predictions"] == 20 + capacity
+    assert any("dropped" in note for note in result.notes)
+
+
+# ---- the parts, on their own ----
+def test_psi_and_ks_separate_a_shift_from_sampling_noise() -> None:
+    rng = np.random.default_rng(0)
+    reference = prof.numeric_reference(rng.normal(size=5000), bins=10)
+    same = prof.numeric_drift(reference, rng.normal(size=1000))
+    shifted = prof.numeric_drift(reference, rng.normal(loc=0.8, size=1000))
+    assert same["psi"] < 0.05 and same["ks"] < 0.06 and same["ks_pvalue"] > 0.01
+    assert shifted["psi"] > 0.4 and shifted["ks"] > 0.25 and shifted["ks_pvalue"] < 1e-6
+    cats = prof.categorical_reference(["a"] * 50 + ["b"] * 50)
+    assert prof.categorical_drift(cats, ["a"] * 48 + ["b"] * 52)["psi"] < 0.01
+    assert prof.categorical_drift(cats, ["a"] * 30 + ["c"] * 70)["psi"] > 1.0  # a category never seen
+
+
+def test_rules_pick_the_worst_metric_and_respect_the_side() -> None:
+    config = load_config(overrides={"monitoring.rules": [
+        {"name": "drift", "metric": "psi/*", "above": 0.2},
+        {"name": "accuracy_floor", "metric": "accuracy", "below": 0.9},
+    ]})
+    fired = evaluate_rules(config.monitoring.rules, {"psi/a": 0.1, "psi/b": 0.5, "psi/c": 0.3, "accuracy": 0.95})
+    assert [(r.name, k, v) for r, k, v, _ in fired] == [("drift", "psi/b", 0.5)]
+    fired = evaluate_rules(config.monitoring.rules, {"accuracy": 0.7})
+    assert [(r.name, k) for r, k, _, _ in fired] == [("accuracy_floor", "accuracy")]
+    with pytest.raises(ConfigError, match="exactly one of 'above' or 'below'"):
+        load_config(overrides={"monitoring.rules": [{"name": "x", "metric": "error_rate"}]})
+
+
+def test_bad_monitoring_input_names_the_problem(tmp_path: Path) -> None:
+    for text, fix in [("1x", "write it like"), ("-5m", "write it like"), ("0s", "longer than zero")]:
+        with pytest.raises(ConfigError, match=fix):
+            parse_duration(text)
+    assert parse_duration("90s") == 90 and parse_duration("2h") == 7200
+    cases = {
+        "missing.csv": (None, "not found"),
+        "nocol.csv": ("request_id,truth\nabc,yes\n", r"no column\(s\) \['label'\]"),
+        "empty.csv": ("request_id,label\n", "has no rows"),
+        "blank.csv": ("request_id,label\nabc,\n", "column 'label' is empty on line\\(s\\) \\[2\\]"),
+        "row.csv": ("request_id,row,label\nabc,x,yes\n", "column 'row' must be a whole number"),
+        "dupe.csv": ("request_id,label\nabc,yes\nabc,no\n", "labelled more than once"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(DataValidationError, match=message):
+            read_labels(path)
+    ok = tmp_path / "ok.csv"
+    ok.write_text("request_id,label\nabc,yes\n")
+    assert read_labels(ok).to_dict("records") == [{"request_id": "abc", "row": 0, "label": "yes"}]
+
+
+def test_a_sensitive_column_that_is_not_a_feature_fails_training(tmp_path: Path) -> None:
+    synthetic(200, seed=1).to_csv(tmp_path / "d.csv", index=False)
+    config = load_config(overrides=[f"data.dataset={tmp_path / 'd.csv'}", "data.target=label",
+                                    "data.categorical=[color]", "monitoring.sensitive_columns=[ssn]"])
+    with pytest.raises(ConfigError, match=r"monitoring.sensitive_columns: \['ssn'\] are not feature columns"):
+        train(config)
