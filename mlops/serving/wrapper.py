@@ -112,10 +112,27 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             url, model=self.model_name, version=self.model_version, numeric=self.numeric,
             categorical=self.categorical, classes=list(self.classes) if self.has_proba else None,
             sensitive=list(sensitive), sensitive_mode=sensitive_mode, capacity=capacity, **options)
+        self._shutdown_hooked = False
         if REQUEST_ID_COLUMN not in self.output_columns:
             self.output_columns.append(REQUEST_ID_COLUMN)
         logger.info("prediction log on: %s as %s version %s", self.monitor.url.split("@")[-1],
                     self.model_name, self.model_version)
+
+    def _hook_shutdown(self) -> None:
+        """Flush the prediction log when the scoring server shuts down gracefully.
+
+        uvicorn re-raises SIGTERM after its graceful shutdown, so ``atexit`` never runs there;
+        the app's shutdown event does, after the last request was answered. The app exists
+        only once the model is loaded, hence on the first request.
+        """
+        import sys
+
+        self._shutdown_hooked = True
+        app = getattr(sys.modules.get("mlflow.pyfunc.scoring_server.app"), "app", None)
+        handlers = getattr(getattr(app, "router", None), "on_shutdown", None)
+        if isinstance(handlers, list):
+            monitor = self.monitor
+            handlers.append(lambda: monitor.close(timeout=5.0))
 
     # A DataFrame hint is one MLflow does not turn into a schema: the logged signature stays
     # the one inferred from the training data.
@@ -127,6 +144,8 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         monitor = self.monitor
         if monitor is None:
             return self.score(*parse())
+        if not self._shutdown_hooked:
+            self._hook_shutdown()
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         try:
