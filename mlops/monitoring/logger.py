@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -45,6 +46,22 @@ class _Request:
     predictions: np.ndarray | None
     scores: np.ndarray | None
     rows: int
+
+
+COLUMNS = ("request_id", "row", "at", "model", "version", "status", "error", "latency_ms", "features",
+           "prediction", "scores")
+
+
+def _insert_sql(engine: sa.Engine) -> str:
+    """INSERT of one prediction row in the driver's own parameter style."""
+    quote = engine.dialect.identifier_preparer.quote
+    style = engine.dialect.paramstyle
+    marks = {"qmark": ["?"] * len(COLUMNS), "format": ["%s"] * len(COLUMNS), "pyformat": ["%s"] * len(COLUMNS),
+             "numeric": [f":{i + 1}" for i in range(len(COLUMNS))]}.get(style)
+    if marks is None:
+        raise ValueError(f"unsupported DB-API parameter style {style!r}")
+    return (f"INSERT INTO {quote(PREDICTIONS.name)} ({', '.join(quote(c) for c in COLUMNS)}) "
+            f"VALUES ({', '.join(marks)})")
 
 
 class PredictionLogger:
@@ -77,6 +94,12 @@ class PredictionLogger:
         self.failures = 0
         self._engine: sa.Engine | None = None
         self._pending: list[dict[str, Any]] = []  # rows built, waiting for the store
+        # numeric features written as they are (a %-template, fast) and those masked
+        self._plain_idx = [j for j, c in enumerate(self.numeric) if c not in self.sensitive]
+        self._extra_idx = [j for j, c in enumerate(self.numeric) if c in self.sensitive]
+        self._template = "{" + ", ".join(f"{json.dumps(self.numeric[j]).replace('%', '%%')}: %r"
+                                         for j in self._plain_idx) + "}"
+        self._insert_sql: str | None = None
         self._thread = threading.Thread(target=self._run, name="mlops-prediction-log", daemon=True)
         self._thread.start()
         atexit.register(self.close, timeout=3.0)
@@ -125,11 +148,12 @@ class PredictionLogger:
         batch = self._pending[: self.batch_rows]
         try:
             if self._engine is None:
-                self._engine = create_engine(self.url, connect_timeout=3)
-                META.create_all(self._engine)
+                engine = create_engine(self.url, connect_timeout=3)
+                META.create_all(engine)
+                self._engine, self._insert_sql = engine, _insert_sql(engine)
             with self._engine.begin() as conn:
-                if batch:
-                    conn.execute(sa.insert(PREDICTIONS), batch)
+                if batch:  # straight to the driver's executemany: no per-row SQLAlchemy work
+                    conn.exec_driver_sql(self._insert_sql, batch)
                 conn.execute(sa.insert(WRITER_STATS).values(
                     at=time.time(), model=self.model, version=self.version, process=self.process,
                     written=len(batch), dropped=dropped))
@@ -149,26 +173,39 @@ class PredictionLogger:
             self._wake.set()  # more than one batch waiting: go again at once
         return True
 
-    def _rows(self, item: _Request) -> list[dict[str, Any]]:
-        base = dict(request_id=item.request_id, at=item.at, model=self.model, version=self.version,
-                    status=item.status, error=item.error, latency_ms=item.latency_ms)
+    def _rows(self, item: _Request) -> list[tuple]:
+        """The request's rows as tuples in :data:`COLUMNS` order (features as JSON, masked)."""
+        head = (item.request_id,)
+        tail = (item.at, self.model, self.version, item.status, item.error, item.latency_ms)
         if item.numeric is None:
-            return [dict(base, row=0, features=None, prediction=None, scores=None)]
-        numeric = item.numeric.tolist()
+            return [(*head, 0, *tail, None, None, None)]
+        plain, extra_numeric = self._plain_idx, self._extra_idx
+        block = item.numeric
+        fast = np.isfinite(block[:, plain]).all() if len(plain) else True
+        numeric = block.tolist()
         categorical = item.categorical.tolist() if item.categorical is not None else None
         predictions = item.predictions.tolist() if item.predictions is not None else [None] * item.rows
-        scores = item.scores.tolist() if item.scores is not None else None
+        scores = item.scores.tolist() if item.scores is not None and self.classes else None
         out = []
         for i in range(item.rows):
-            features = {c: (v if v == v else None) for c, v in zip(self.numeric, numeric[i])}
+            values = numeric[i]
+            extra: dict[str, Any] = {}
+            if fast:  # finite floats: their repr is valid JSON
+                text = self._template % tuple(values[j] for j in plain) if len(plain) else "{}"
+            else:
+                text = json.dumps({self.numeric[j]: (values[j] if math.isfinite(values[j]) else None) for j in plain})
+            for j in extra_numeric:
+                value = values[j]
+                extra[self.numeric[j]] = self._mask(value) if value == value else None
             if categorical is not None:
-                features.update({c: (v if isinstance(v, str) else None) for c, v in zip(self.categorical, categorical[i])})
-            for c in self.sensitive:
-                features[c] = self._mask(features[c])
-            row_scores = json.dumps(dict(zip(self.classes, scores[i]))) if scores is not None and self.classes else None
+                for c, value in zip(self.categorical, categorical[i]):
+                    value = value if isinstance(value, str) else None
+                    extra[c] = self._mask(value) if c in self.sensitive else value
+            if extra:
+                text = (text[:-1] + ", " if text != "{}" else "{") + json.dumps(extra)[1:]
+            row_scores = json.dumps(dict(zip(self.classes, scores[i]))) if scores is not None else None
             prediction = predictions[i]
-            out.append(dict(base, row=i, features=json.dumps(features),
-                            prediction=None if prediction is None else str(prediction), scores=row_scores))
+            out.append((*head, i, *tail, text, None if prediction is None else str(prediction), row_scores))
         return out
 
     def _mask(self, value: Any) -> str | None:
