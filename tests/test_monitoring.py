@@ -133,7 +133,11 @@ def test_served_requests_are_logged_with_their_request_id_masked_and_timed(store
     assert list(log["row"]) == [0, 1, 2] and set(log["status"]) == {200}
     assert list(log["prediction"]) == [r["prediction"] for r in rows]
     assert (log["latency_ms"] > 0).all() and set(log["version"]) == {store["v2"]} and set(log["model"]) == {NAME}
-    features = [json.loads(f) for f in log["features"]]
+    store_ = MonitoringStore(url)
+    stored = store_.predictions(NAME, store["v2"], 0, time.time() + 60)
+    stored = stored[stored["request_id"] == request_id].sort_values("row")
+    features = store_.features(stored).to_dict("records")
+    assert len(features) == 3 and set(features[0]) == set(FEATURES)
     for sent, got in zip(frame.to_dict("records"), features):
         assert got["x1"] == pytest.approx(sent["x1"]) and got["color"] == sent["color"]
         # the sensitive column left the server hashed, never as the value

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlops.config import AlertRule, Config
 from mlops.errors import ConfigError, MlopsError
 from mlops.monitoring import profile as prof
-from mlops.monitoring.store import Alert, MonitoringStore, loads_features
+from mlops.monitoring.store import Alert, MonitoringStore
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
     written, dropped = store.writer_counts(name, version, at - window_s, at)
     m["dropped_rows"] = float(dropped)
 
-    features = pd.DataFrame(loads_features(ok["features"].tolist())) if len(ok) else pd.DataFrame()
+    features = store.features(ok) if len(ok) else pd.DataFrame()
     if len(ok) < mcfg.min_rows:
         result.status = "insufficient_data"
         result.notes.append(f"too little data: {len(ok)} predictions of version {version} in the last "

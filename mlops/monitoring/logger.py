@@ -16,7 +16,6 @@ import collections
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -27,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from mlops.monitoring.store import META, PREDICTIONS, WRITER_STATS, create_engine, mask_url
+from mlops.monitoring.store import LAYOUTS, META, PREDICTIONS, WRITER_STATS, create_engine, mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ class _Request:
     rows: int
 
 
-COLUMNS = ("request_id", "row", "at", "model", "version", "status", "error", "latency_ms", "features",
-           "prediction", "scores")
+COLUMNS = ("request_id", "row", "at", "model", "version", "status", "error", "latency_ms", "layout", "numeric",
+           "features", "prediction", "scores")
 
 
 def _insert_sql(engine: sa.Engine) -> str:
@@ -94,11 +93,14 @@ class PredictionLogger:
         self.failures = 0
         self._engine: sa.Engine | None = None
         self._pending: list[dict[str, Any]] = []  # rows built, waiting for the store
-        # numeric features written as they are (a %-template, fast) and those masked
+        # unmasked numeric features are written as float64 bytes in this layout; the rest as JSON
         self._plain_idx = [j for j, c in enumerate(self.numeric) if c not in self.sensitive]
         self._extra_idx = [j for j, c in enumerate(self.numeric) if c in self.sensitive]
-        self._template = "{" + ", ".join(f"{json.dumps(self.numeric[j]).replace('%', '%%')}: %r"
-                                         for j in self._plain_idx) + "}"
+        self.layout_columns = [self.numeric[j] for j in self._plain_idx]
+        self.layout = hashlib.sha256(json.dumps(self.layout_columns).encode()).hexdigest()[:16]
+        self._layout_stored = False
+        self._scores_template = ("{" + ", ".join(f"{json.dumps(c).replace('%', '%%')}: %r" for c in self.classes) + "}"
+                                 if self.classes else None)
         self._insert_sql: str | None = None
         self._thread = threading.Thread(target=self._run, name="mlops-prediction-log", daemon=True)
         self._thread.start()
@@ -152,6 +154,10 @@ class PredictionLogger:
                 META.create_all(engine)
                 self._engine, self._insert_sql = engine, _insert_sql(engine)
             with self._engine.begin() as conn:
+                if not self._layout_stored:
+                    known = conn.execute(sa.select(LAYOUTS.c.id).where(LAYOUTS.c.id == self.layout)).first()
+                    if known is None:
+                        conn.execute(sa.insert(LAYOUTS).values(id=self.layout, columns=json.dumps(self.layout_columns)))
                 if batch:  # straight to the driver's executemany: no per-row SQLAlchemy work
                     conn.exec_driver_sql(self._insert_sql, batch)
                 conn.execute(sa.insert(WRITER_STATS).values(
@@ -164,6 +170,7 @@ class PredictionLogger:
                                mask_url(self.url), exc.__class__.__name__, str(exc).splitlines()[0][:200],
                                self._buffered, self.dropped_total)
             return False
+        self._layout_stored = True
         del self._pending[: len(batch)]
         with self._lock:
             self._buffered -= len(batch)
@@ -174,38 +181,36 @@ class PredictionLogger:
         return True
 
     def _rows(self, item: _Request) -> list[tuple]:
-        """The request's rows as tuples in :data:`COLUMNS` order (features as JSON, masked)."""
+        """The request's rows as tuples in :data:`COLUMNS` order (sensitive columns masked)."""
         head = (item.request_id,)
         tail = (item.at, self.model, self.version, item.status, item.error, item.latency_ms)
         if item.numeric is None:
-            return [(*head, 0, *tail, None, None, None)]
-        plain, extra_numeric = self._plain_idx, self._extra_idx
-        block = item.numeric
-        fast = np.isfinite(block[:, plain]).all() if len(plain) else True
-        numeric = block.tolist()
+            return [(*head, 0, *tail, None, None, None, None, None)]
+        block = item.numeric if not self._extra_idx else item.numeric[:, self._plain_idx]
+        block = np.ascontiguousarray(block, dtype="<f8")
+        masked = item.numeric[:, self._extra_idx].tolist() if self._extra_idx else None
         categorical = item.categorical.tolist() if item.categorical is not None else None
         predictions = item.predictions.tolist() if item.predictions is not None else [None] * item.rows
-        scores = item.scores.tolist() if item.scores is not None and self.classes else None
+        scores = None
+        if item.scores is not None and self._scores_template:
+            scores = item.scores.tolist() if np.isfinite(item.scores).all() else None
         out = []
         for i in range(item.rows):
-            values = numeric[i]
-            extra: dict[str, Any] = {}
-            if fast:  # finite floats: their repr is valid JSON
-                text = self._template % tuple(values[j] for j in plain) if len(plain) else "{}"
-            else:
-                text = json.dumps({self.numeric[j]: (values[j] if math.isfinite(values[j]) else None) for j in plain})
-            for j in extra_numeric:
-                value = values[j]
-                extra[self.numeric[j]] = self._mask(value) if value == value else None
-            if categorical is not None:
-                for c, value in zip(self.categorical, categorical[i]):
-                    value = value if isinstance(value, str) else None
-                    extra[c] = self._mask(value) if c in self.sensitive else value
-            if extra:
-                text = (text[:-1] + ", " if text != "{}" else "{") + json.dumps(extra)[1:]
-            row_scores = json.dumps(dict(zip(self.classes, scores[i]))) if scores is not None else None
+            text = None
+            if masked is not None or categorical is not None:
+                extra: dict[str, Any] = {}
+                if masked is not None:
+                    for j, value in zip(self._extra_idx, masked[i]):
+                        extra[self.numeric[j]] = self._mask(value) if value == value else None
+                if categorical is not None:
+                    for c, value in zip(self.categorical, categorical[i]):
+                        value = value if isinstance(value, str) else None
+                        extra[c] = self._mask(value) if c in self.sensitive else value
+                text = json.dumps(extra)
+            row_scores = self._scores_template % tuple(scores[i]) if scores is not None else None
             prediction = predictions[i]
-            out.append((*head, i, *tail, text, None if prediction is None else str(prediction), row_scores))
+            out.append((*head, i, *tail, self.layout, block[i].tobytes(), text,
+                        None if prediction is None else str(prediction), row_scores))
         return out
 
     def _mask(self, value: Any) -> str | None:

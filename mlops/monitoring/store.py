@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,10 +30,20 @@ PREDICTIONS = sa.Table(
     sa.Column("status", sa.Integer, nullable=False),          # 200, or the 4xx/5xx the request got
     sa.Column("error", sa.Text),
     sa.Column("latency_ms", sa.Float, nullable=False),        # the wrapper's own work for the request
-    sa.Column("features", sa.Text),                           # JSON object; sensitive columns masked
+    # the features: numeric ones as little-endian float64 in the order of their layout (cheap to
+    # write and to read back in bulk); categorical and masked (sensitive) ones as a JSON object.
+    # MonitoringStore.features() decodes both into one table.
+    sa.Column("layout", sa.String(16)),
+    sa.Column("numeric", sa.LargeBinary),
+    sa.Column("features", sa.Text),
     sa.Column("prediction", sa.Text),                         # label or number, as text
     sa.Column("scores", sa.Text),                             # JSON object of class probabilities
     sa.Index("ix_mlops_predictions_model_at", "model", "at"),
+)
+LAYOUTS = sa.Table(
+    "mlops_prediction_layouts", META,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("columns", sa.Text, nullable=False),            # JSON list of the numeric columns' names
 )
 LABELS = sa.Table(
     "mlops_labels", META,
@@ -118,14 +129,30 @@ class MonitoringStore:
     def predictions(self, model: str, version: str | None, since: float, until: float) -> pd.DataFrame:
         """Logged rows of ``model`` (one version, or all) answered in ``[since, until)``."""
         p = PREDICTIONS
-        query = sa.select(p.c.request_id, p.c.row, p.c.at, p.c.version, p.c.status, p.c.latency_ms,
-                          p.c.features, p.c.prediction).where(p.c.model == model, p.c.at >= since, p.c.at < until)
+        names = ["request_id", "row", "at", "version", "status", "latency_ms", "layout", "numeric", "features",
+                 "prediction"]
+        query = sa.select(*(p.c[n] for n in names)).where(p.c.model == model, p.c.at >= since, p.c.at < until)
         if version is not None:
             query = query.where(p.c.version == version)
         with self.engine.connect() as conn:
-            return pd.DataFrame(conn.execute(query).all(),
-                                columns=["request_id", "row", "at", "version", "status", "latency_ms", "features",
-                                         "prediction"])
+            return pd.DataFrame(conn.execute(query).all(), columns=names)
+
+    def features(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The features of the logged rows in ``frame`` (from :meth:`predictions`), one row each."""
+        parts = []
+        if len(frame) and frame["layout"].notna().any():
+            ids = [i for i in frame["layout"].dropna().unique()]
+            with self.engine.connect() as conn:
+                layouts = dict(conn.execute(sa.select(LAYOUTS.c.id, LAYOUTS.c.columns).where(LAYOUTS.c.id.in_(ids))).all())
+            for layout, group in frame[frame["layout"].notna()].groupby("layout", sort=False):
+                columns = json.loads(layouts[layout])
+                values = np.frombuffer(b"".join(group["numeric"]), dtype="<f8").reshape(len(group), len(columns))
+                parts.append(pd.DataFrame(values, columns=columns, index=group.index))
+        numeric = pd.concat(parts).reindex(frame.index) if parts else pd.DataFrame(index=frame.index)
+        other = pd.DataFrame(loads_features(frame["features"].tolist()), index=frame.index) if len(frame) else None
+        if other is None or other.empty:
+            return numeric
+        return pd.concat([numeric, other], axis=1)
 
     def labels_for(self, model: str, request_ids: Iterable[str]) -> pd.DataFrame:
         ids = list(dict.fromkeys(request_ids))
