@@ -107,7 +107,8 @@ def numeric_drift(reference: dict[str, Any], values: np.ndarray) -> dict[str, fl
     else:
         def cdf(x: np.ndarray) -> np.ndarray:
             return np.interp(x, xs, ps, left=0.0, right=1.0)
-    result = stats.kstest(values, cdf)
+    # the exact p-value costs ~0.1 s per feature at 100,000 rows; the asymptotic one is as good there
+    result = stats.kstest(values, cdf, method="auto" if len(values) < 10_000 else "asymp")
     out["ks"] = float(result.statistic)
     out["ks_pvalue"] = float(result.pvalue)
     return out

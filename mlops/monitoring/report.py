@@ -14,7 +14,7 @@ from mlops.monitoring import profile as prof
 if TYPE_CHECKING:
     from mlops.monitoring.checks import CheckResult
 
-MAX_FEATURE_PLOTS = 8
+MAX_FEATURE_PLOTS = 6  # the most drifted features get a histogram each
 
 
 def write_report(folder: Path, result: "CheckResult", profile: dict[str, Any], features: pd.DataFrame,
