@@ -252,7 +252,7 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             # path matches both; either reading is the same source.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
-        mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": split.content_hash})
+        _log_input(dataset, context, split.content_hash)
     mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source})
     mlflow.log_params({"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task})
     mlflow.log_metrics(
@@ -268,6 +268,29 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             for context in ("train", "validation", "test"):
                 getattr(split, context).to_csv(Path(tmp) / f"{context}.csv", index=False)
             mlflow.log_artifacts(tmp, artifact_path="data")
+
+
+def _log_input(dataset: object, context: str, data_hash: str, attempts: int = 3) -> None:
+    """``mlflow.log_input``, retried when another process logged the same dataset meanwhile.
+
+    MLflow's SQL store looks the dataset up and then inserts it: two workers of one tuning
+    study starting together both miss it and one insert fails on the unique key. On a retry
+    the dataset is there and is only linked to this run.
+    """
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": data_hash})
+            return
+        except MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("unique" in text or "duplicate" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _describe_source(dataset: str) -> str:

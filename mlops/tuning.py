@@ -87,7 +87,8 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
     # A stored study is resumed or shared: a worker seeded like the others (or like the run it
     # resumes) would draw the same configurations again, so each process gets its own seed.
     seed = config.seed if storage is None else (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
-    sampler = (optuna.samplers.TPESampler(seed=seed) if tcfg.sampler == "tpe"
+    # constant liar: workers sharing a study do not all pick the point the others are running
+    sampler = (optuna.samplers.TPESampler(seed=seed, constant_liar=storage is not None) if tcfg.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(),

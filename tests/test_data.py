@@ -139,3 +139,39 @@ def test_log_split_records_dataset_inputs_and_hash() -> None:
     assert stored.data.metrics["data_train_rows"] == len(split.train)
     files = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert files == {"data/train.csv", "data/validation.csv", "data/test.csv"}
+
+
+@pytest.mark.postgres
+def test_workers_logging_the_same_split_at_once_all_succeed(postgres_url: str) -> None:
+    """Tuning workers start together and log one dataset: MLflow's check-then-insert races there."""
+    import threading
+
+    from tests.conftest import using_store
+
+    split = prepare(load_config())
+    errors: list[BaseException] = []
+    with using_store(postgres_url):
+        experiment = mlflow.create_experiment("race")
+        barrier = threading.Barrier(4)
+        run_ids: list[str] = []
+
+        def worker() -> None:
+            try:
+                with mlflow.start_run(experiment_id=experiment) as run:  # active runs are per thread
+                    run_ids.append(run.info.run_id)
+                    barrier.wait(timeout=30)
+                    log_split(split)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[0]
+        client = mlflow.MlflowClient()
+        for run_id in run_ids:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            contexts = sorted({t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs)
+            assert contexts == ["test", "train", "validation"]
