@@ -207,15 +207,13 @@ class _Objective:
         self.steps: list[Metric] = []
         if not self.config.tuning.log_trials:
             return self._fit(trial, {**self.config.model.params, **params})
-        # Three store round trips per trial (create, one batch, terminate): the trial's own
-        # work, not its bookkeeping, should set the pace of a search.
+        # A trial's MLflow run is opened, filled and closed by one background thread (three
+        # store round trips: create, one batch, terminate) while the trial trains: the trial's
+        # own work, not its bookkeeping, sets the pace of a search. The run id is stored on the
+        # trial as soon as the run exists, so a worker killed mid-trial leaves a run that the
+        # surviving workers end as FAILED.
         client = mlflow.MlflowClient()
-        run = client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags={
-            MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
-            "mlops.study_name": trial.study.study_name})
-        run_id = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000))
         state, status, value = "FAIL", "FAILED", None
         try:
             value = self._fit(trial, {**self.config.model.params, **params})
@@ -229,12 +227,21 @@ class _Objective:
             if value is not None:
                 metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
             self._pending.append(self._writer.submit(
-                self._finish_run, client, run_id, metrics, [Param(k, str(v)) for k, v in params.items()],
+                self._finish_run, client, opened, metrics, [Param(k, str(v)) for k, v in params.items()],
                 [RunTag("mlops.trial_state", state)], status, int(time.time() * 1000)))
 
+    def _open_run(self, client, trial: optuna.Trial, start_time: int) -> str:
+        run = client.create_run(self.experiment_id, start_time=start_time, run_name=f"trial-{trial.number}", tags={
+            MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
+            "mlops.study_name": trial.study.study_name})
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        return run.info.run_id
+
     @staticmethod
-    def _finish_run(client, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag],
-                    status: str, end_time: int) -> None:
+    def _finish_run(client, opened: concurrent.futures.Future, metrics: list[Metric], params: list[Param],
+                    tags: list[RunTag], status: str, end_time: int) -> None:
+        run_id = opened.result()  # done: the same single thread opened it first
         client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         client.set_terminated(run_id, status, end_time=end_time)
 

@@ -232,6 +232,9 @@ def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, 
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "drift_report")}
         assert {"drift_report/report.html", "drift_report/psi.png", "drift_report/feature_x3.png"} <= artifacts
         assert run.data.tags["mlops.monitor.version"] == store["v2"]
+        page = Path(client.download_artifacts(run.info.run_id, "drift_report/report.html", str(tmp_path))).read_text()
+        assert "feature_drift: psi/x3" in page and f"rolled back production from {store['v2']}" in page
+        assert "<tr class=drift><td>x3</td>" in page and "<tr class=drift><td>x1</td>" not in page
 
         # the drift rule rolled production back to the version 2 replaced, audited like a manual one
         assert str(client.get_model_version_by_alias(NAME, "production").version) == store["v1"]

@@ -135,11 +135,17 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
         result.notes.append(f"{dropped} predictions were dropped by the servers' prediction log (its store was "
                             "slow or down and the buffer was full); they are missing from this check")
 
-    result.run_id = _log_run(client, result, profile, features, ok)
-    _alerts(config, store, result)
-    client.set_tag(result.run_id, "mlops.monitor.alerts", str(len(result.alerts)))
-    if result.rollback:
-        client.set_tag(result.run_id, "mlops.monitor.rollback", result.rollback)
+    result.run_id = _start_run(client, result)
+    try:
+        _alerts(config, store, result)
+        client.set_tag(result.run_id, "mlops.monitor.alerts", str(len(result.alerts)))
+        if result.rollback:
+            client.set_tag(result.run_id, "mlops.monitor.rollback", result.rollback)
+        _log_report(client, result, profile, features, ok)
+    except BaseException:
+        client.set_terminated(result.run_id, "FAILED")
+        raise
+    client.set_terminated(result.run_id, "FINISHED", end_time=int(time.time() * 1000))
     return result
 
 
@@ -224,8 +230,8 @@ def metric_key(name: str) -> str:
 
 
 # ---- the MLflow run and its report ----
-def _log_run(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
-             ok: pd.DataFrame) -> str:
+def _start_run(client: mlflow.MlflowClient, result: CheckResult) -> str:
+    """The check's run in ``<model>-monitoring``, with its metrics stepped by the check time."""
     name = experiment_name(result.model)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -246,13 +252,16 @@ def _log_run(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str
         client.log_batch(run.info.run_id, metrics=metrics[start:start + 900])
     if result.notes:
         client.log_batch(run.info.run_id, tags=[RunTag("mlops.monitor.notes", "\n".join(result.notes)[:5000])])
-    with tempfile.TemporaryDirectory() as tmp:
-        from mlops.monitoring.report import write_report
-
-        write_report(Path(tmp), result, profile, features, ok)
-        client.log_artifacts(run.info.run_id, tmp, artifact_path="drift_report")
-    client.set_terminated(run.info.run_id, "FINISHED", end_time=int(time.time() * 1000))
     return run.info.run_id
+
+
+def _log_report(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
+                ok: pd.DataFrame) -> None:
+    from mlops.monitoring.report import write_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(Path(tmp), result, profile, features, ok)
+        client.log_artifacts(result.run_id, tmp, artifact_path="drift_report")
 
 
 # ---- alerts ----

@@ -67,7 +67,8 @@ def write_report(folder: Path, result: "CheckResult", profile: dict[str, Any], f
     summary = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in sorted(m.items())
                       if not k.startswith(("psi/", "ks/", "ks_pvalue/")))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) or "<li>none</li>"
-    alerts = "".join(f"<li>{html.escape(a.message)}</li>" for a in result.alerts) or "<li>none</li>"
+    alerts = "".join(f"<li>{html.escape(a.message)}{html.escape(f' ({a.action})') if a.action else ''}</li>"
+                     for a in result.alerts) or "<li>none</li>"
     pictures = "".join(f"<figure><img src='{src}' alt='{html.escape(title)}'><figcaption>{html.escape(title)}"
                        f"</figcaption></figure>" for title, src in images)
     page = f"""<!doctype html>
@@ -121,4 +122,8 @@ def _safe(name: str) -> str:
 
 
 def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{int(value):,}" if value.is_integer() and abs(value) >= 1 else f"{value:.4g}"
+    return html.escape(str(value))
