@@ -348,6 +348,27 @@ def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
     assert any("dropped" in note for note in result.notes)
 
 
+def test_monitor_every_runs_a_check_per_interval_until_its_count(store: dict) -> None:
+    from click.testing import CliRunner
+
+    from mlops.cli import cli
+
+    with using_store(store["uri"]):
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(f"{NAME}-monitoring")
+        before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+        outcome = CliRunner().invoke(cli, ["monitor", NAME, "--window", "10s", "--every", "1s", "--count", "2",
+                                           "--config", str(store["config"])])
+        assert outcome.exit_code == 0, outcome.output
+        runs = client.search_runs([client.get_experiment_by_name(f"{NAME}-monitoring").experiment_id])
+    assert len(runs) == before + 2
+    assert outcome.output.count("too little data") == 2  # nothing served in the last 10 s
+    with using_store(store["uri"]):
+        steps = sorted(client.get_metric_history(r.info.run_id, "requests")[0].step for r in runs[:2])
+    assert [r.data.metrics["requests"] for r in runs[:2]] == [0.0, 0.0]
+    assert steps[1] - steps[0] >= 1  # stepped by the check time, one interval apart
+
+
 # ---- the parts, on their own ----
 def test_psi_and_ks_separate_a_shift_from_sampling_noise() -> None:
     rng = np.random.default_rng(0)
