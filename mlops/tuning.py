@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -213,7 +214,8 @@ class _Objective:
         # trial as soon as the run exists, so a worker killed mid-trial leaves a run that the
         # surviving workers end as FAILED.
         client = mlflow.MlflowClient()
-        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000))
+        link = _RunLink()
+        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000), link)
         state, status, value = "FAIL", "FAILED", None
         try:
             value = self._fit(trial, {**self.config.model.params, **params})
@@ -223,6 +225,7 @@ class _Objective:
             state, status = "PRUNED", "KILLED"
             raise
         finally:
+            link.finish(trial, opened, self.parent_id)
             metrics = list(self.steps)
             if value is not None:
                 metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
@@ -230,12 +233,11 @@ class _Objective:
                 self._finish_run, client, opened, metrics, [Param(k, str(v)) for k, v in params.items()],
                 [RunTag("mlops.trial_state", state)], status, int(time.time() * 1000)))
 
-    def _open_run(self, client, trial: optuna.Trial, start_time: int) -> str:
+    def _open_run(self, client, trial: optuna.Trial, start_time: int, link: "_RunLink") -> str:
         run = client.create_run(self.experiment_id, start_time=start_time, run_name=f"trial-{trial.number}", tags={
             MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
             "mlops.study_name": trial.study.study_name})
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        link.opened(trial, run.info.run_id, self.parent_id)
         return run.info.run_id
 
     @staticmethod
@@ -428,6 +430,43 @@ def _end_orphan_runs(trial: optuna.trial.FrozenTrial) -> None:
                 client.set_terminated(run_id, "FAILED")
         except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
             logger.warning("could not end orphaned run %s: %s", run_id, exc)
+
+
+class _RunLink:
+    """Puts a trial's run id on the trial, from whichever thread can while the trial still runs.
+
+    The writer thread sets it as soon as the run exists (so a worker killed mid-trial leaves a
+    run the others can end); if the trial is ending first, the trial's own thread waits for the
+    run and sets it before the trial finishes (a finished trial cannot be updated).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ending = False
+        self.linked = False
+
+    def opened(self, trial: optuna.Trial, run_id: str, parent_id: str) -> None:
+        with self.lock:
+            if not self.ending:
+                _link(trial, run_id, parent_id)
+                self.linked = True
+
+    def finish(self, trial: optuna.Trial, opened: concurrent.futures.Future, parent_id: str) -> None:
+        with self.lock:
+            self.ending = True
+        if self.linked:
+            return
+        try:
+            run_id = opened.result()
+        except Exception as exc:  # noqa: BLE001 - the trial's result matters more than its run
+            logger.warning("trial %d has no MLflow run: %s", trial.number, exc)
+            return
+        _link(trial, run_id, parent_id)
+
+
+def _link(trial: optuna.Trial, run_id: str, parent_id: str) -> None:
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("mlflow_parent_run_id", parent_id)
 
 
 class _progress:

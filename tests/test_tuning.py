@@ -27,6 +27,26 @@ def children(parent_id: str) -> list:
     return mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
 
 
+def test_trials_faster_than_the_store_still_get_complete_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow tracking store: each trial ends before its run exists; every run is still finished."""
+    slow = mlflow.MlflowClient.create_run
+
+    def create_run(self, *args, **kwargs):
+        time.sleep(0.4)  # the store answers slowly; trials of this size take a few ms
+        return slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+    config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=5", "tuning.register_best=false",
+                                    "tuning.pruner=none", "tuning.storage=sqlite:///optuna.db",
+                                    "tuning.study_name=slow-store"])
+    result = tune(config, progress=False)
+    runs = children(result.parent_run_id)
+    assert len(runs) == 5
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlops.trial_state"] == "COMPLETE" for r in runs)
+    study = optuna.load_study(study_name="slow-store", storage="sqlite:///optuna.db")
+    assert sorted(t.user_attrs["mlflow_run_id"] for t in study.trials) == sorted(r.info.run_id for r in runs)
+
+
 def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
     config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=8", "registry.model_name=tuned"])
     result = tune(config, progress=False)
