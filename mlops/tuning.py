@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -156,7 +155,7 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
             else optuna.storages.RetryFailedTrialCallback(max_retry=2)
 
     def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        _end_orphan_runs(trial)
+        _end_orphan_runs(study.study_name, trial)
         retry(study, trial)
 
     callback_kw = ("heartbeat_stale_trial_callback"
@@ -214,8 +213,7 @@ class _Objective:
         # trial as soon as the run exists, so a worker killed mid-trial leaves a run that the
         # surviving workers end as FAILED.
         client = mlflow.MlflowClient()
-        link = _RunLink()
-        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000), link)
+        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000))
         state, status, value = "FAIL", "FAILED", None
         try:
             value = self._fit(trial, {**self.config.model.params, **params})
@@ -225,7 +223,6 @@ class _Objective:
             state, status = "PRUNED", "KILLED"
             raise
         finally:
-            link.finish(trial, opened, self.parent_id)
             metrics = list(self.steps)
             if value is not None:
                 metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
@@ -233,11 +230,17 @@ class _Objective:
                 self._finish_run, client, opened, metrics, [Param(k, str(v)) for k, v in params.items()],
                 [RunTag("mlops.trial_state", state)], status, int(time.time() * 1000)))
 
-    def _open_run(self, client, trial: optuna.Trial, start_time: int, link: "_RunLink") -> str:
+    def _open_run(self, client, trial: optuna.Trial, start_time: int) -> str:
         run = client.create_run(self.experiment_id, start_time=start_time, run_name=f"trial-{trial.number}", tags={
             MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
             "mlops.study_name": trial.study.study_name})
-        link.opened(trial, run.info.run_id, self.parent_id)
+        # the trial → run link for trials.csv; a trial that already ended cannot take it (its run
+        # is still found by its study name and trial number tags, e.g. by _end_orphan_runs)
+        try:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
+        except Exception:  # noqa: BLE001 - optuna's "trial already finished"
+            pass
         return run.info.run_id
 
     @staticmethod
@@ -418,55 +421,32 @@ def _log_study_artifacts(study: optuna.Study) -> None:
             logger.info("no %s plot: %s", name, exc)
 
 
-def _end_orphan_runs(trial: optuna.trial.FrozenTrial) -> None:
-    """A stale trial's worker is gone: end its trial run and its parent run as FAILED."""
+def _end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
+    """A stale trial's worker is gone: end its trial run and its parent run as FAILED.
+
+    The runs are found by the trial's user attributes and by their study and trial-number tags
+    (the run of a worker killed early may exist before its trial got the attribute).
+    """
     client = mlflow.MlflowClient()
-    for key in ("mlflow_run_id", "mlflow_parent_run_id"):
-        run_id = trial.user_attrs.get(key)
-        if not run_id:
-            continue
+    run_ids = {trial.user_attrs.get("mlflow_run_id"), trial.user_attrs.get("mlflow_parent_run_id")} - {None}
+    name = study_name.replace("'", "\\'")
+    try:
+        found = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+            f"tags.`mlops.study_name` = '{name}' and tags.`mlops.trial_number` = '{trial.number}' "
+            "and attributes.status = 'RUNNING'"))
+    except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
+        logger.warning("could not look for the runs of stale trial %d: %s", trial.number, exc)
+        found = []
+    for run in found:
+        run_ids.add(run.info.run_id)
+        if run.data.tags.get(MLFLOW_PARENT_RUN_ID):
+            run_ids.add(run.data.tags[MLFLOW_PARENT_RUN_ID])
+    for run_id in run_ids:
         try:
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, "FAILED")
         except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
             logger.warning("could not end orphaned run %s: %s", run_id, exc)
-
-
-class _RunLink:
-    """Puts a trial's run id on the trial, from whichever thread can while the trial still runs.
-
-    The writer thread sets it as soon as the run exists (so a worker killed mid-trial leaves a
-    run the others can end); if the trial is ending first, the trial's own thread waits for the
-    run and sets it before the trial finishes (a finished trial cannot be updated).
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.ending = False
-        self.linked = False
-
-    def opened(self, trial: optuna.Trial, run_id: str, parent_id: str) -> None:
-        with self.lock:
-            if not self.ending:
-                _link(trial, run_id, parent_id)
-                self.linked = True
-
-    def finish(self, trial: optuna.Trial, opened: concurrent.futures.Future, parent_id: str) -> None:
-        with self.lock:
-            self.ending = True
-        if self.linked:
-            return
-        try:
-            run_id = opened.result()
-        except Exception as exc:  # noqa: BLE001 - the trial's result matters more than its run
-            logger.warning("trial %d has no MLflow run: %s", trial.number, exc)
-            return
-        _link(trial, run_id, parent_id)
-
-
-def _link(trial: optuna.Trial, run_id: str, parent_id: str) -> None:
-    trial.set_user_attr("mlflow_run_id", run_id)
-    trial.set_user_attr("mlflow_parent_run_id", parent_id)
 
 
 class _progress:
