@@ -33,7 +33,6 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, StratifiedKFold  # noqa: E402

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from mlops.db import mask_url, open_tables
 from mlops.errors import RegistryError
 
 _META = sa.MetaData()
@@ -57,27 +58,14 @@ class AuditRecord:
     gates: list[dict[str, Any]]
 
 
-def _mask(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for messages
-        return "<invalid URL>"
-
-
 class AuditLog:
     """The audit table and the per-model promotion lock behind one SQLAlchemy URL."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        try:
-            args = {"timeout": 120} if url.startswith("sqlite") else {"connect_timeout": 10}
-            self.engine = sa.create_engine(url, connect_args=args, pool_pre_ping=True)
-            _META.create_all(self.engine)
-        except (SQLAlchemyError, ImportError) as exc:
-            raise RegistryError(
-                f"registry.audit_url: cannot open audit store {_mask(url)} ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0]}); check the URL and that the database is reachable"
-            ) from None
+        # promoters queue on SQLite's write lock while another one re-evaluates its models
+        self.engine = open_tables(url, _META, key="registry.audit_url", what="audit store", error=RegistryError,
+                                  sqlite_timeout=120)
 
     @contextmanager
     def lock(self, model: str, holder: str) -> Iterator[sa.Connection]:
@@ -113,7 +101,7 @@ class AuditLog:
                 with self.engine.begin() as own:
                     row_id = own.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key[0]
         except SQLAlchemyError as exc:
-            raise RegistryError(f"cannot write the audit record to {_mask(self.url)}: {exc}") from exc
+            raise RegistryError(f"cannot write the audit record to {mask_url(self.url)}: {exc}") from exc
         return AuditRecord(id=int(row_id), **{**values, "gates": gates})  # type: ignore[arg-type]
 
     def records(self, model: str) -> list[AuditRecord]:

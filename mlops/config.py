@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlops.errors import ConfigError
 
@@ -161,6 +162,23 @@ def _default_rules() -> list[AlertRule]:
     ]
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int, what: str = "window") -> float:
+    """Seconds in ``90s``, ``5m``, ``1h``, ``2d`` (or a plain number of seconds)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+        if not match:
+            raise ConfigError(f"{what} '{text}' is not a duration; write it like 90s, 5m, 1h or 2d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ConfigError(f"{what} '{text}' must be longer than zero")
+    return seconds
+
+
 class MonitoringConfig(_Strict):
     enabled: bool = False                 # log every served prediction (model config of the logged model)
     log_url: str = "sqlite:///predictions.db"   # SQLAlchemy URL of the prediction log
@@ -173,6 +191,15 @@ class MonitoringConfig(_Strict):
     bins: int = Field(10, ge=2)           # reference histogram bins (quantiles of the training data)
     webhook: str | None = None            # alerts are POSTed here as JSON
     rules: list[AlertRule] = Field(default_factory=_default_rules)
+
+    @field_validator("window")
+    @classmethod
+    def _a_duration(cls, value: str) -> str:
+        try:
+            parse_duration(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class Config(_Strict):

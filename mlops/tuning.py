@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from mlops import data as data_step
 from mlops.config import Config
 from mlops.data import DatasetSplit
+from mlops.db import mask_url
 from mlops.errors import ConfigError
 from mlops.models import build_model, fit_model, get_family
 from mlops.tracking import step_run
@@ -144,7 +145,7 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
     url = config.tuning.storage
     if not url:
         return None
-    masked = _mask(url)
+    masked = mask_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgres"):
         kwargs["connect_args"] = {"connect_timeout": 10}
@@ -463,15 +464,6 @@ class _progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _mask(url: str) -> str:
-    import sqlalchemy as sa
-
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return "<unparseable URL>"
 
 
 __all__ = ["StudyResult", "check_search_space", "open_storage", "tune"]

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -26,6 +26,7 @@ from mlops.errors import ConfigError, DataValidationError
 from mlops.monitoring import profile as prof
 from mlops.monitoring import read_labels
 from mlops.monitoring.checks import check, evaluate_rules, parse_duration
+from mlops.monitoring.logger import PredictionLogger
 from mlops.monitoring.store import PREDICTIONS, MonitoringStore
 from mlops.training import train
 from tests.conftest import free_port, skip_or_fail, using_store
@@ -400,6 +401,12 @@ def test_bad_monitoring_input_names_the_problem(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=fix):
             parse_duration(text)
     assert parse_duration("90s") == 90 and parse_duration("2h") == 7200
+    with pytest.raises(ConfigError, match=r"key 'monitoring.window': .*'1x' is not a duration"):
+        load_config(overrides=["monitoring.window=1x"])
+    with pytest.raises(ValueError, match="monitoring_url is not a SQLAlchemy URL"):
+        PredictionLogger("not a url", model="m", version="1", numeric=["a"], categorical=[])
+    with pytest.raises(ValueError, match=r"sensitive column\(s\) \['ssn'\] are not features"):
+        PredictionLogger("sqlite://", model="m", version="1", numeric=["a"], categorical=[], sensitive=["ssn"])
     cases = {
         "missing.csv": (None, "not found"),
         "nocol.csv": ("request_id,truth\nabc,yes\n", r"no column\(s\) \['label'\]"),

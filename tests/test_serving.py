@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 

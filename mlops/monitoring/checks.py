@@ -10,6 +10,7 @@ registry, audited like a manual rollback.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -30,16 +31,16 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlops.config import AlertRule, Config
-from mlops.errors import ConfigError, MlopsError
+from mlops.config import AlertRule, Config, parse_duration
+from mlops.errors import MlopsError
 from mlops.monitoring import profile as prof
+from mlops.monitoring.logger import HASH_PREFIX, MASK
 from mlops.monitoring.store import Alert, MonitoringStore
 
 logger = logging.getLogger(__name__)
 
 PRODUCTION = "production"
 MONITOR_USER = "mlops-monitor"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass
@@ -55,20 +56,6 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     rollback: str | None = None
-
-
-def parse_duration(text: str | float | int, what: str = "window") -> float:
-    """Seconds in ``90s``, ``5m``, ``1h``, ``2d`` (or a plain number of seconds)."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
-        if not match:
-            raise ConfigError(f"{what} '{text}' is not a duration; write it like 90s, 5m, 1h or 2d")
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds <= 0:
-        raise ConfigError(f"{what} '{text}' must be longer than zero")
-    return seconds
 
 
 def experiment_name(model: str) -> str:
@@ -158,7 +145,7 @@ def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, re
             result.notes.append(f"feature '{col}' is not in the logged predictions; drift not computed")
             continue
         values = features[col]
-        if values.map(lambda v: isinstance(v, str) and (v.startswith("sha256:") or v == "***")).any():
+        if _masked(values):
             result.notes.append(f"feature '{col}' is masked in the prediction log (sensitive); drift not computed")
             continue
         stats_ = (prof.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
@@ -175,6 +162,12 @@ def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, re
         pred_stats = prof.categorical_drift(pred_ref, ok["prediction"].tolist())
     for stat, value in pred_stats.items():
         m[f"prediction_{stat}"] = value
+
+
+def _masked(values: pd.Series) -> bool:
+    """The prediction log hashed or masked this column (a server lists it as sensitive)."""
+    first = values.dropna().iloc[:1].tolist()
+    return bool(first) and isinstance(first[0], str) and first[0].startswith((HASH_PREFIX, MASK))
 
 
 def _accuracy(profile: dict[str, Any], ok: pd.DataFrame, store: MonitoringStore, name: str, min_labels: int,
@@ -269,46 +262,49 @@ def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[tu
     """(rule, metric, value, bound) for every rule broken, each with its worst metric."""
     fired = []
     for rule in rules:
-        bound = rule.above if rule.above is not None else rule.below
-        broken = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
-                  and ((rule.above is not None and v > rule.above) or (rule.below is not None and v < rule.below))]
-        if broken:
-            key, value = (max if rule.above is not None else min)(broken, key=lambda kv: kv[1])
-            fired.append((rule, key, value, float(bound)))
+        hits = _broken(rule, metrics)
+        if hits:
+            fired.append((rule, *hits[0], _bound(rule)))
     return fired
+
+
+def _broken(rule: AlertRule, metrics: dict[str, float]) -> list[tuple[str, float]]:
+    """The metrics ``rule`` matches and finds past its bound, worst first."""
+    hits = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
+            and (v > rule.above if rule.above is not None else v < rule.below)]
+    return sorted(hits, key=lambda kv: kv[1], reverse=rule.above is not None)
+
+
+def _bound(rule: AlertRule) -> float:
+    return float(rule.above if rule.above is not None else rule.below)
 
 
 def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None:
     mcfg = config.monitoring
-    rollback_rules = []
-    for rule, metric, value, bound in evaluate_rules(mcfg.rules, result.metrics):
+    fired: list[tuple[AlertRule, Alert]] = []
+    drifted: set[str] = set()
+    for rule in mcfg.rules:
+        hits = _broken(rule, result.metrics)
+        if not hits:
+            continue
+        (metric, value), others = hits[0], [k for k, _ in hits[1:]]
         side = "above" if rule.above is not None else "below"
-        others = [k for k, v in result.metrics.items()
-                  if k != metric and fnmatch.fnmatchcase(k, rule.metric) and _breaks(rule, v)]
-        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {bound:g}"
+        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {_bound(rule):g}"
                    + (f" (also {', '.join(others[:5])}{'...' if len(others) > 5 else ''})" if others else ""))
-        if rule.name.endswith("drift") or metric.startswith(("psi/", "ks/")):
-            result.drifted.extend(k.split("/", 1)[1] for k in [metric, *others] if "/" in k)
-        result.alerts.append(Alert(at=result.at, model=result.model, version=result.version, rule=rule.name,
-                                   metric=metric, value=float(value), threshold=bound, message=message,
-                                   check_run_id=result.run_id))
-        if rule.auto_rollback:
-            rollback_rules.append(rule.name)
+        drifted.update(k.split("/", 1)[1] for k, _ in hits if k.startswith(("psi/", "ks/")))
+        fired.append((rule, Alert(at=result.at, model=result.model, version=result.version, rule=rule.name,
+                                  metric=metric, value=float(value), threshold=_bound(rule), message=message,
+                                  check_run_id=result.run_id)))
+    result.drifted = sorted(drifted)
+    rollback_rules = [rule.name for rule, _ in fired if rule.auto_rollback]
     if rollback_rules:
         result.rollback = _auto_rollback(config, result, rollback_rules)
-    for i, alert in enumerate(result.alerts):
-        action = result.rollback if alert.rule in rollback_rules else None
-        alert = Alert(**{**alert.as_dict(), "action": action})
+    for rule, alert in fired:
+        alert = dataclasses.replace(alert, action=result.rollback if rule.auto_rollback else None)
         if mcfg.webhook:
-            alert = Alert(**{**alert.as_dict(), "webhook": post_webhook(mcfg.webhook, alert)})
+            alert = dataclasses.replace(alert, webhook=post_webhook(mcfg.webhook, alert))
         store.add_alert(alert)
-        result.alerts[i] = alert
-    result.drifted = sorted(set(result.drifted))
-
-
-def _breaks(rule: AlertRule, value: float) -> bool:
-    return math.isfinite(value) and ((rule.above is not None and value > rule.above)
-                                     or (rule.below is not None and value < rule.below))
+        result.alerts.append(alert)
 
 
 def _auto_rollback(config: Config, result: CheckResult, rules: list[str]) -> str:

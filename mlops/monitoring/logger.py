@@ -26,11 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from mlops.monitoring.store import LAYOUTS, META, PREDICTIONS, WRITER_STATS, create_engine, mask_url
+from mlops.db import create_engine, mask_url
+from mlops.monitoring.store import LAYOUTS, META, PREDICTIONS, WRITER_STATS
 
 logger = logging.getLogger(__name__)
 
 MASK = "***"
+HASH_PREFIX = "sha256:"
 
 
 @dataclass
@@ -70,6 +72,11 @@ class PredictionLogger:
                  classes: Sequence[Any] | None = None, sensitive: Sequence[str] = (), sensitive_mode: str = "hash",
                  capacity: int = 10_000, batch_rows: int = 1_000, flush_interval: float = 0.5,
                  max_backoff: float = 5.0) -> None:
+        try:  # a malformed URL stops the server at load; an unreachable one only fills the buffer
+            sa.engine.make_url(url)
+        except sa.exc.ArgumentError:
+            raise ValueError("monitoring_url is not a SQLAlchemy URL (not shown: it may hold a password); write it like "
+                             "sqlite:///predictions.db or postgresql://user@host/db") from None
         self.url, self.model, self.version = url, model, version
         self.numeric, self.categorical = list(numeric), list(categorical)
         self.classes = [str(c) for c in classes] if classes is not None else None
@@ -218,7 +225,7 @@ class PredictionLogger:
             return None
         if self.sensitive_mode == "mask":
             return MASK
-        return "sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:16]
+        return HASH_PREFIX + hashlib.sha256(str(value).encode()).hexdigest()[:16]
 
     # ---- lifecycle ----
     def flush(self, timeout: float = 10.0) -> bool:

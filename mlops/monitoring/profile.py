@@ -116,29 +116,32 @@ def numeric_drift(reference: dict[str, Any], values: np.ndarray) -> dict[str, fl
 
 def categorical_drift(reference: dict[str, Any], values: Sequence[Any]) -> dict[str, float]:
     """PSI over the reference categories plus one bin for categories never seen in training."""
+    _, ref, cur = _category_shares(reference, values)
+    return {"psi": psi(ref, cur)} if cur is not None else {}
+
+
+def _category_shares(reference: dict[str, Any], values: Sequence[Any]) -> tuple[list[str], list[float], list[float] | None]:
+    """Category names (+ "(new)"), their reference shares and their shares in ``values``."""
+    cats = list(reference["shares"])
+    ref = [reference["shares"][c] for c in cats] + [0.0]
     series = pd.Series(values, dtype=object).dropna().astype(str)
     if series.empty:
-        return {}
-    ref_shares = reference["shares"]
+        return cats + ["(new)"], ref, None
     counts = series.value_counts(normalize=True)
-    cats = list(ref_shares)
-    current = [float(counts.get(c, 0.0)) for c in cats] + [float(counts[~counts.index.isin(cats)].sum())]
-    return {"psi": psi([ref_shares[c] for c in cats] + [0.0], current)}
+    cur = [float(counts.get(c, 0.0)) for c in cats] + [float(counts[~counts.index.isin(cats)].sum())]
+    return cats + ["(new)"], ref, cur
 
 
 def shares_for_plot(reference: dict[str, Any], values: Sequence[Any]) -> tuple[list[str], list[float], list[float]]:
     """Bin labels, reference shares and current shares, for the drift report's bar charts."""
-    if reference["kind"] == "numeric":
-        edges = np.asarray(reference["edges"], dtype=float)
-        vals = np.asarray(values, dtype=float)
-        vals = vals[np.isfinite(vals)]
-        labels = [f"≤{edges[0]:.3g}"] if len(edges) else ["all"]
-        labels += [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
-        if len(edges):
-            labels.append(f">{edges[-1]:.3g}")
-        return labels, list(reference["shares"]), _numeric_shares(vals, edges).tolist()
-    series = pd.Series(values, dtype=object).dropna().astype(str)
-    counts = series.value_counts(normalize=True)
-    cats = list(reference["shares"])
-    return (cats + ["(new)"], [reference["shares"][c] for c in cats] + [0.0],
-            [float(counts.get(c, 0.0)) for c in cats] + [float(counts[~counts.index.isin(cats)].sum())])
+    if reference["kind"] != "numeric":
+        labels, ref, cur = _category_shares(reference, values)
+        return labels, ref, cur if cur is not None else [0.0] * len(ref)
+    edges = np.asarray(reference["edges"], dtype=float)
+    vals = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
+    vals = vals[np.isfinite(vals)]
+    labels = [f"≤{edges[0]:.3g}"] if len(edges) else ["all"]
+    labels += [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
+    if len(edges):
+        labels.append(f">{edges[-1]:.3g}")
+    return labels, list(reference["shares"]), _numeric_shares(vals, edges).tolist()

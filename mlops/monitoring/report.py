@@ -47,14 +47,10 @@ def write_report(folder: Path, result: "CheckResult", profile: dict[str, Any], f
         images.append(("PSI per feature", _save(fig, folder / "psi.png", files)))
         plt.close(fig)
         for col, *_ in ordered[:MAX_FEATURE_PLOTS]:
-            labels, ref_shares, cur_shares = prof.shares_for_plot(profile["features"][col], features[col].tolist()
-                                                                  if profile["features"][col]["kind"] != "numeric"
-                                                                  else pd.to_numeric(features[col], errors="coerce"))
+            labels, ref_shares, cur_shares = prof.shares_for_plot(profile["features"][col], features[col].tolist())
             images.append((f"{col}: PSI {m.get(f'psi/{metric_key(col)}', float('nan')):.3f}",
                            _bars(plt, labels, ref_shares, cur_shares, col, folder / f"feature_{_safe(col)}.png", files)))
-        pred_ref = profile["prediction"]
-        values = ok["prediction"].tolist() if pred_ref["kind"] != "numeric" else pd.to_numeric(ok["prediction"], errors="coerce")
-        labels, ref_shares, cur_shares = prof.shares_for_plot(pred_ref, values)
+        labels, ref_shares, cur_shares = prof.shares_for_plot(profile["prediction"], ok["prediction"].tolist())
         images.append((f"predictions: PSI {m.get('prediction_psi', float('nan')):.3f}",
                        _bars(plt, labels, ref_shares, cur_shares, "prediction", folder / "predictions.png", files)))
 

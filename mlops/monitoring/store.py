@@ -14,9 +14,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
 
-from mlops.errors import MlopsError
+from mlops.db import open_tables
 
 META = sa.MetaData()
 PREDICTIONS = sa.Table(
@@ -81,18 +80,6 @@ ALERTS = sa.Table(
 )
 
 
-def mask_url(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for messages
-        return "<invalid URL>"
-
-
-def create_engine(url: str, *, connect_timeout: int = 10) -> sa.Engine:
-    args = {"timeout": 30} if url.startswith("sqlite") else {"connect_timeout": connect_timeout}
-    return sa.create_engine(url, connect_args=args, pool_pre_ping=True)
-
-
 @dataclass(frozen=True)
 class Alert:
     at: float
@@ -116,14 +103,7 @@ class MonitoringStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        try:
-            self.engine = create_engine(url)
-            META.create_all(self.engine)
-        except (SQLAlchemyError, ImportError) as exc:
-            raise MlopsError(
-                f"monitoring.log_url: cannot open the prediction log {mask_url(url)} ({exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0]}); check the URL and that the database is reachable"
-            ) from None
+        self.engine = open_tables(url, META, key="monitoring.log_url", what="prediction log")
 
     # ---- predictions ----
     def predictions(self, model: str, version: str | None, since: float, until: float) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException

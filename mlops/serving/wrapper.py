@@ -115,8 +115,9 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self._shutdown_hooked = False
         if REQUEST_ID_COLUMN not in self.output_columns:
             self.output_columns.append(REQUEST_ID_COLUMN)
-        logger.info("prediction log on: %s as %s version %s", self.monitor.url.split("@")[-1],
-                    self.model_name, self.model_version)
+        from mlops.db import mask_url
+
+        logger.info("prediction log on: %s as %s version %s", mask_url(url), self.model_name, self.model_version)
 
     def _hook_shutdown(self) -> None:
         """Flush the prediction log when the scoring server shuts down gracefully.

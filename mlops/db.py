@@ -1,0 +1,40 @@
+"""SQLAlchemy engines for the project's own tables (audit trail, prediction log), one way.
+
+Every store is reached by a URL (SQLite by default, PostgreSQL in production); messages show
+it with the password masked.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from mlops.errors import MlopsError
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password hidden, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "<invalid URL>"
+
+
+def create_engine(url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30) -> sa.Engine:
+    """An engine that fails fast on an unreachable server and waits out SQLite's write lock."""
+    args = {"timeout": sqlite_timeout} if url.startswith("sqlite") else {"connect_timeout": connect_timeout}
+    return sa.create_engine(url, connect_args=args, pool_pre_ping=True)
+
+
+def open_tables(url: str, metadata: sa.MetaData, *, key: str, what: str,
+                error: type[MlopsError] = MlopsError, sqlite_timeout: int = 30) -> sa.Engine:
+    """An engine for ``url`` with ``metadata``'s tables created; ``error`` names ``key`` if it cannot."""
+    try:
+        engine = create_engine(url, sqlite_timeout=sqlite_timeout)
+        metadata.create_all(engine)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise error(
+            f"{key}: cannot open the {what} {mask_url(url)} ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}); check the URL and that the database is reachable"
+        ) from None
+    return engine
