@@ -8,7 +8,6 @@ the same storage and study name share one study and together finish exactly ``n_
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import inspect
 import logging
@@ -25,7 +24,6 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -36,6 +34,7 @@ from mlops.db import mask_url
 from mlops.errors import ConfigError
 from mlops.models import build_model, fit_model, get_family
 from mlops.tracking import step_run
+from mlops.trial_runs import TrialRuns
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,17 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
     get_family(family)
     check_search_space(config)
     storage = open_storage(config)
-    split = split or data_step.prepare(config)
+    runs = TrialRuns() if tcfg.log_trials else None  # its process imports MLflow meanwhile
+    try:
+        return _search(config, storage, split or data_step.prepare(config), runs, progress)
+    finally:
+        # the last trials' runs were finished in the background while the best was retrained
+        if runs is not None:
+            runs.close()
+
+
+def _search(config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns | None, progress: bool) -> StudyResult:
+    tcfg, family = config.tuning, config.model.family
     metric, direction = OBJECTIVES[split.task]
     study_name = tcfg.study_name or f"{config.experiment}-{family}"
     # A stored study is resumed or shared: a worker seeded like the others (or like the run it
@@ -106,7 +115,9 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
         mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space")})
         mlflow.set_tags({"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"})
         data_step.log_split(split)
-        objective = _Objective(config, split, metric, parent_id)
+        if runs is not None:
+            runs.start(parent.info.experiment_id, parent_id, study_name)
+        objective = _Objective(config, split, metric, runs)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         bar = _progress(tcfg.n_trials, done, enabled=progress)
         try:
@@ -117,7 +128,6 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
             )
         finally:
             bar.close()
-            objective.close()
         result = _summarize(config, study, split, metric, direction, parent_id, storage)
     history = tuple(
         (t.number, t.state.name, t.value, (t.datetime_complete.timestamp() - started))
@@ -187,14 +197,9 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
 class _Objective:
     """One trial: a nested MLflow run, a fit with pruning, the validation metric."""
 
-    def __init__(self, config: Config, split: DatasetSplit, metric: str, parent_id: str) -> None:
-        self.config, self.split, self.metric, self.parent_id = config, split, metric, parent_id
-        self.experiment_id = mlflow.MlflowClient().get_run(parent_id).info.experiment_id
-        self.steps: list[Metric] = []
-        # a trial's closing writes (metrics, params, state, end) go to this one thread while
-        # the next trial trains; close() waits for them
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlops-trial-log")
-        self._pending: list[concurrent.futures.Future] = []
+    def __init__(self, config: Config, split: DatasetSplit, metric: str, runs: TrialRuns | None) -> None:
+        self.config, self.split, self.metric, self.runs = config, split, metric, runs
+        self.steps: list[tuple[str, float, int, int]] = []
         self.space = config.tuning.search_space
         self.n_trials = config.tuning.n_trials
 
@@ -205,16 +210,12 @@ class _Objective:
             trial.study.stop()
             raise _SurplusTrial(f"trial {trial.number} not needed: the study has its {self.n_trials} trials")
         params = {name: _suggest(trial, name, spec) for name, spec in self.space.items()}
-        self.steps: list[Metric] = []
-        if not self.config.tuning.log_trials:
+        self.steps = []
+        if self.runs is None:
             return self._fit(trial, {**self.config.model.params, **params})
-        # A trial's MLflow run is opened, filled and closed by one background thread (three
-        # store round trips: create, one batch, terminate) while the trial trains: the trial's
-        # own work, not its bookkeeping, sets the pace of a search. The run id is stored on the
-        # trial as soon as the run exists, so a worker killed mid-trial leaves a run that the
-        # surviving workers end as FAILED.
-        client = mlflow.MlflowClient()
-        opened = self._writer.submit(self._open_run, client, trial, int(time.time() * 1000))
+        # the trial's run is opened, filled and closed in the background (see mlops.trial_runs):
+        # the trial's own work, not its bookkeeping, sets the pace of a search
+        self.runs.open(trial, int(time.time() * 1000))
         state, status, value = "FAIL", "FAILED", None
         try:
             value = self._fit(trial, {**self.config.model.params, **params})
@@ -224,44 +225,12 @@ class _Objective:
             state, status = "PRUNED", "KILLED"
             raise
         finally:
-            metrics = list(self.steps)
-            if value is not None:
-                metrics.append(Metric(f"validation_{self.metric}", value, int(time.time() * 1000), 0))
-            self._pending.append(self._writer.submit(
-                self._finish_run, client, opened, metrics, [Param(k, str(v)) for k, v in params.items()],
-                [RunTag("mlops.trial_state", state)], status, int(time.time() * 1000)))
-
-    def _open_run(self, client, trial: optuna.Trial, start_time: int) -> str:
-        run = client.create_run(self.experiment_id, start_time=start_time, run_name=f"trial-{trial.number}", tags={
-            MLFLOW_PARENT_RUN_ID: self.parent_id, "mlops.trial_number": str(trial.number),
-            "mlops.study_name": trial.study.study_name})
-        # the trial → run link for trials.csv; a trial that already ended cannot take it (its run
-        # is still found by its study name and trial number tags, e.g. by _end_orphan_runs)
-        try:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
-        except Exception:  # noqa: BLE001 - optuna's "trial already finished"
-            pass
-        return run.info.run_id
-
-    @staticmethod
-    def _finish_run(client, opened: concurrent.futures.Future, metrics: list[Metric], params: list[Param],
-                    tags: list[RunTag], status: str, end_time: int) -> None:
-        run_id = opened.result()  # done: the same single thread opened it first
-        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-        client.set_terminated(run_id, status, end_time=end_time)
-
-    def close(self) -> None:
-        """Wait for every trial's closing writes; a failed write is reported, not lost silently."""
-        self._writer.shutdown(wait=True)
-        for future in self._pending:
-            exc = future.exception()
-            if exc is not None:
-                logger.warning("could not finish a trial's MLflow run: %s", exc)
-        self._pending.clear()
+            now = int(time.time() * 1000)
+            metrics = [*self.steps, *([(f"validation_{self.metric}", value, now, 0)] if value is not None else [])]
+            self.runs.finish(trial.number, metrics, {k: str(v) for k, v in params.items()}, state, status, now)
 
     def _log_step(self, key: str, value: float, step: int) -> None:
-        self.steps.append(Metric(key, float(value), int(time.time() * 1000), step))
+        self.steps.append((key, float(value), int(time.time() * 1000), step))
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
         split, config = self.split, self.config

@@ -27,23 +27,114 @@ def children(parent_id: str) -> list:
     return mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
 
 
-def test_trials_faster_than_the_store_still_get_complete_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def _slow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every new Python process (the trial-run writer included) gets a tracking client that
+    answers ``create_run`` ``seconds`` late."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import time\n"
+        "import mlflow\n"
+        "_create = mlflow.MlflowClient.create_run\n"
+        "def create_run(self, *args, **kwargs):\n"
+        f"    time.sleep({seconds})\n"
+        f"    with open({str(tmp_path / 'slow-calls')!r}, 'a') as calls:\n"
+        "        calls.write('create_run\\n')\n"
+        "    return _create(self, *args, **kwargs)\n"
+        "mlflow.MlflowClient.create_run = create_run\n")
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+
+
+def test_trials_faster_than_the_store_still_get_complete_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow tracking store: each trial ends before its run exists; every run is still finished."""
-    slow = mlflow.MlflowClient.create_run
-
-    def create_run(self, *args, **kwargs):
-        time.sleep(0.4)  # the store answers slowly; trials of this size take a few ms
-        return slow(self, *args, **kwargs)
-
-    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+    _slow_store(tmp_path, monkeypatch, 0.4)  # trials of this size take a few ms
     config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=5", "tuning.register_best=false",
                                     "tuning.pruner=none", "tuning.storage=sqlite:///optuna.db",
                                     "tuning.study_name=slow-store"])
     result = tune(config, progress=False)
+    # the trial runs went through the slowed client (the parent run was made before the hook)
+    assert (tmp_path / "slow-calls").read_text().split() == ["create_run"] * 5
     runs = children(result.parent_run_id)
     assert len(runs) == 5
     assert all(r.info.status == "FINISHED" and r.data.tags["mlops.trial_state"] == "COMPLETE" for r in runs)
     assert sorted(int(r.data.tags["mlops.trial_number"]) for r in runs) == list(range(5))
+    assert all(r.data.params["C"] and "validation_accuracy" in r.data.metrics for r in runs)
+
+
+def _trial_runs_of(parent_id: str) -> dict[int, mlflow.entities.Run]:
+    runs = children(parent_id)
+    numbers = [int(r.data.tags["mlops.trial_number"]) for r in runs]
+    assert len(numbers) == len(set(numbers)), f"duplicate trial runs: {sorted(numbers)}"
+    return dict(zip(numbers, runs))
+
+
+@pytest.mark.parametrize("kill_after", ["open sent", "open confirmed"])
+def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
+    """The writer process is SIGKILLed mid-search: what it had not confirmed, and every later
+    trial, is written by the tuning process itself; no run is lost, doubled or left RUNNING."""
+    from mlops.trial_runs import TrialRuns
+
+    mlflow.set_experiment("writer-dies")
+    with mlflow.start_run() as parent:
+        study = optuna.create_study()
+        runs = TrialRuns()
+        runs.start(parent.info.experiment_id, parent.info.run_id, "writer-dies")
+        first = study.ask()
+        runs.open(first, int(time.time() * 1000))
+        if kill_after == "open confirmed":
+            deadline = time.monotonic() + 60
+            while first.number not in runs._run_ids and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert first.number in runs._run_ids
+        runs._proc.kill()
+        runs.finish(first.number, [("cv_accuracy", 0.5, 1, 0), ("validation_accuracy", 0.75, 2, 0)], {"C": "1.0"},
+                    "COMPLETE", "FINISHED", int(time.time() * 1000))
+        study.tell(first, 0.75)
+        time.sleep(0.5)  # the reader notices the exit
+        second = study.ask()
+        runs.open(second, int(time.time() * 1000))
+        runs.finish(second.number, [], {"C": "2.0"}, "PRUNED", "KILLED", int(time.time() * 1000))
+        study.tell(second, state=TrialState.PRUNED)
+        runs.close()
+        assert not runs.errors
+    by_number = _trial_runs_of(parent.info.run_id)
+    assert sorted(by_number) == [0, 1]
+    assert by_number[0].info.status == "FINISHED" and by_number[0].data.params == {"C": "1.0"}
+    assert by_number[0].data.metrics == {"cv_accuracy": 0.5, "validation_accuracy": 0.75}
+    assert by_number[1].info.status == "KILLED" and by_number[1].data.tags["mlops.trial_state"] == "PRUNED"
+    if kill_after == "open confirmed":  # the run the process opened is the one finished
+        assert study.trials[0].user_attrs["mlflow_run_id"] == by_number[0].info.run_id
+
+
+def test_a_sigkilled_search_leaves_no_run_running(tmp_path: Path, tracking_uri: str) -> None:
+    """Only the tuning process is killed: its writer process ends its runs as FAILED."""
+    extra = ["model.family=keras_mlp", "model.params.epochs=400", "model.params.patience=400",
+             "model.params.hidden_units=[8]", "tuning.pruner=none", "tuning.register_best=false",
+             "tuning.search_space={learning_rate: {type: float, low: 0.0001, high: 0.01, log: true}}"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.Popen(_tune_cmd(storage, "killed-alone", 3, *extra), env=server_env(tracking_uri), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # until a trial's run exists
+            time.sleep(0.5)
+            runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if any("mlops.trial_number" in r.data.tags for r in runs):
+                break
+        else:
+            pytest.fail("no trial run within 120 s")
+    finally:
+        proc.kill()  # SIGKILL, to the tuning process only
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if all(r.info.status != "RUNNING" for r in runs):
+            break
+        time.sleep(0.5)
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert any(name.startswith("trial-") for name in statuses)
+    assert set(statuses.values()) == {"FAILED"}, statuses
 
 
 def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
@@ -182,11 +273,10 @@ def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(tmp_path: P
                 study = optuna.load_study(study_name="killable", storage=storage)
             except KeyError:
                 continue
-            if any(t.state == TrialState.RUNNING for t in study.trials):
-                break
+            if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in study.trials):
+                break  # a trial and its run are under way
         else:
-            pytest.fail("no trial started within 120 s")
-        time.sleep(1.5)
+            pytest.fail("no trial run started within 120 s")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
