@@ -432,3 +432,77 @@ def test_a_sensitive_column_that_is_not_a_feature_fails_training(tmp_path: Path)
                                     "data.categorical=[color]", "monitoring.sensitive_columns=[ssn]"])
     with pytest.raises(ConfigError, match=r"monitoring.sensitive_columns: \['ssn'\] are not feature columns"):
         train(config)
+
+
+def test_a_mixed_batch_reads_back_row_for_row(tmp_path: Path) -> None:
+    """Requests of one and of several rows, failed requests, a non-finite score and sensitive
+    columns, written in one batch, read back exactly (masked where configured)."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = PredictionLogger(url, model="m", version="3", numeric=["x1", "ssn", "x3"], categorical=["color", "city"],
+                           classes=["no", "yes"], sensitive=["ssn", "city"], sensitive_mode="mask",
+                           flush_interval=3600)  # nothing is written before the flush below: one batch
+    rng = np.random.default_rng(7)
+    sent = []
+    for k in range(30):
+        if k % 9 == 4:
+            log.submit(f"bad{k}", latency_ms=0.2, status=400, error="input is missing required column(s) ['x1']")
+            continue
+        n = 1 if k % 2 else 3
+        numeric = rng.normal(size=(n, 3))
+        categorical = np.array([["red" if i % 2 else None, f"city{i}"] for i in range(n)], dtype=object)
+        scores = rng.random((n, 2))
+        if k == 5:
+            scores[0, 1] = np.nan
+        predictions = np.array(["yes" if s[1] > 0.5 else "no" for s in scores], dtype=object)
+        log.submit(f"req{k}", latency_ms=float(k), numeric=numeric, categorical=categorical, predictions=predictions,
+                   scores=scores)
+        sent.append((f"req{k}", numeric, categorical, predictions, scores))
+    assert log.flush(timeout=30)
+    log.close()
+    store = MonitoringStore(url)
+    frame = store.predictions("m", "3", 0, time.time() + 60)
+    assert len(frame) == sum(len(s[1]) for s in sent) + 3
+    failed = frame[frame["status"] == 400]
+    assert sorted(failed["request_id"]) == ["bad13", "bad22", "bad4"] and failed["numeric"].isna().all()
+    features = store.features(frame)
+    with store.engine.connect() as conn:
+        scores = dict(((r.request_id, r.row), r.scores) for r in conn.execute(
+            sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row, PREDICTIONS.c.scores)))
+    by_key = {(r.request_id, r.row): i for i, r in enumerate(frame.itertuples())}
+    for request_id, numeric, categorical, predictions, score in sent:
+        for i in range(len(numeric)):
+            at = frame.index[by_key[(request_id, i)]]
+            got = features.loc[at]
+            assert got["x1"] == numeric[i, 0] and got["x3"] == numeric[i, 2]
+            assert got["ssn"] == "***" and got["city"] == "***"
+            assert got["color"] == categorical[i, 0] or (categorical[i, 0] is None and pd.isna(got["color"]))
+            assert frame.loc[at, "prediction"] == predictions[i]
+            expected = None if not np.isfinite(score[i]).all() else {"no": score[i, 0], "yes": score[i, 1]}
+            assert (json.loads(scores[(request_id, i)]) if scores[(request_id, i)] else None) == expected
+    assert frame.loc[frame["request_id"] == "req5", "row"].tolist() == [0]  # k odd: one row
+    assert sorted(frame.loc[frame["request_id"] == "req0", "row"]) == [0, 1, 2]
+
+
+def test_a_long_read_of_a_sqlite_log_does_not_stall_the_writer(tmp_path: Path) -> None:
+    """A check reading the log (an open read transaction) while a server writes: the writes land."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = PredictionLogger(url, model="m", version="1", numeric=["x"], categorical=[], flush_interval=0.05)
+    log.submit("first", latency_ms=1.0, numeric=np.array([[1.0]]), predictions=np.array(["a"], dtype=object))
+    assert log.flush(timeout=10)
+    store = MonitoringStore(url)
+    import sqlite3
+
+    reader = sqlite3.connect(tmp_path / "log.db", isolation_level=None)  # explicit transactions
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM mlops_predictions").fetchone() == (1,)  # a read lock held
+        log.submit("second", latency_ms=1.0, numeric=np.array([[2.0]]), predictions=np.array(["b"], dtype=object))
+        assert log.flush(timeout=5), "the writer waited on the reader"
+        # the reader's snapshot is unchanged until it ends; afterwards both rows are there
+        assert reader.execute("SELECT count(*) FROM mlops_predictions").fetchone() == (1,)
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    assert sorted(store.predictions("m", "1", 0, time.time() + 60)["request_id"]) == ["first", "second"]
+    log.close()

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from itertools import chain, repeat
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -148,8 +149,12 @@ class PredictionLogger:
 
     def _flush_once(self) -> bool:
         """Write what is buffered; False when the store refused (rows stay buffered)."""
-        while self._items and len(self._pending) < self.batch_rows:
-            self._pending.extend(self._rows(self._items.popleft()))
+        if self._items and len(self._pending) < self.batch_rows:
+            taken, rows = [], len(self._pending)
+            while self._items and rows < self.batch_rows:
+                taken.append(self._items.popleft())
+                rows += taken[-1].rows
+            self._pending.extend(self._rows(taken))
         with self._lock:
             dropped = self._dropped
         if not self._pending and not dropped:
@@ -157,7 +162,7 @@ class PredictionLogger:
         batch = self._pending[: self.batch_rows]
         try:
             if self._engine is None:
-                engine = create_engine(self.url, connect_timeout=3)
+                engine = create_engine(self.url, connect_timeout=3, wal=True)
                 META.create_all(engine)
                 self._engine, self._insert_sql = engine, _insert_sql(engine)
             with self._engine.begin() as conn:
@@ -187,24 +192,49 @@ class PredictionLogger:
             self._wake.set()  # more than one batch waiting: go again at once
         return True
 
-    def _rows(self, item: _Request) -> list[tuple]:
-        """The request's rows as tuples in :data:`COLUMNS` order (sensitive columns masked)."""
-        head = (item.request_id,)
-        tail = (item.at, self.model, self.version, item.status, item.error, item.latency_ms)
-        if item.numeric is None:
-            return [(*head, 0, *tail, None, None, None, None, None)]
-        block = item.numeric if not self._extra_idx else item.numeric[:, self._plain_idx]
-        block = np.ascontiguousarray(block, dtype="<f8")
-        masked = item.numeric[:, self._extra_idx].tolist() if self._extra_idx else None
-        categorical = item.categorical.tolist() if item.categorical is not None else None
-        predictions = item.predictions.tolist() if item.predictions is not None else [None] * item.rows
-        scores = None
-        if item.scores is not None and self._scores_template:
-            scores = item.scores.tolist() if np.isfinite(item.scores).all() else None
-        out = []
-        for i in range(item.rows):
-            text = None
-            if masked is not None or categorical is not None:
+    def _rows(self, items: list[_Request]) -> list[tuple]:
+        """The requests' rows as tuples in :data:`COLUMNS` order (sensitive columns masked).
+
+        Built for many requests at once (one concatenation and one ``tobytes`` for all their
+        numeric features, one ``tolist`` per output): the writer's time per row, not per
+        request, is what logging costs a busy server.
+        """
+        out = [(it.request_id, 0, it.at, self.model, self.version, it.status, it.error, it.latency_ms,
+                None, None, None, None, None) for it in items if it.numeric is None]
+        done = [it for it in items if it.numeric is not None]
+        if not done:
+            return out
+        counts = [it.rows for it in done]
+        n = sum(counts)
+        single = n == len(done)  # one row per request, the common case: nothing to repeat
+
+        def per_row(values: list) -> list:
+            return values if single else list(chain.from_iterable(map(repeat, values, counts)))
+
+        def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        numeric = stacked([it.numeric for it in done])
+        block = np.ascontiguousarray(numeric if not self._extra_idx else numeric[:, self._plain_idx], dtype="<f8")
+        blob, width = block.tobytes(), block.shape[1] * 8
+        blobs = [blob[k:k + width] for k in range(0, n * width, width)] if width else [b""] * n
+        if all(it.predictions is not None for it in done):
+            predictions = [None if p is None else str(p) for p in stacked([it.predictions for it in done]).tolist()]
+        else:
+            predictions = [None if it.predictions is None else str(p) for it in done
+                           for p in (it.predictions.tolist() if it.predictions is not None else [None] * it.rows)]
+        scores: list = [None] * n
+        if self._scores_template and all(it.scores is not None for it in done):
+            values = stacked([it.scores for it in done])
+            finite = np.isfinite(values).all(axis=1).tolist()
+            template = self._scores_template
+            scores = [template % tuple(row) if ok else None for row, ok in zip(values.tolist(), finite)]
+        texts: list = [None] * n
+        has_categorical = all(it.categorical is not None for it in done) and bool(self.categorical)
+        if self._extra_idx or has_categorical:
+            masked = numeric[:, self._extra_idx].tolist() if self._extra_idx else None
+            categorical = stacked([it.categorical for it in done]).tolist() if has_categorical else None
+            for i in range(n):
                 extra: dict[str, Any] = {}
                 if masked is not None:
                     for j, value in zip(self._extra_idx, masked[i]):
@@ -213,11 +243,12 @@ class PredictionLogger:
                     for c, value in zip(self.categorical, categorical[i]):
                         value = value if isinstance(value, str) else None
                         extra[c] = self._mask(value) if c in self.sensitive else value
-                text = json.dumps(extra)
-            row_scores = self._scores_template % tuple(scores[i]) if scores is not None else None
-            prediction = predictions[i]
-            out.append((*head, i, *tail, self.layout, block[i].tobytes(), text,
-                        None if prediction is None else str(prediction), row_scores))
+                texts[i] = json.dumps(extra)
+        positions = [0] * n if single else list(chain.from_iterable(map(range, counts)))
+        out += zip(per_row([it.request_id for it in done]), positions, per_row([it.at for it in done]),
+                   repeat(self.model), repeat(self.version), per_row([it.status for it in done]),
+                   per_row([it.error for it in done]), per_row([it.latency_ms for it in done]),
+                   repeat(self.layout), blobs, texts, predictions, scores)
         return out
 
     def _mask(self, value: Any) -> str | None:

@@ -103,7 +103,7 @@ class MonitoringStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = open_tables(url, META, key="monitoring.log_url", what="prediction log")
+        self.engine = open_tables(url, META, key="monitoring.log_url", what="prediction log", wal=True)
 
     # ---- predictions ----
     def predictions(self, model: str, version: str | None, since: float, until: float) -> pd.DataFrame:
