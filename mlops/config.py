@@ -133,6 +133,11 @@ class TuningConfig(_Strict):
     grace_period: int = Field(30, gt=0)
     register_best: bool = True
     log_trials: bool = True           # one nested MLflow run per trial (off: only the parent run)
+    # who writes the trial runs: a child process (off the training thread's GIL; costs one MLflow
+    # import, ~4 s of CPU, per search), a thread of the tuning process, or auto: the process for a
+    # study of one process (memory/SQLite storage, a spare core likely), the thread for a study
+    # on a database server (many workers, usually one per core, no core to spare)
+    trial_writer: Literal["auto", "process", "thread"] = "auto"
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
 
 

@@ -81,7 +81,7 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
     get_family(family)
     check_search_space(config)
     storage = open_storage(config)
-    runs = TrialRuns() if tcfg.log_trials else None  # its process imports MLflow meanwhile
+    runs = TrialRuns(use_process=trial_writer_process(config)) if tcfg.log_trials else None
     try:
         return _search(config, storage, split or data_step.prepare(config), runs, progress)
     finally:
@@ -135,6 +135,15 @@ def _search(config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns |
         if t.datetime_complete is not None and t.datetime_complete.timestamp() >= started
     )
     return dataclasses.replace(result, history=history)
+
+
+def trial_writer_process(config: Config) -> bool:
+    """Whether a child process writes the trial runs (``tuning.trial_writer``; see its comment)."""
+    choice = config.tuning.trial_writer
+    if choice != "auto":
+        return choice == "process"
+    storage = config.tuning.storage or ""
+    return storage == "" or storage.startswith("sqlite")
 
 
 def check_search_space(config: Config) -> None:

@@ -45,12 +45,27 @@ def _slow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float)
     monkeypatch.setenv("PYTHONPATH", str(hooks))
 
 
-def test_trials_faster_than_the_store_still_get_complete_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_trials_faster_than_the_store_still_get_complete_runs(writer: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow tracking store: each trial ends before its run exists; every run is still finished."""
-    _slow_store(tmp_path, monkeypatch, 0.4)  # trials of this size take a few ms
+    if writer == "process":
+        _slow_store(tmp_path, monkeypatch, 0.4)  # trials of this size take a few ms
+    else:  # the in-process writer's store calls, slowed the same way
+        from mlops import trial_runs
+
+        real_open = trial_runs._open_run
+
+        def slow_open(*args):
+            time.sleep(0.4)
+            with open(tmp_path / "slow-calls", "a") as calls:
+                calls.write("create_run\n")
+            return real_open(*args)
+
+        monkeypatch.setattr(trial_runs, "_open_run", slow_open)
     config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=5", "tuning.register_best=false",
                                     "tuning.pruner=none", "tuning.storage=sqlite:///optuna.db",
-                                    "tuning.study_name=slow-store"])
+                                    "tuning.study_name=slow-store", f"tuning.trial_writer={writer}"])
     result = tune(config, progress=False)
     # the trial runs went through the slowed client (the parent run was made before the hook)
     assert (tmp_path / "slow-calls").read_text().split() == ["create_run"] * 5
@@ -59,6 +74,20 @@ def test_trials_faster_than_the_store_still_get_complete_runs(tmp_path: Path, mo
     assert all(r.info.status == "FINISHED" and r.data.tags["mlops.trial_state"] == "COMPLETE" for r in runs)
     assert sorted(int(r.data.tags["mlops.trial_number"]) for r in runs) == list(range(5))
     assert all(r.data.params["C"] and "validation_accuracy" in r.data.metrics for r in runs)
+
+
+def test_the_trial_writer_is_a_process_for_one_process_studies_and_a_thread_on_a_server() -> None:
+    from mlops.tuning import trial_writer_process
+
+    def pick(*overrides: str) -> bool:
+        return trial_writer_process(load_config(overrides=list(overrides)))
+
+    assert pick() and pick("tuning.storage=sqlite:///optuna.db")
+    assert not pick("tuning.storage=postgresql://u@db/optuna")
+    assert pick("tuning.storage=postgresql://u@db/optuna", "tuning.trial_writer=process")
+    assert not pick("tuning.trial_writer=thread")
+    with pytest.raises(ConfigError, match="trial_writer"):
+        load_config(overrides=["tuning.trial_writer=fork"])
 
 
 def _trial_runs_of(parent_id: str) -> dict[int, mlflow.entities.Run]:
