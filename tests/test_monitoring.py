@@ -389,9 +389,10 @@ def test_rules_pick_the_worst_metric_and_respect_the_side() -> None:
         {"name": "accuracy_floor", "metric": "accuracy", "below": 0.9},
     ]})
     fired = evaluate_rules(config.monitoring.rules, {"psi/a": 0.1, "psi/b": 0.5, "psi/c": 0.3, "accuracy": 0.95})
-    assert [(r.name, k, v) for r, k, v, _ in fired] == [("drift", "psi/b", 0.5)]
+    assert [(r.name, k, v) for r, k, v, *_ in fired] == [("drift", "psi/b", 0.5)]
+    assert fired[0].hits == [("psi/b", 0.5), ("psi/c", 0.3)]  # every metric past the bound, worst first
     fired = evaluate_rules(config.monitoring.rules, {"accuracy": 0.7})
-    assert [(r.name, k) for r, k, _, _ in fired] == [("accuracy_floor", "accuracy")]
+    assert [(r.name, k) for r, k, *_ in fired] == [("accuracy_floor", "accuracy")]
     with pytest.raises(ConfigError, match="exactly one of 'above' or 'below'"):
         load_config(overrides={"monitoring.rules": [{"name": "x", "metric": "error_rate"}]})
 

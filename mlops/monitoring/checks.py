@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -258,21 +258,26 @@ def _log_report(client: mlflow.MlflowClient, result: CheckResult, profile: dict[
 
 
 # ---- alerts ----
-def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[tuple[AlertRule, str, float, float]]:
-    """(rule, metric, value, bound) for every rule broken, each with its worst metric."""
+class Fired(NamedTuple):
+    """A broken rule: its worst metric and value, its bound, and every metric it found past it."""
+
+    rule: AlertRule
+    metric: str
+    value: float
+    bound: float
+    hits: list[tuple[str, float]]
+
+
+def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[Fired]:
+    """Every rule broken by ``metrics``, each with its worst metric first."""
     fired = []
     for rule in rules:
-        hits = _broken(rule, metrics)
+        hits = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
+                and (v > rule.above if rule.above is not None else v < rule.below)]
         if hits:
-            fired.append((rule, *hits[0], _bound(rule)))
+            hits.sort(key=lambda kv: kv[1], reverse=rule.above is not None)
+            fired.append(Fired(rule, *hits[0], _bound(rule), hits))
     return fired
-
-
-def _broken(rule: AlertRule, metrics: dict[str, float]) -> list[tuple[str, float]]:
-    """The metrics ``rule`` matches and finds past its bound, worst first."""
-    hits = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
-            and (v > rule.above if rule.above is not None else v < rule.below)]
-    return sorted(hits, key=lambda kv: kv[1], reverse=rule.above is not None)
 
 
 def _bound(rule: AlertRule) -> float:
@@ -283,17 +288,14 @@ def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None
     mcfg = config.monitoring
     fired: list[tuple[AlertRule, Alert]] = []
     drifted: set[str] = set()
-    for rule in mcfg.rules:
-        hits = _broken(rule, result.metrics)
-        if not hits:
-            continue
-        (metric, value), others = hits[0], [k for k, _ in hits[1:]]
+    for rule, metric, value, bound, hits in evaluate_rules(mcfg.rules, result.metrics):
+        others = [k for k, _ in hits[1:]]
         side = "above" if rule.above is not None else "below"
-        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {_bound(rule):g}"
+        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {bound:g}"
                    + (f" (also {', '.join(others[:5])}{'...' if len(others) > 5 else ''})" if others else ""))
         drifted.update(k.split("/", 1)[1] for k, _ in hits if k.startswith(("psi/", "ks/")))
         fired.append((rule, Alert(at=result.at, model=result.model, version=result.version, rule=rule.name,
-                                  metric=metric, value=float(value), threshold=_bound(rule), message=message,
+                                  metric=metric, value=float(value), threshold=bound, message=message,
                                   check_run_id=result.run_id)))
     result.drifted = sorted(drifted)
     rollback_rules = [rule.name for rule, _ in fired if rule.auto_rollback]

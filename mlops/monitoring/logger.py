@@ -218,22 +218,23 @@ class PredictionLogger:
         block = np.ascontiguousarray(numeric if not self._extra_idx else numeric[:, self._plain_idx], dtype="<f8")
         blob, width = block.tobytes(), block.shape[1] * 8
         blobs = [blob[k:k + width] for k in range(0, n * width, width)] if width else [b""] * n
-        if all(it.predictions is not None for it in done):
-            predictions = [None if p is None else str(p) for p in stacked([it.predictions for it in done]).tolist()]
-        else:
-            predictions = [None if it.predictions is None else str(p) for it in done
-                           for p in (it.predictions.tolist() if it.predictions is not None else [None] * it.rows)]
+        # a part a request lacks (scores of a model without probabilities, say) is blank on its rows
+        predictions = [None if p is None else str(p) for p in stacked(
+            [it.predictions if it.predictions is not None else np.full(it.rows, None, dtype=object)
+             for it in done]).tolist()]
         scores: list = [None] * n
-        if self._scores_template and all(it.scores is not None for it in done):
-            values = stacked([it.scores for it in done])
+        if self._scores_template:
+            values = stacked([it.scores if it.scores is not None else np.full((it.rows, len(self.classes)), np.nan)
+                              for it in done])
             finite = np.isfinite(values).all(axis=1).tolist()
             template = self._scores_template
             scores = [template % tuple(row) if ok else None for row, ok in zip(values.tolist(), finite)]
         texts: list = [None] * n
-        has_categorical = all(it.categorical is not None for it in done) and bool(self.categorical)
-        if self._extra_idx or has_categorical:
+        if self._extra_idx or self.categorical:
             masked = numeric[:, self._extra_idx].tolist() if self._extra_idx else None
-            categorical = stacked([it.categorical for it in done]).tolist() if has_categorical else None
+            categorical = stacked([it.categorical if it.categorical is not None
+                                   else np.full((it.rows, len(self.categorical)), None, dtype=object)
+                                   for it in done]).tolist() if self.categorical else None
             for i in range(n):
                 extra: dict[str, Any] = {}
                 if masked is not None:

@@ -135,14 +135,18 @@ class MonitoringStore:
         return pd.concat([numeric, other], axis=1)
 
     def labels_for(self, model: str, request_ids: Iterable[str]) -> pd.DataFrame:
+        rows = self._by_request_id(sa.select(LABELS.c.request_id, LABELS.c.row, LABELS.c.label).where(
+            LABELS.c.model == model), LABELS.c.request_id, request_ids)
+        return pd.DataFrame(rows, columns=["request_id", "row", "label"])
+
+    def _by_request_id(self, query: sa.Select, column: sa.Column, request_ids: Iterable[str]) -> list:
+        """The rows of ``query`` whose ``column`` is one of ``request_ids``, asked in bounded IN lists."""
         ids = list(dict.fromkeys(request_ids))
-        frames = []
+        rows: list = []
         with self.engine.connect() as conn:
-            for start in range(0, len(ids), 5000):  # bounded IN lists
-                rows = conn.execute(sa.select(LABELS.c.request_id, LABELS.c.row, LABELS.c.label).where(
-                    LABELS.c.model == model, LABELS.c.request_id.in_(ids[start:start + 5000]))).all()
-                frames.append(pd.DataFrame(rows, columns=["request_id", "row", "label"]))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "row", "label"])
+            for start in range(0, len(ids), 5000):
+                rows += conn.execute(query.where(column.in_(ids[start:start + 5000]))).all()
+        return rows
 
     def writer_counts(self, model: str, version: str | None, since: float, until: float) -> tuple[int, int]:
         """Rows written and rows dropped by the servers' writers in the span."""
@@ -162,14 +166,10 @@ class MonitoringStore:
         Every request id must name a logged prediction of ``model``; otherwise nothing is stored.
         A label given again for the same prediction replaces the earlier one.
         """
-        ids = list(dict.fromkeys(labels["request_id"]))
-        known: set[tuple[str, int]] = set()
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), 5000):
-                rows = conn.execute(sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row).where(
-                    PREDICTIONS.c.model == model, PREDICTIONS.c.status == 200,
-                    PREDICTIONS.c.request_id.in_(ids[start:start + 5000]))).all()
-                known.update((r, int(i)) for r, i in rows)
+        known = {(r, int(i)) for r, i in self._by_request_id(
+            sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row).where(
+                PREDICTIONS.c.model == model, PREDICTIONS.c.status == 200),
+            PREDICTIONS.c.request_id, labels["request_id"])}
         keys = list(zip(labels["request_id"], labels["row"].astype(int)))
         unknown = sorted({f"{r}#{i}" if i else r for r, i in keys if (r, i) not in known})
         if unknown:

@@ -87,7 +87,7 @@ def log_model(
         meta_path = Path(tmp) / "metadata.json"
         joblib.dump(pipeline, pipe_path)
         meta_path.write_text(json.dumps(meta, indent=2))
-        profile_path = Path(tmp) / "reference_profile.json"
+        profile_path = Path(tmp) / f"{PROFILE_ARTIFACT}.json"
         profile_path.write_text(json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins)))
         return mlflow.pyfunc.log_model(
             name=name,

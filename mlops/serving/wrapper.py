@@ -59,10 +59,14 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             model_name=str(name), model_version=str(version),
         )
         if _truthy(options.get("monitoring")) and _SERVER_MODEL_PATH_ENV in os.environ:
+            from mlops.config import MonitoringConfig
+
+            defaults = MonitoringConfig()  # for keys a model config leaves out
             self.enable_monitoring(
-                options.get("monitoring_url") or "sqlite:///predictions.db",
-                sensitive=options.get("sensitive_columns") or (), sensitive_mode=options.get("sensitive_mode") or "hash",
-                capacity=int(options.get("monitoring_queue_rows") or 10_000),
+                options.get("monitoring_url") or defaults.log_url,
+                sensitive=options.get("sensitive_columns") or (),
+                sensitive_mode=options.get("sensitive_mode") or defaults.sensitive_mode,
+                capacity=int(options.get("monitoring_queue_rows") or defaults.queue_rows),
             )
         if os.environ.get("MLOPS_FAST_SERVING", "1") != "0" and _SERVER_MODEL_PATH_ENV in os.environ:
             from mlops.serving.fastpath import install
