@@ -83,7 +83,7 @@ def ours(trials: int, log: bool, work: Path):
 
 
 def fixed_trials(n: int) -> list[dict]:
-    from mlops.tuning import _suggest
+    from mlops.tuning.search import _suggest
 
     space = load_config(overrides=["model.family=hist_gb"]).tuning.search_space
     draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -10,11 +10,14 @@ import functools
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
 from mlops.errors import MlopsError
+
+if TYPE_CHECKING:
+    from mlops.config import Config
 
 
 def _common_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,13 +35,21 @@ def _common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def build_config(config_path: str | None, overrides: Sequence[str], **named: Any):
-    """The Config from a YAML path, ``--set`` pairs and the named options that were given."""
+_NAMED_KEYS = {"dataset": "data.dataset", "target": "data.target", "seed": "seed", "model": "model.family",
+               "n_trials": "tuning.n_trials", "timeout": "tuning.timeout", "storage": "tuning.storage",
+               "study_name": "tuning.study_name"}
+
+
+def build_config(config_path: str | None, overrides: Sequence[str], **named: Any) -> Config:
+    """The Config from a YAML path, ``--set`` pairs (read as YAML) and the typed named options.
+
+    A named option's value is used as click typed it (``--target yes`` is the string "yes"),
+    never re-read as YAML; it wins over a ``--set`` of the same key.
+    """
     from mlops.config import load_config
 
-    keys = {"dataset": "data.dataset", "target": "data.target", "seed": "seed", "model": "model.family"}
-    pairs = [f"{keys[k]}={v}" for k, v in named.items() if v not in (None, "")]
-    return load_config(config_path or None, [*pairs, *overrides])
+    values = {_NAMED_KEYS[k]: v for k, v in named.items() if v not in (None, "")}
+    return load_config(config_path or None, list(overrides), values=values)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +85,8 @@ def prepare(config_path: str | None, dataset: str | None, target: str | None, se
     with step_run(config, run_name="prepare") as run:
         import mlflow
 
-        mlflow.log_params({k: v for k, v in config.flat().items() if k.startswith(("data.", "seed"))})
+        mlflow.log_params(config.params(model_params=False))
+        mlflow.log_text(config.to_yaml(), "config.yaml")
         split = data.prepare(config)
         data.log_split(split, with_files=True)
     click.echo(
@@ -123,11 +135,14 @@ def train(config_path: str | None, dataset: str | None, target: str | None, seed
 @click.option("--monitor/--no-monitor", "monitor", default=None,
               help="Log every prediction for `mlops monitor` (default: as logged, monitoring.enabled).")
 @click.option("--log-url", default=None, help="SQLAlchemy URL of the prediction log (default: as logged).")
-@click.option("--dry-run", is_flag=True, help="Print the mlflow command instead of running it.")
+@click.option("--dry-run", is_flag=True, help="Print what would be served instead of serving it.")
 def serve(name: str | None, alias: str, version: str | None, host: str, port: int, workers: int,
           max_rows: int | None, impute_missing: bool | None, monitor: bool | None, log_url: str | None,
           dry_run: bool) -> None:
-    """Serve a registered model over REST with `mlflow models serve`.
+    """Serve a registered model over REST: MLflow's scoring protocol, stopped gracefully.
+
+    The same routes, input formats and errors as `mlflow models serve`; a graceful stop
+    (SIGTERM, Ctrl-C) flushes the prediction log after the last answer.
 
     \b
     Example:
@@ -136,29 +151,22 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
              -d '{"dataframe_records": [{"x1": 0.3, "x2": 1.2}]}'
     """
     import json
-    import os
-    import subprocess
 
     from mlops.config import load_config
+    from mlops.serving.server import serve as run_server
 
     name = name or load_config().registry.model_name
     uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-               "-h", host, "-p", str(port), "--workers", str(workers)]
-    env = dict(os.environ)
-    # mlflow starts `uvicorn` by name: it must be the one installed beside this Python
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     options = {k: v for k, v in {"max_rows": max_rows, "impute_missing": impute_missing, "monitoring": monitor,
                                  "monitoring_url": log_url}.items() if v is not None}
     if options:
-        env["SERVING_MODEL_CONFIG"] = json.dumps(options)
-    click.echo(" ".join(command) + (f"  (model config {options})" if options else ""), err=True)
+        os.environ["SERVING_MODEL_CONFIG"] = json.dumps(options)  # read by each worker's model load
+    shown = {k: ("***" if k == "monitoring_url" else v) for k, v in options.items()}
+    click.echo(f"serving {uri} on http://{host}:{port} with {workers} worker(s)"
+               + (f" (model config {shown})" if options else ""), err=True)
     if dry_run:
         return
-    try:
-        raise SystemExit(subprocess.call(command, env=env))
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    run_server(uri, host=host, port=port, workers=workers)
 
 
 @cli.command()
@@ -188,10 +196,8 @@ def tune(config_path: str | None, dataset: str | None, target: str | None, seed:
 
     if not no_progress:  # the progress bar says it; per-trial log lines would break it up
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    extra = [f"tuning.{k}={v}" for k, v in
-             {"n_trials": n_trials, "timeout": timeout, "storage": storage, "study_name": study_name}.items()
-             if v not in (None, "")]
-    config = build_config(config_path, [*extra, *overrides], dataset=dataset, target=target, seed=seed, model=model)
+    config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed, model=model,
+                          n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name)
     result = run_tuning(config, progress=not no_progress)
     click.echo(f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
                f"{result.n_failed} failed; parent run {result.parent_run_id}")
@@ -199,7 +205,7 @@ def tune(config_path: str | None, dataset: str | None, target: str | None, seed:
         click.echo(f"best trial {result.best_trial}: validation_{result.metric}={result.best_value:.4f} {result.best_params}")
     if result.model_uri:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()))
-        click.echo(f"best retrained on train+validation: {shown}; model {result.model_uri}"
+        click.echo(f"best retrained on the training split: {shown}; model {result.model_uri}"
                    + (f", registered as {config.registry.model_name} version {result.registered_version}"
                       if result.registered_version else ""))
 
@@ -236,6 +242,7 @@ def evaluate(name: str | None, version: str, to: str, config_path: str | None) -
 
     config = _registry_config(config_path)
     name = name or config.registry.model_name
+    _name_project_run(f"evaluate-{name}-v{version}")
     gates = run_gates(config, name, version, to)
     click.echo(f"gates for {name} version {version} -> {to}:")
     _print_gates(gates)
@@ -264,6 +271,7 @@ def promote(name: str | None, version: str, to: str, reason: str | None, force: 
 
     config = _registry_config(config_path)
     name = name or config.registry.model_name
+    _name_project_run(f"promote-{name}-v{version}")
     try:
         result = run_promotion(config, name, version, to, reason=reason, force=force)
     except GateFailed as exc:
@@ -273,6 +281,15 @@ def promote(name: str | None, version: str, to: str, reason: str | None, force: 
     _print_gates(result.gates)
     click.echo(f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
                f"audit #{result.audit_id} by {result.who}")
+
+
+def _name_project_run(run_name: str) -> None:
+    """Under `mlflow run`, give the run MLflow made for this step a readable name."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        import mlflow
+
+        mlflow.MlflowClient().update_run(run_id, name=run_name)
 
 
 @cli.command()
@@ -317,10 +334,11 @@ def status(name: str | None, config_path: str | None) -> None:
 
     name = name or _registry_config(config_path).registry.model_name
     rows = read_status(name)
-    click.echo(f"{'version':>7}  {'aliases':<20} {'stage':<10} {'created (UTC)':<19}  {'data hash':<12}  metrics")
+    click.echo(f"{'version':>7}  {'family':<14} {'task':<14} {'aliases':<20} {'stage':<10} {'created (UTC)':<19}  "
+               f"{'data hash':<12}  metrics")
     for r in rows:
         shown = ", ".join(f"{k}={val:.4f}" for k, val in r.metrics.items() if k.startswith("test_"))
-        click.echo(f"{r.version:>7}  {','.join(r.aliases) or '-':<20} {r.stage:<10} "
+        click.echo(f"{r.version:>7}  {r.family:<14} {r.task:<14} {','.join(r.aliases) or '-':<20} {r.stage:<10} "
                    f"{r.created:%Y-%m-%d %H:%M:%S}  {(r.data_hash or '-')[:12]:<12}  {shown}")
 
 
@@ -375,6 +393,7 @@ def monitor(name: str | None, window: str | None, every: str | None, count: int 
 
     config = build_config(config_path, overrides)
     name = name or config.registry.model_name
+    _name_project_run(f"monitor-{name}")
     interval = parse_duration(every, "--every") if every else None
     done = 0
     while True:
@@ -453,18 +472,37 @@ def entry_point(command: str) -> Callable[[], None]:
 
 
 def _run_entry(command: str) -> None:
-    # MLproject passes every parameter: an empty value means "not set, use the config", and
-    # --overrides carries space-separated key=value pairs.
-    args, argv = [], list(sys.argv[1:])
-    while argv:
-        arg = argv.pop(0)
-        value = argv.pop(0) if arg.startswith("--") and argv and not argv[0].startswith("--") else None
-        if value in (None, ""):
-            if not arg.startswith("--"):
+    args = entry_args(command, sys.argv[1:])
+    main([command, *args])
+
+
+def entry_args(command: str, argv: Sequence[str]) -> list[str]:
+    """The ``mlops COMMAND`` arguments for what an MLproject entry point passed.
+
+    MLproject passes every parameter as ``--name value``: an empty value means "not set, use
+    the config"; ``--overrides`` holds ``key=value`` pairs split as a shell would split them
+    (quote a value with spaces: ``'model.params.hidden_units=[64, 32]'``); the command's flags
+    (``--no-progress``) take no value.
+    """
+    import shlex
+
+    flags = {opt for p in cli.commands[command].params if isinstance(p, click.Option) and p.is_flag for opt in p.opts}
+    args, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in flags or not arg.startswith("--"):
+            if arg:
                 args.append(arg)
             continue
+        value = rest.pop(0) if rest else ""
+        if value == "":
+            continue
         if arg == "--overrides":
-            args += [f"--set={pair}" for pair in value.split()]
+            try:
+                pairs = shlex.split(value)
+            except ValueError as exc:
+                raise SystemExit(f"error: overrides: {exc} in {value!r}; quote each key=value as a shell would")
+            args += [f"--set={pair}" for pair in pairs]
         else:
             args += [arg, value]
-    main([command, *args])
+    return args

@@ -19,7 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlops.errors import ConfigError
 
-_PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+# the defaults ship inside the package (mlops/conf in a wheel; the checkout's conf/ otherwise)
+_INSTALLED_CONF = Path(__file__).resolve().parent / "conf"
+_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_ARTIFACT = "config.yaml"  # the full resolved config, logged on every training and tuning run
 
 
 class _Strict(BaseModel):
@@ -82,7 +85,8 @@ class ProductionGates(_Strict):
 
 class RegistryConfig(_Strict):
     model_name: str = "mlops-model"
-    audit_url: str = "sqlite:///mlops.db"
+    # None: beside the tracking store (see mlops.tracking.project_store_url)
+    audit_url: str | None = None
     staging: StagingGates = Field(default_factory=StagingGates)
     production: ProductionGates = Field(default_factory=ProductionGates)
 
@@ -186,7 +190,7 @@ def parse_duration(text: str | float | int, what: str = "window") -> float:
 
 class MonitoringConfig(_Strict):
     enabled: bool = False                 # log every served prediction (model config of the logged model)
-    log_url: str = "sqlite:///predictions.db"   # SQLAlchemy URL of the prediction log
+    log_url: str | None = None            # SQLAlchemy URL of the prediction log; None: beside the tracking store
     sensitive_columns: list[str] = Field(default_factory=list)
     sensitive_mode: Literal["hash", "mask"] = "hash"
     queue_rows: int = Field(10_000, gt=0)  # rows buffered in the server process before new ones are dropped
@@ -220,30 +224,66 @@ class Config(_Strict):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     def flat(self) -> dict[str, Any]:
-        """The config as ``{"dotted.key": value}``, ready for ``mlflow.log_params``."""
+        """The config as ``{"dotted.key": value}``."""
         return _flatten(self.model_dump())
+
+    def params(self, *, tuning: bool = False, model_params: bool = True) -> dict[str, Any]:
+        """What a person compares between runs: model, data and split (and search) settings.
+
+        Everything else (gates, monitoring rules, stores) is in the run's ``config.yaml``.
+        """
+        out: dict[str, Any] = {"model.family": self.model.family, "seed": self.seed,
+                               "data.dataset": self.data.dataset, "data.target": self.data.target,
+                               "data.task": self.data.task, "data.categorical": ",".join(self.data.categorical),
+                               "data.split": f"{self.data.split.train:g}/{self.data.split.validation:g}/"
+                                             f"{self.data.split.test:g}"}
+        if model_params:
+            out.update({f"model.params.{k}": v for k, v in sorted(self.model.params.items())})
+        if tuning:
+            t = self.tuning
+            out.update({"tuning.n_trials": t.n_trials, "tuning.timeout": t.timeout, "tuning.sampler": t.sampler,
+                        "tuning.pruner": t.pruner, "tuning.cv_folds": t.cv_folds,
+                        "tuning.search_space": ",".join(sorted(t.search_space))})
+        return {k: ("" if v is None else v) for k, v in out.items()}
+
+    def to_yaml(self) -> str:
+        """The whole resolved config as YAML (what ``read_resolved_config`` reads back)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 def conf_dir() -> Path:
-    """The folder holding the YAML files: ``$MLOPS_CONF_DIR``, ``./conf`` or the project's."""
+    """The folder holding the YAML files: ``$MLOPS_CONF_DIR``, ``./conf`` or the packaged defaults."""
     env = os.environ.get("MLOPS_CONF_DIR")
     if env:
         return Path(env)
-    local = Path.cwd() / "conf"
-    if (local / "default.yaml").is_file():
-        return local
-    return _PACKAGE_CONF
+    for folder in (Path.cwd() / "conf", _INSTALLED_CONF, _SOURCE_CONF):
+        if (folder / "default.yaml").is_file():
+            return folder
+    raise ConfigError(f"no conf/default.yaml found in ./conf, {_INSTALLED_CONF} or {_SOURCE_CONF}; "
+                      "reinstall mlops or set MLOPS_CONF_DIR to a folder holding default.yaml")
+
+
+def read_resolved_config(path: str | os.PathLike[str]) -> Config:
+    """A config written by :meth:`Config.to_yaml` (a run's ``config.yaml``), validated as it is."""
+    try:
+        return Config.model_validate(_read_yaml(Path(path)))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, Path(path))) from None
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Iterable[str] | dict[str, Any] = (),
+    *,
+    values: dict[str, Any] | None = None,
 ) -> Config:
     """Load, merge and validate the configuration.
 
     Args:
         path: the experiment YAML; ``conf/default.yaml`` when omitted.
-        overrides: ``"data.dataset=sklearn:wine"``-style strings, or a dict of dotted keys.
+        overrides: ``"data.dataset=sklearn:wine"``-style strings (values read as YAML), or a
+            dict of dotted keys.
+        values: dotted keys with values already typed (a CLI option's), applied last as they are.
 
     Example:
         >>> cfg = load_config(overrides=["model.family=random_forest", "seed=7"])
@@ -251,7 +291,7 @@ def load_config(
     base_dir = conf_dir()
     cfg_path = Path(path) if path else base_dir / "default.yaml"
     raw = _read_yaml(cfg_path)
-    pairs = _parse_overrides(overrides)
+    pairs = {**_parse_overrides(overrides), **(values or {})}
 
     family = pairs.get("model.family", raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None)
     family = family or ModelConfig.model_fields["family"].default

@@ -222,6 +222,13 @@ def clean(frame: pd.DataFrame, target: str, categorical: list[str]) -> tuple[pd.
     return frame.reset_index(drop=True), n_dupes
 
 
+def encode_target(split: DatasetSplit, y: pd.Series) -> np.ndarray:
+    """Class labels as integer codes in ``split.classes`` order; regression targets as floats."""
+    if split.task == "classification":
+        return np.searchsorted(np.asarray(split.classes), y.to_numpy().astype(str))
+    return y.to_numpy(dtype=float)
+
+
 def content_hash(frame: pd.DataFrame) -> str:
     """SHA-256 of the cleaned data: column names, dtypes and every value, order included."""
     digest = hashlib.sha256()
@@ -253,7 +260,8 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
         _log_input(dataset, context, split.content_hash)
-    mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source})
+    mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source,
+                     "mlops.task": split.task})
     mlflow.log_params({"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task})
     mlflow.log_metrics(
         {

@@ -1,15 +1,18 @@
 """SQLAlchemy engines for the project's own tables (audit trail, prediction log), one way.
 
 Every store is reached by a URL (SQLite by default, PostgreSQL in production); messages show
-it with the password masked.
+it with the password masked. The tables carry a schema version and are migrated when a store
+is opened (:mod:`mlops.migrations`).
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
 from mlops.errors import MlopsError
+from mlops.migrations import SchemaError, history_of, upgrade
 
 
 def mask_url(url: str) -> str:
@@ -20,7 +23,8 @@ def mask_url(url: str) -> str:
         return "<invalid URL>"
 
 
-def create_engine(url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30, wal: bool = False) -> sa.Engine:
+def create_engine(url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30,
+                  wal: bool = False) -> sa.Engine:
     """An engine that fails fast on an unreachable server and waits out SQLite's write lock.
 
     ``wal``: a SQLite file is put in write-ahead-log mode (it stays so), where readers and the
@@ -37,14 +41,31 @@ def create_engine(url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 
 
 
 def open_tables(url: str, metadata: sa.MetaData, *, key: str, what: str,
-                error: type[MlopsError] = MlopsError, sqlite_timeout: int = 30, wal: bool = False) -> sa.Engine:
-    """An engine for ``url`` with ``metadata``'s tables created; ``error`` names ``key`` if it cannot."""
+                error: type[MlopsError] = MlopsError, sqlite_timeout: int = 30,
+                wal: bool = False) -> sa.Engine:
+    """An engine for ``url`` with ``metadata``'s tables at their schema head; else ``error``, naming ``key``.
+
+    The tables are created, adopted (made by an mlops without schema versions) or upgraded by
+    the migration history that owns them (:mod:`mlops.migrations`); an open that finds them at
+    the head costs one query.
+    """
+    history = history_of(metadata.tables).name
+    engine = None
     try:
         engine = create_engine(url, sqlite_timeout=sqlite_timeout, wal=wal)
-        metadata.create_all(engine)
-    except (SQLAlchemyError, ImportError) as exc:
+        upgrade(engine, history)
+    except SchemaError as exc:
+        _dispose(engine)
+        raise error(f"{key}: the {what} {mask_url(url)} cannot be used: {exc}") from None
+    except (SQLAlchemyError, ImportError, CommandError) as exc:
+        _dispose(engine)
         raise error(
             f"{key}: cannot open the {what} {mask_url(url)} ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0]}); check the URL and that the database is reachable"
         ) from None
     return engine
+
+
+def _dispose(engine: sa.Engine | None) -> None:
+    if engine is not None:
+        engine.dispose()

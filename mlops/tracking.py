@@ -1,50 +1,102 @@
-"""MLflow run handling shared by every step: experiment choice, run start, failure status."""
+"""MLflow run handling shared by every step: experiments, step runs, ending runs, model files.
+
+Each concept lives here once: creating an experiment (tolerating a worker that creates it at
+the same moment), starting or resuming the run of a step under a readable name, ending runs
+that are still RUNNING, and fetching one file of a registered model version.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from mlops.config import Config
+from mlops.config import CONFIG_ARTIFACT, Config
 
 logger = logging.getLogger(__name__)
+
+GIT_COMMIT_TAG = "mlops.git_commit"
+STEP_TAG = "mlops.step"
+
+
+def ensure_experiment(name: str, client: mlflow.MlflowClient | None = None) -> str:
+    """The id of experiment ``name``, created if missing (another process may create it meanwhile)."""
+    client = client or mlflow.MlflowClient()
+    for _ in range(3):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            time.sleep(0.1)  # another worker created it between our lookup and our create: use theirs
+    raise MlflowException(f"experiment '{name}' could not be created or found")
 
 
 @contextmanager
 def step_run(config: Config, run_name: str) -> Iterator[Run]:
-    """Start (or, under ``mlflow run``, resume) the run of one step.
+    """Start (or, under ``mlflow run``, resume) the run of one step, named ``run_name``.
 
     The experiment comes from the config unless ``mlflow run`` already created the run (it
-    passes ``MLFLOW_RUN_ID``). Any exception ends the run as FAILED, so no half-finished run
-    stays RUNNING.
+    passes ``MLFLOW_RUN_ID``); that run gets ``run_name`` too, in place of MLflow's random
+    one. Any exception ends the run as FAILED, so no half-finished run stays RUNNING.
     """
     active = mlflow.active_run()
     if active is not None:
         yield active
         return
-    resumed = bool(os.environ.get("MLFLOW_RUN_ID"))
-    if not resumed:
-        try:
-            mlflow.set_experiment(config.experiment)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            # another worker created it between our lookup and our create: use theirs
-            mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=None if resumed else run_name) as run:
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    experiment_id = None if resumed else ensure_experiment(config.experiment)
+    with mlflow.start_run(run_id=resumed or None, experiment_id=experiment_id, run_name=run_name) as run:
+        if resumed:
+            mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
         commit = git_commit()
+        tags = {STEP_TAG: run_name.split("-")[0]}
         if commit:
-            mlflow.set_tag("mlops.git_commit", commit)
-        mlflow.set_tag("mlops.step", run_name)
-        yield run
+            tags[GIT_COMMIT_TAG] = commit
+        mlflow.set_tags(tags)
+        yield mlflow.get_run(run.info.run_id)
+
+
+def log_config(config: Config, *, tuning: bool = False, model_params: bool = True) -> None:
+    """Log the params a person compares, and the full resolved config as ``config.yaml``."""
+    mlflow.log_params(config.params(tuning=tuning, model_params=model_params))
+    mlflow.set_tag("mlops.family", config.model.family)
+    mlflow.log_text(config.to_yaml(), CONFIG_ARTIFACT)
+
+
+def end_runs(client: mlflow.MlflowClient, run_ids: Iterable[str], status: str = "FAILED") -> list[str]:
+    """End every run of ``run_ids`` that is still RUNNING with ``status``; the ids it ended.
+
+    Clean-up must not fail the caller: a run that cannot be read or ended is logged and skipped.
+    """
+    ended = []
+    for run_id in dict.fromkeys(r for r in run_ids if r):
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+                ended.append(run_id)
+        except MlflowException as exc:
+            logger.warning("could not end run %s as %s: %s", run_id, status, exc)
+    return ended
+
+
+def download_model_file(name: str, version: str, path: str, dst: str | os.PathLike[str]) -> str:
+    """Download one file (``path`` inside the model directory) of a registered model version."""
+    uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{path}", dst_path=str(dst))
 
 
 def git_commit() -> str | None:
@@ -56,4 +108,35 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def project_store_url(configured: str | None, filename: str) -> str:
+    """The URL of one of the project's own stores (audit trail, prediction log).
+
+    An explicit URL is used as it is. Otherwise the store lives with the tracking store, so
+    every command that uses one tracking store shares one audit trail and one lock, whatever
+    its working directory: a SQLite tracking file gets ``filename`` beside it; a database
+    server holds the project's tables (all named ``mlops_*``) itself; any other store (an
+    HTTP tracking server, a folder) gets a fixed per-user file for that store.
+    """
+    if configured:
+        return configured
+    import hashlib
+
+    import sqlalchemy as sa
+
+    tracking = mlflow.get_tracking_uri()
+    try:
+        url = sa.engine.make_url(tracking)
+    except sa.exc.ArgumentError:
+        url = None
+    if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).expanduser().resolve().parent
+        return f"sqlite:///{folder / filename}"
+    if url is not None and url.get_backend_name() in ("postgresql", "mysql", "mssql"):
+        return tracking
+    key = hashlib.sha256(tracking.encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("MLOPS_HOME", Path.home() / ".mlops")) / "stores" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / filename}"

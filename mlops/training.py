@@ -23,10 +23,11 @@ from sklearn.preprocessing import label_binarize  # noqa: E402
 
 from mlops import data as data_step  # noqa: E402
 from mlops.config import Config  # noqa: E402
-from mlops.data import DatasetSplit  # noqa: E402
+from mlops.data import DatasetSplit, encode_target  # noqa: E402
+from mlops.metrics import evaluate  # noqa: E402
 from mlops.models import build_model, fit_model  # noqa: E402
-from mlops.serving import log_model  # noqa: E402
-from mlops.tracking import step_run  # noqa: E402
+from mlops.serving.flavor import log_model  # noqa: E402
+from mlops.tracking import log_config, step_run  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def train(config: Config, split: DatasetSplit | None = None, *, register: bool =
         >>> result.metrics["test_accuracy"]
     """
     with step_run(config, run_name=f"train-{config.model.family}") as run:
-        mlflow.log_params(config.flat())
+        log_config(config)
         if split is None:
             split = data_step.prepare(config)
         data_step.log_split(split)
@@ -94,7 +95,7 @@ def fit_and_evaluate(config: Config, split: DatasetSplit, *, log: bool = True) -
 
     fit_model(
         pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
-        on_epoch_end=on_epoch_end if log else None,
+        on_epoch_end=on_epoch_end if log else None, family=config.model.family,
     )
     metrics: dict[str, float] = {}
     for part in ("validation", "test"):
@@ -106,41 +107,6 @@ def fit_and_evaluate(config: Config, split: DatasetSplit, *, log: bool = True) -
         if epochs is not None:
             mlflow.log_metric("epochs_trained", epochs)
     return pipeline, metrics
-
-
-def encode_target(split: DatasetSplit, y: pd.Series) -> np.ndarray:
-    """Class labels as integer codes in ``split.classes`` order; regression targets as floats."""
-    if split.task == "classification":
-        return np.searchsorted(np.asarray(split.classes), y.to_numpy().astype(str))
-    return y.to_numpy(dtype=float)
-
-
-def evaluate(pipeline: Any, split: DatasetSplit, X: pd.DataFrame, y: pd.Series) -> dict[str, float]:
-    """Task metrics: accuracy, F1, ROC AUC, log loss; or RMSE, MAE, R²."""
-    y_true = encode_target(split, y)
-    if split.task == "regression":
-        pred = pipeline.predict(X)
-        return {
-            "rmse": float(np.sqrt(skm.mean_squared_error(y_true, pred))),
-            "mae": float(skm.mean_absolute_error(y_true, pred)),
-            "r2": float(skm.r2_score(y_true, pred)),
-        }
-    n_classes = len(split.classes or ())
-    pred = np.asarray(pipeline.predict(X)).astype(int)
-    out = {
-        "accuracy": float(skm.accuracy_score(y_true, pred)),
-        "f1": float(skm.f1_score(y_true, pred, average="binary" if n_classes == 2 else "macro")),
-    }
-    if hasattr(pipeline, "predict_proba"):
-        proba = pipeline.predict_proba(X)
-        labels = list(range(n_classes))
-        out["log_loss"] = float(skm.log_loss(y_true, proba, labels=labels))
-        if len(np.unique(y_true)) == n_classes:
-            out["roc_auc"] = float(
-                skm.roc_auc_score(y_true, proba[:, 1]) if n_classes == 2
-                else skm.roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
-            )
-    return out
 
 
 def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
@@ -181,6 +147,9 @@ def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
                 if onehot[:, i].any() and not onehot[:, i].all():
                     skm.RocCurveDisplay.from_predictions(onehot[:, i], proba[:, i], name=f"{cls} vs rest", ax=ax)
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+        # scikit-learn labels the axes with the class code ("Positive label: 1"): name the class
+        positive = f"positive class: {classes[1]}" if len(classes) == 2 else "each class vs the rest"
+        ax.set(xlabel=f"False positive rate ({positive})", ylabel=f"True positive rate ({positive})")
         ax.set_title("ROC curve (test)")
         fig.tight_layout()
         mlflow.log_figure(fig, "plots/roc_curve.png")

@@ -108,3 +108,91 @@ def test_mlflow_run_entry_point_failure_is_marked_failed(tracking_uri: str, tmp_
     assert "error: model.family: unknown model family 'bogus'" in proc.stderr
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_names_its_run_and_keeps_params_readable(tracking_uri: str, tmp_path: Path) -> None:
+    """What a person sees in the UI: a named run, few params, the whole config as an artifact."""
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.run([mlflow_bin, "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlops",
+                           "-P", "overrides=seed=3 'model.params.max_iter=300'"],
+                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_name == "train-logreg"
+    assert run.data.params["model.params.max_iter"] == "300" and run.data.params["seed"] == "3"
+    assert len(run.data.params) <= 40, sorted(run.data.params)
+    assert not [k for k in run.data.params if k.startswith(("monitoring", "registry", "serving", "max_rows"))]
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
+                                               dst_path=str(tmp_path / "cfg"))
+    from mlops.config import read_resolved_config
+
+    resolved = read_resolved_config(path)
+    assert resolved.seed == 3 and resolved.model.params["max_iter"] == 300
+
+
+@pytest.mark.slow
+def test_mlflow_run_tune_then_promote_to_staging_passes_the_default_gates(
+        tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The flow across commands: `mlflow run . -e tune`, then `mlops promote ... --to staging`."""
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.run([mlflow_bin, "run", str(REPO), "-e", "tune", "--env-manager", "local",
+                           "--experiment-name", "mlops", "-P", "n_trials=4"],
+                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trials:" not in proc.stderr  # MLproject's --no-progress reached the command: no progress bar
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions("name = 'mlops-model'")
+    parent = client.get_run(version.run_id)
+    assert parent.info.run_name == "tune-logreg"
+    # honest: measured on the validation split, which the retrained model never saw
+    assert parent.data.metrics["validation_accuracy"] > 0.8 and "test_accuracy" in parent.data.metrics
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in trials) == [f"trial-{i}" for i in range(4)]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+
+    code, out, err = run_cli(["promote", "mlops-model", "--version", str(version.version), "--to", "staging"], capsys)
+    assert code == 0, err
+    assert "staging is now version" in out
+    assert client.get_model_version_by_alias("mlops-model", "staging").version == version.version
+
+
+def test_named_options_are_typed_values_not_yaml(tmp_path: Path) -> None:
+    """`--target yes` is the column "yes", `--dataset 2024` the file "2024": never re-read as YAML."""
+    from mlops.cli import build_config
+
+    config = build_config(None, ["data.task=classification"], dataset="2024", target="yes", seed=7)
+    assert config.data.dataset == "2024" and config.data.target == "yes" and config.seed == 7
+    config = build_config(None, [], target="1")
+    assert config.data.target == "1"
+
+
+def test_entry_point_arguments_split_like_a_shell_and_keep_flags() -> None:
+    from mlops.cli import entry_args
+
+    args = entry_args("tune", ["--model", "", "--n-trials", "5", "--overrides",
+                               "'model.params.hidden_units=[64, 32]' seed=3", "--no-progress"])
+    assert args == ["--n-trials", "5", "--set=model.params.hidden_units=[64, 32]", "--set=seed=3", "--no-progress"]
+    with pytest.raises(SystemExit, match="quote"):
+        entry_args("train", ["--overrides", "'unclosed"])
+
+
+def test_audit_trail_follows_the_tracking_store_not_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops.tracking import project_store_url
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    seen = set()
+    for cwd in (tmp_path, store, Path("/")):
+        monkeypatch.chdir(cwd)
+        seen.add(project_store_url(None, "mlops.db"))
+    assert seen == {f"sqlite:///{store / 'mlops.db'}"}
+    assert project_store_url("sqlite:///elsewhere.db", "mlops.db") == "sqlite:///elsewhere.db"
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    server_store = project_store_url(None, "mlops.db")
+    assert server_store.startswith(f"sqlite:///{tmp_path / 'home'}") and server_store == project_store_url(None, "mlops.db")

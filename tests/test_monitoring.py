@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from mlops import registry
 from mlops.config import load_config
 from mlops.errors import ConfigError, DataValidationError
+from mlops.monitoring import drift
 from mlops.monitoring import profile as prof
 from mlops.monitoring import read_labels
 from mlops.monitoring.checks import check, evaluate_rules, parse_duration
@@ -374,13 +375,13 @@ def test_monitor_every_runs_a_check_per_interval_until_its_count(store: dict) ->
 def test_psi_and_ks_separate_a_shift_from_sampling_noise() -> None:
     rng = np.random.default_rng(0)
     reference = prof.numeric_reference(rng.normal(size=5000), bins=10)
-    same = prof.numeric_drift(reference, rng.normal(size=1000))
-    shifted = prof.numeric_drift(reference, rng.normal(loc=0.8, size=1000))
+    same = drift.numeric_drift(reference, rng.normal(size=1000))
+    shifted = drift.numeric_drift(reference, rng.normal(loc=0.8, size=1000))
     assert same["psi"] < 0.05 and same["ks"] < 0.06 and same["ks_pvalue"] > 0.01
     assert shifted["psi"] > 0.4 and shifted["ks"] > 0.25 and shifted["ks_pvalue"] < 1e-6
     cats = prof.categorical_reference(["a"] * 50 + ["b"] * 50)
-    assert prof.categorical_drift(cats, ["a"] * 48 + ["b"] * 52)["psi"] < 0.01
-    assert prof.categorical_drift(cats, ["a"] * 30 + ["c"] * 70)["psi"] > 1.0  # a category never seen
+    assert drift.categorical_drift(cats, ["a"] * 48 + ["b"] * 52)["psi"] < 0.01
+    assert drift.categorical_drift(cats, ["a"] * 30 + ["c"] * 70)["psi"] > 1.0  # a category never seen
 
 
 def test_rules_pick_the_worst_metric_and_respect_the_side() -> None:

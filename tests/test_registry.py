@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from mlops.audit import AuditLog
+from mlops.registry.audit import AuditLog
 from mlops.cli import main
 from mlops.config import load_config
 from mlops.errors import ConfigError, GateFailed, RegistryError
@@ -69,10 +70,15 @@ def test_staging_then_production_with_audit_and_stage_mirror(versions) -> None:
     assert [(r.who, r.action, r.outcome, r.target, r.from_version, r.to_version) for r in rows] == [
         ("alice", "promote", "done", "staging", None, "1"), ("bob", "promote", "done", "production", None, "1")]
     assert rows[0].reason == "first candidate"
-    tags = mlflow.MlflowClient().get_model_version(NAME, "1").tags
-    audit_tags = [json.loads(v) for k, v in tags.items() if k.startswith("mlops.audit.")]
-    assert sorted((t["target"], t["outcome"], t["who"]) for t in audit_tags) == [
-        ("production", "done", "bob"), ("staging", "done", "alice")]
+    version = mlflow.MlflowClient().get_model_version(NAME, "1")
+    # one compact tag: the latest change; the full record stays in the audit table
+    assert not [k for k in version.tags if k.startswith("mlops.audit.")]
+    assert version.tags["mlops.last_change"].startswith("promote to production done by bob at ")
+    assert f"(audit #{rows[1].id})" in version.tags["mlops.last_change"]
+    assert version.tags["mlops.family"] == "logreg" and version.tags["mlops.task"] == "classification"
+    assert version.description.startswith("logreg (classification) registered by ")
+    assert "validation_accuracy" in version.description
+    assert mlflow.MlflowClient().get_registered_model(NAME).description.startswith("logreg for classification")
 
 
 class _no_future_warning:
@@ -192,7 +198,7 @@ def test_cli_refusal_prints_each_gate_and_exits_1(versions, tmp_path: Path, caps
     main(["audit", "--config", str(conf)])
     out = capsys.readouterr().out
     assert "staging is now version 1" in out
-    assert "      1  staging" in out and "test_accuracy=" in out
+    assert re.search(r"^\s+1  logreg\s+classification\s+staging ", out, re.M) and "test_accuracy=" in out
     assert "promote refused: production - -> 2" in out and "promote done: staging - -> 1" in out
 
 

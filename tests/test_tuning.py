@@ -52,7 +52,7 @@ def test_trials_faster_than_the_store_still_get_complete_runs(writer: str, tmp_p
     if writer == "process":
         _slow_store(tmp_path, monkeypatch, 0.4)  # trials of this size take a few ms
     else:  # the in-process writer's store calls, slowed the same way
-        from mlops import trial_runs
+        from mlops.tuning import trial_runs
 
         real_open = trial_runs._open_run
 
@@ -101,7 +101,7 @@ def _trial_runs_of(parent_id: str) -> dict[int, mlflow.entities.Run]:
 def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
     """The writer process is SIGKILLed mid-search: what it had not confirmed, and every later
     trial, is written by the tuning process itself; no run is lost, doubled or left RUNNING."""
-    from mlops.trial_runs import TrialRuns
+    from mlops.tuning.trial_runs import TrialRuns
 
     mlflow.set_experiment("writer-dies")
     with mlflow.start_run() as parent:
@@ -122,7 +122,7 @@ def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
         time.sleep(0.5)  # the reader notices the exit
         second = study.ask()
         runs.open(second, int(time.time() * 1000))
-        runs.finish(second.number, [], {"C": "2.0"}, "PRUNED", "KILLED", int(time.time() * 1000))
+        runs.finish(second.number, [], {"C": "2.0"}, "PRUNED", "FINISHED", int(time.time() * 1000))
         study.tell(second, state=TrialState.PRUNED)
         runs.close()
         assert not runs.errors
@@ -130,7 +130,7 @@ def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
     assert sorted(by_number) == [0, 1]
     assert by_number[0].info.status == "FINISHED" and by_number[0].data.params == {"C": "1.0"}
     assert by_number[0].data.metrics == {"cv_accuracy": 0.5, "validation_accuracy": 0.75}
-    assert by_number[1].info.status == "KILLED" and by_number[1].data.tags["mlops.trial_state"] == "PRUNED"
+    assert by_number[1].info.status == "FINISHED" and by_number[1].data.tags["mlops.trial_state"] == "PRUNED"
     if kill_after == "open confirmed":  # the run the process opened is the one finished
         assert study.trials[0].user_attrs["mlflow_run_id"] == by_number[0].info.run_id
 
@@ -173,8 +173,10 @@ def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
     client = mlflow.MlflowClient()
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["best_C"] == str(result.best_params["C"])
-    assert parent.data.metrics["best_validation_accuracy"] == pytest.approx(result.best_value)
+    # the parent holds the retrained best model: its params are the best trial's
+    assert parent.data.params["model.params.C"] == str(result.best_params["C"])
+    assert "best_C" not in parent.data.params
+    assert parent.data.metrics["best_trial_accuracy"] == pytest.approx(result.best_value)
     assert parent.data.tags["mlops.best_trial"] == str(result.best_trial)
     files = {a.path for a in client.list_artifacts(result.parent_run_id, "study")}
     assert {"study/trials.csv", "study/optimization_history.png", "study/param_importances.png"} <= files
@@ -186,7 +188,7 @@ def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
         state = run.data.tags["mlops.trial_state"]
         assert "C" in run.data.params
         if state == "PRUNED":
-            assert run.info.status == "KILLED"
+            assert run.info.status == "FINISHED"
         else:
             assert state == "COMPLETE" and run.info.status == "FINISHED"
             assert "validation_accuracy" in run.data.metrics

@@ -36,7 +36,7 @@ def test_numpy_preprocessing_matches_scikit_learn(trained) -> None:
     X.loc[3, "color"] = "purple"  # unseen category
     X["color"] = X["color"].astype(object).where(X["color"].notna(), np.nan)
     expected = wrapper.pipeline.predict_proba(X)
-    numeric, categorical = wrapper.arrays_from_frame(X.assign(x1=X["x1"]))
+    numeric, categorical = wrapper.contract.from_frame(X.assign(x1=X["x1"]))
     got = wrapper.estimator.predict_proba(wrapper.compiled.transform(numeric, categorical))
     assert np.allclose(got, expected, rtol=1e-10, atol=1e-12)
     out = model.predict(X)
@@ -67,7 +67,7 @@ def test_model_config_overrides_row_limit(trained, tmp_path: Path) -> None:
     model, _, frame = trained
     uri = model.metadata.get_model_info().model_uri
     relaxed = mlflow.pyfunc.load_model(uri, model_config={"max_rows": 500, "impute_missing": "true"})
-    wrapper = relaxed._model_impl.python_model
-    assert wrapper.max_rows == 500
+    wrapper = relaxed.unwrap_python_model()
+    assert wrapper.contract.max_rows == 500
     out = relaxed.predict(frame[["x1", "x2", "color"]].head(150).assign(x2=np.nan))
     assert len(out) == 150

@@ -140,8 +140,9 @@ def build_model(
         kwargs[family.seed_param] = seed
     try:
         estimator = factory(**kwargs)
-        # scikit-learn checks values only in fit(); check them now, before any run work.
-        validate = getattr(estimator, "_validate_params", None)
+        # our own estimators check their values now, before any run work; scikit-learn's check
+        # theirs at the start of fit() (see fit_model)
+        validate = getattr(estimator, "validate_params", None)
         if callable(validate):
             validate()
     except (TypeError, ValueError) as exc:
@@ -183,6 +184,8 @@ def fit_model(
     X_val: pd.DataFrame | None = None,
     y_val: np.ndarray | None = None,
     on_epoch_end: EpochCallback | None = None,
+    *,
+    family: str = "the model",
 ) -> Pipeline:
     """Fit preprocessing on train only, then the model, passing validation data where it helps."""
     preprocess, estimator = pipeline.steps[0][1], pipeline.steps[-1][1]
@@ -193,5 +196,13 @@ def fit_model(
         kwargs["eval_set"] = (preprocess.transform(X_val), y_val)
     if "on_epoch_end" in accepted and on_epoch_end is not None:
         kwargs["on_epoch_end"] = on_epoch_end
-    estimator.fit(Xt, y_train, **kwargs)
+    try:
+        estimator.fit(Xt, y_train, **kwargs)
+    except ValueError as exc:
+        # scikit-learn's InvalidParameterError is both a ValueError and a TypeError: a
+        # hyperparameter value it refused, which the user fixes in the config
+        if isinstance(exc, TypeError):
+            raise ConfigError(f"model.params for {family}: {exc} "
+                              f"Fix it in conf/models/{family}.yaml or with --set") from None
+        raise
     return pipeline

@@ -47,7 +47,7 @@ class _KerasMLP(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    def _validate_params(self) -> None:
+    def validate_params(self) -> None:
         """Check hyperparameter values before training, as scikit-learn estimators do."""
         units = self.hidden_units
         if isinstance(units, (int, str)) or not all(isinstance(u, int) and u > 0 for u in units):

@@ -33,29 +33,19 @@ from mlflow.exceptions import MlflowException
 
 from mlops.config import AlertRule, Config, parse_duration
 from mlops.errors import MlopsError
-from mlops.monitoring import profile as prof
+from mlops import metrics
+from mlops.monitoring import drift
+from mlops.monitoring.drift import metric_key
 from mlops.monitoring.logger import HASH_PREFIX, MASK
-from mlops.monitoring.store import Alert, MonitoringStore
+from mlops.monitoring.profile import PROFILE_ARTIFACT
+from mlops.monitoring.report import write_report
+from mlops.monitoring.store import LOG_FILE, Alert, CheckResult, MonitoringStore
+from mlops.tracking import download_model_file, end_runs, ensure_experiment, project_store_url
 
 logger = logging.getLogger(__name__)
 
 PRODUCTION = "production"
 MONITOR_USER = "mlops-monitor"
-
-
-@dataclass
-class CheckResult:
-    model: str
-    version: str
-    at: float
-    window_s: float
-    run_id: str
-    status: str                                   # ok | insufficient_data
-    metrics: dict[str, float] = field(default_factory=dict)
-    drifted: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    alerts: list[Alert] = field(default_factory=list)
-    rollback: str | None = None
 
 
 def experiment_name(model: str) -> str:
@@ -64,12 +54,9 @@ def experiment_name(model: str) -> str:
 
 def load_profile(name: str, version: str) -> dict[str, Any]:
     """The reference profile logged inside version ``version`` of ``name``."""
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = ModelsArtifactRepository(f"models:/{name}/{version}").download_artifacts(
-                f"artifacts/{prof.PROFILE_ARTIFACT}.json", dst_path=tmp)
+            path = download_model_file(name, version, f"artifacts/{PROFILE_ARTIFACT}.json", tmp)
         except (MlflowException, OSError) as exc:
             raise MlopsError(
                 f"{name} version {version} has no reference profile ({str(exc).splitlines()[0][:200]}); "
@@ -91,7 +78,7 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
         raise MlopsError(f"{name} has no '{PRODUCTION}' version to monitor; promote one first "
                          f"(mlops promote {name} --version V --to production)") from None
     profile = load_profile(name, version)
-    store = store or MonitoringStore(mcfg.log_url)
+    store = store or MonitoringStore(project_store_url(mcfg.log_url, LOG_FILE))
 
     frame = store.predictions(name, version, at - window_s, at)
     result = CheckResult(model=name, version=version, at=at, window_s=window_s, run_id="", status="ok")
@@ -130,7 +117,7 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
             client.set_tag(result.run_id, "mlops.monitor.rollback", result.rollback)
         _log_report(client, result, profile, features, ok)
     except BaseException:
-        client.set_terminated(result.run_id, "FAILED")
+        end_runs(client, [result.run_id], "FAILED")
         raise
     client.set_terminated(result.run_id, "FINISHED", end_time=int(time.time() * 1000))
     return result
@@ -148,8 +135,8 @@ def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, re
         if _masked(values):
             result.notes.append(f"feature '{col}' is masked in the prediction log (sensitive); drift not computed")
             continue
-        stats_ = (prof.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
-                  if ref["kind"] == "numeric" else prof.categorical_drift(ref, values.tolist()))
+        stats_ = (drift.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
+                  if ref["kind"] == "numeric" else drift.categorical_drift(ref, values.tolist()))
         key = metric_key(col)
         for stat, value in stats_.items():
             m[f"{stat}/{key}"] = value
@@ -157,9 +144,9 @@ def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, re
     m["psi_max"] = worst
     pred_ref = profile["prediction"]
     if pred_ref["kind"] == "numeric":
-        pred_stats = prof.numeric_drift(pred_ref, pd.to_numeric(ok["prediction"], errors="coerce").to_numpy(dtype=float))
+        pred_stats = drift.numeric_drift(pred_ref, pd.to_numeric(ok["prediction"], errors="coerce").to_numpy(dtype=float))
     else:
-        pred_stats = prof.categorical_drift(pred_ref, ok["prediction"].tolist())
+        pred_stats = drift.categorical_drift(pred_ref, ok["prediction"].tolist())
     for stat, value in pred_stats.items():
         m[f"prediction_{stat}"] = value
 
@@ -184,26 +171,18 @@ def _accuracy(profile: dict[str, Any], ok: pd.DataFrame, store: MonitoringStore,
         return
     val = profile.get("validation_metrics", {})
     if profile["task"] == "classification":
-        from sklearn.metrics import f1_score
-
         y_true = joined["label"].map(_canonical).to_numpy(dtype=object)
         y_pred = joined["prediction"].map(_canonical).to_numpy(dtype=object)
         classes = [_canonical(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))]
-        m["accuracy"] = float(np.mean(y_true == y_pred))
-        if len(classes) == 2:
-            m["f1"] = float(f1_score(y_true, y_pred, pos_label=classes[1], average="binary", labels=classes))
-        else:
-            m["f1"] = float(f1_score(y_true, y_pred, average="macro", labels=classes))
+        scores = metrics.classification(y_true, y_pred, classes)
+        m["accuracy"], m["f1"] = scores["accuracy"], scores["f1"]
         if "accuracy" in val:
             m["accuracy_drop"] = float(val["accuracy"] - m["accuracy"])
     else:
-        y_true = pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=float)
-        y_pred = pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=float)
-        keep = np.isfinite(y_true) & np.isfinite(y_pred)
-        err = y_pred[keep] - y_true[keep]
-        m["rmse"] = float(np.sqrt(np.mean(err ** 2)))
-        m["mae"] = float(np.mean(np.abs(err)))
-        if val.get("rmse"):
+        scores = metrics.regression(pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=float),
+                                    pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=float))
+        m.update({k: scores[k] for k in ("rmse", "mae") if k in scores})
+        if val.get("rmse") and "rmse" in scores:
             m["rmse_ratio"] = float(m["rmse"] / val["rmse"])
 
 
@@ -217,23 +196,10 @@ def _canonical(value: Any) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
-def metric_key(name: str) -> str:
-    """A feature name as MLflow accepts it in a metric key."""
-    return re.sub(r"[^\w\-. :/]", "_", str(name))
-
-
 # ---- the MLflow run and its report ----
 def _start_run(client: mlflow.MlflowClient, result: CheckResult) -> str:
     """The check's run in ``<model>-monitoring``, with its metrics stepped by the check time."""
-    name = experiment_name(result.model)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            experiment_id = client.create_experiment(name)
-        except MlflowException:  # another checker created it meanwhile
-            experiment_id = client.get_experiment_by_name(name).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(experiment_name(result.model), client)
     when = datetime.fromtimestamp(result.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     run = client.create_run(experiment_id, run_name=f"check v{result.version} {when}", tags={
         "mlops.monitor.model": result.model, "mlops.monitor.version": result.version,
@@ -250,8 +216,6 @@ def _start_run(client: mlflow.MlflowClient, result: CheckResult) -> str:
 
 def _log_report(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
                 ok: pd.DataFrame) -> None:
-    from mlops.monitoring.report import write_report
-
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), result, profile, features, ok)
         client.log_artifacts(result.run_id, tmp, artifact_path="drift_report")
@@ -310,7 +274,7 @@ def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None
 
 
 def _auto_rollback(config: Config, result: CheckResult, rules: list[str]) -> str:
-    from mlops import registry
+    from mlops import registry  # monitoring acts on the registry, never the reverse
 
     reason = f"auto-rollback by mlops monitor: {', '.join(rules)} (check run {result.run_id})"
     try:

@@ -12,6 +12,7 @@ dropped and counted, and the count is written with the next successful batch, so
 from __future__ import annotations
 
 import atexit
+import weakref
 import collections
 import hashlib
 import json
@@ -69,6 +70,14 @@ def _insert_sql(engine: sa.Engine) -> str:
 class PredictionLogger:
     """Buffers served predictions and writes them to the monitoring store in the background."""
 
+    _live: "weakref.WeakSet[PredictionLogger]" = weakref.WeakSet()
+
+    @classmethod
+    def close_all(cls, timeout: float = 5.0) -> None:
+        """Flush and stop every logger of this process (a server's graceful shutdown)."""
+        for log in list(cls._live):
+            log.close(timeout=timeout)
+
     def __init__(self, url: str, *, model: str, version: str, numeric: Sequence[str], categorical: Sequence[str],
                  classes: Sequence[Any] | None = None, sensitive: Sequence[str] = (), sensitive_mode: str = "hash",
                  capacity: int = 10_000, batch_rows: int = 1_000, flush_interval: float = 0.5,
@@ -96,7 +105,6 @@ class PredictionLogger:
         self._stop = threading.Event()
         self._buffered = 0      # rows submitted and not yet written
         self._dropped = 0       # rows dropped since the last stats row
-        self.written_total = 0
         self.dropped_total = 0
         self.failures = 0
         self._engine: sa.Engine | None = None
@@ -113,6 +121,7 @@ class PredictionLogger:
         self._thread = threading.Thread(target=self._run, name="mlops-prediction-log", daemon=True)
         self._thread.start()
         atexit.register(self.close, timeout=3.0)
+        PredictionLogger._live.add(self)
 
     # ---- the request path ----
     def submit(self, request_id: str, *, latency_ms: float, numeric: np.ndarray | None = None,
@@ -131,10 +140,6 @@ class PredictionLogger:
         if self._buffered >= self.batch_rows:
             self._wake.set()
         return True
-
-    @property
-    def buffered(self) -> int:
-        return self._buffered
 
     # ---- the writer thread ----
     def _run(self) -> None:
@@ -187,7 +192,6 @@ class PredictionLogger:
         with self._lock:
             self._buffered -= len(batch)
             self._dropped -= dropped
-        self.written_total += len(batch)
         if self._items or self._pending:
             self._wake.set()  # more than one batch waiting: go again at once
         return True

@@ -5,27 +5,24 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from mlops.monitoring import profile as prof
-
-if TYPE_CHECKING:
-    from mlops.monitoring.checks import CheckResult
+from mlops.monitoring import drift
+from mlops.monitoring.drift import metric_key
+from mlops.monitoring.store import CheckResult
 
 MAX_FEATURE_PLOTS = 6  # the most drifted features get a histogram each
 
 
-def write_report(folder: Path, result: "CheckResult", profile: dict[str, Any], features: pd.DataFrame,
+def write_report(folder: Path, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
                  ok: pd.DataFrame) -> list[Path]:
     """Write ``report.html`` and its PNGs into ``folder``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mlops.monitoring.checks import metric_key
 
     m = result.metrics
     files: list[Path] = []
@@ -47,10 +44,10 @@ def write_report(folder: Path, result: "CheckResult", profile: dict[str, Any], f
         images.append(("PSI per feature", _save(fig, folder / "psi.png", files)))
         plt.close(fig)
         for col, *_ in ordered[:MAX_FEATURE_PLOTS]:
-            labels, ref_shares, cur_shares = prof.shares_for_plot(profile["features"][col], features[col].tolist())
+            labels, ref_shares, cur_shares = drift.shares_for_plot(profile["features"][col], features[col].tolist())
             images.append((f"{col}: PSI {m.get(f'psi/{metric_key(col)}', float('nan')):.3f}",
                            _bars(plt, labels, ref_shares, cur_shares, col, folder / f"feature_{_safe(col)}.png", files)))
-        labels, ref_shares, cur_shares = prof.shares_for_plot(profile["prediction"], ok["prediction"].tolist())
+        labels, ref_shares, cur_shares = drift.shares_for_plot(profile["prediction"], ok["prediction"].tolist())
         images.append((f"predictions: PSI {m.get('prediction_psi', float('nan')):.3f}",
                        _bars(plt, labels, ref_shares, cur_shares, "prediction", folder / "predictions.png", files)))
 

@@ -8,7 +8,7 @@ The served model's background writer inserts predictions; ``mlops feedback`` ins
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from mlops.db import open_tables
 
+LOG_FILE = "predictions.db"  # the default prediction log beside a SQLite tracking store
 META = sa.MetaData()
 PREDICTIONS = sa.Table(
     "mlops_predictions", META,
@@ -199,3 +200,20 @@ def loads_features(texts: Iterable[str | None]) -> list[dict[str, Any]]:
     """Feature JSON objects of many rows, parsed in one call."""
     texts = [t if t else "{}" for t in texts]
     return json.loads("[" + ",".join(texts) + "]") if texts else []
+
+
+@dataclass
+class CheckResult:
+    """One monitoring check: what it measured, noticed, alerted and did."""
+
+    model: str
+    version: str
+    at: float
+    window_s: float
+    run_id: str
+    status: str                                   # ok | insufficient_data
+    metrics: dict[str, float] = field(default_factory=dict)
+    drifted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    rollback: str | None = None

@@ -1,115 +1,13 @@
-"""Logging and loading the project's pyfunc model (see :mod:`mlops.serving.wrapper`)."""
+"""Serving: the pyfunc wrapper, how it is logged, its input contract and its server.
 
-from __future__ import annotations
+- :mod:`.flavor`: ``log_model``, the model with signature, input example and artifacts.
+- :mod:`.wrapper`: ``MlopsModel``, preprocessing + model + label decoding per request.
+- :mod:`.inputs`: the one input contract every request format goes through.
+- :mod:`.compiled`: the NumPy form of the fitted preprocessing.
+- :mod:`.server`: the server of ``mlops serve``; :mod:`.adapter`: MLflow internals, in one place.
+"""
 
-import json
-import math
-import tempfile
-from importlib import metadata as importlib_metadata
-from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow.models import infer_signature
-from mlflow.models.model import ModelInfo
-
-from mlops.config import Config
-from mlops.errors import ConfigError
-from mlops.data import DatasetSplit
-from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
-from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
+from mlops.serving.flavor import log_model, model_metadata, requirements_for
+from mlops.serving.wrapper import MlopsModel
 
 __all__ = ["MlopsModel", "log_model", "model_metadata", "requirements_for"]
-
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
-
-
-def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
-    """What the wrapper needs at load time, derived from the data split and the config."""
-    features = list(split.feature_columns)
-    train = split.train[features]
-    head = train.head(20).reset_index(drop=True)
-    sample = head.reindex(range(len(head) + 1))  # the added last row is all missing: checks imputation
-    return {
-        "task": split.task,
-        "family": config.model.family,
-        "target": split.target,
-        "numeric_columns": list(split.numeric_columns),
-        "categorical_columns": list(split.categorical_columns),
-        "nullable_columns": [c for c in features if train[c].isna().any()],
-        "classes": list(split.classes) if split.classes else None,
-        "data_hash": split.content_hash,
-        "registered_model_name": config.registry.model_name,
-        "sample": {c: [None if isinstance(v, float) and math.isnan(v) else v for v in sample[c].tolist()] for c in features},
-    }
-
-
-def requirements_for(family: str) -> list[str]:
-    """Pinned pip requirements of a served model of ``family``."""
-    names = ["mlflow", "scikit-learn", "pandas", "numpy", "scipy", "joblib", "cloudpickle", "pyyaml", "pydantic"]
-    if family == "keras_mlp":
-        names += ["tensorflow", "keras"]
-    pins = []
-    for name in names:
-        try:
-            pins.append(f"{name}=={importlib_metadata.version(name)}")
-        except importlib_metadata.PackageNotFoundError:
-            pins.append(name)
-    return pins
-
-
-def log_model(
-    pipeline: Any,
-    split: DatasetSplit,
-    config: Config,
-    *,
-    name: str = "model",
-) -> ModelInfo:
-    """Log ``pipeline`` through :class:`MlopsModel` on the active run.
-
-    The model carries a signature and an input example taken from the training split, the
-    ``mlops`` package as code, and pinned requirements, so it serves on its own. Register it
-    with :func:`mlops.registry.register`, which also records its checksum.
-    """
-    import joblib
-
-    unknown = sorted(set(config.monitoring.sensitive_columns) - set(split.feature_columns))
-    if unknown:
-        raise ConfigError(f"monitoring.sensitive_columns: {unknown} are not feature columns of the data; "
-                          f"choose from {list(split.feature_columns)}")
-    meta = model_metadata(split, config)
-    X_example = split.train[list(split.feature_columns)].head(5)
-    wrapper = MlopsModel()
-    wrapper._configure(pipeline, meta, model_name=config.registry.model_name, model_version="1")
-    signature = infer_signature(X_example, wrapper.predict(None, X_example))
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe_path = Path(tmp) / "pipeline.joblib"
-        meta_path = Path(tmp) / "metadata.json"
-        joblib.dump(pipeline, pipe_path)
-        meta_path.write_text(json.dumps(meta, indent=2))
-        profile_path = Path(tmp) / f"{PROFILE_ARTIFACT}.json"
-        profile_path.write_text(json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins)))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(Path(__file__).with_name("model_code.py")),
-            artifacts={PIPELINE_ARTIFACT: str(pipe_path), METADATA_ARTIFACT: str(meta_path),
-                       PROFILE_ARTIFACT: str(profile_path)},
-            code_paths=[str(_PACKAGE_DIR)],
-            signature=signature,
-            input_example=X_example,
-            pip_requirements=requirements_for(config.model.family),
-            # defaults that `mlflow models serve` / load_model(model_config=...) may override
-            model_config={
-                "max_rows": config.serving.max_rows,
-                "impute_missing": config.serving.impute_missing,
-                "model_name": "",
-                "model_version": "",
-                # the prediction log of a served model (see mlops.monitoring)
-                "monitoring": config.monitoring.enabled,
-                "monitoring_url": config.monitoring.log_url,
-                "sensitive_columns": list(config.monitoring.sensitive_columns),
-                "sensitive_mode": config.monitoring.sensitive_mode,
-                "monitoring_queue_rows": config.monitoring.queue_rows,
-            },
-            metadata={"mlops_family": config.model.family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
-        )

@@ -6,7 +6,7 @@ SQLAlchemy store spends about 20 ms of Python on those calls per trial (one ``lo
 alone issues dozens of statements). Made by a thread of the tuning process they would hold
 the GIL while the trial trains, and a search of short trials would pay for its logging in
 wall time. So :class:`TrialRuns` hands them, as JSON lines over a pipe, to a child process
-(``python -m mlops.trial_runs``) that makes the MLflow calls; a trial pays for encoding a
+(``python -m mlops.tuning.trial_runs``) that makes the MLflow calls; a trial pays for encoding a
 line. Trials never wait for their runs.
 
 The child answers each opened run's id, which is stored on the trial (user attribute
@@ -89,7 +89,7 @@ class TrialRuns:
     def _start_child(self) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self._proc = subprocess.Popen([sys.executable, "-m", "mlops.trial_runs"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "mlops.tuning.trial_runs"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env, close_fds=True)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send, name="mlops-trial-runs-send", daemon=True)
@@ -101,7 +101,7 @@ class TrialRuns:
         """Open the trial's run (in the background)."""
         number = trial.number
         # set here, at once: a worker killed before its trial's run exists still names the parent
-        # run that the surviving workers must end (see mlops.tuning._end_orphan_runs)
+        # run that the surviving workers must end (see mlops.tuning.storage.end_orphan_runs)
         trial.set_user_attr("mlflow_parent_run_id", self.parent_id)
         with self._lock:
             self._live[number] = trial
@@ -288,12 +288,9 @@ def _serve() -> int:
             out.write(json.dumps({"trial": number, "op": op, "error": f"{exc.__class__.__name__}: {exc}"[:500]}) + "\n")
     if not closed:
         # end-of-file without "close": the tuning process died; leave no run RUNNING
-        for run_id in [*opened.values(), init["parent_id"]]:
-            try:
-                if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_terminated(run_id, "FAILED")
-            except Exception as exc:  # noqa: BLE001
-                print(f"mlops.trial_runs: could not end run {run_id}: {exc}", file=sys.stderr)
+        from mlops.tracking import end_runs
+
+        end_runs(client, [*opened.values(), init["parent_id"]], "FAILED")
     return 0
 
 

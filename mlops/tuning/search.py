@@ -28,13 +28,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from mlops import data as data_step
-from mlops.config import Config
-from mlops.data import DatasetSplit
-from mlops.db import mask_url
+from mlops.config import CONFIG_ARTIFACT, Config
+from mlops.data import DatasetSplit, encode_target
+from mlops.metrics import evaluate
 from mlops.errors import ConfigError
 from mlops.models import build_model, fit_model, get_family
-from mlops.tracking import step_run
-from mlops.trial_runs import TrialRuns
+from mlops.tracking import log_config, step_run
+from mlops.tuning.storage import advisory_lock, open_storage
+from mlops.tuning.trial_runs import TrialRuns
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def _search(config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns |
     started = time.time()
     with step_run(config, run_name=f"tune-{family}") as parent:
         parent_id = parent.info.run_id
-        mlflow.log_params({k: v for k, v in config.flat().items() if not k.startswith("tuning.search_space")})
+        # the model's params are logged once the best is known: those of the model this run holds
+        log_config(config, tuning=True, model_params=False)
         mlflow.set_tags({"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"})
         data_step.log_split(split)
         if runs is not None:
@@ -159,50 +161,6 @@ def check_search_space(config: Config) -> None:
         raise ConfigError(f"tuning.search_space: {unknown} not parameters of {family}; valid: {', '.join(sorted(valid))}")
 
 
-def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
-    """The study storage named by ``tuning.storage``; fails within seconds with the URL masked."""
-    url = config.tuning.storage
-    if not url:
-        return None
-    masked = mask_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("postgres"):
-        kwargs["connect_args"] = {"connect_timeout": 10}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2) \
-            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
-            else optuna.storages.RetryFailedTrialCallback(max_retry=2)
-
-    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        _end_orphan_runs(study.study_name, trial)
-        retry(study, trial)
-
-    callback_kw = ("heartbeat_stale_trial_callback"
-                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
-                   else "failed_trial_callback")
-    import sqlalchemy.exc as sa_exc
-
-    def connect() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=config.tuning.heartbeat_interval,
-            grace_period=config.tuning.grace_period, **{callback_kw: on_stale},
-        )
-
-    try:
-        try:
-            return connect()
-        except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
-            # workers started together on a new database race to create Optuna's tables;
-            # the loser finds them made a moment later
-            time.sleep(1.0)
-            return connect()
-    except Exception as exc:  # noqa: BLE001 - any driver or connection error ends here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ConfigError(f"tuning.storage: cannot open study storage {masked} ({first[:200]}); "
-                          "check the URL and that the database is reachable") from None
-
-
 class _Objective:
     """One trial: a nested MLflow run, a fit with pruning, the validation metric."""
 
@@ -231,7 +189,7 @@ class _Objective:
             state, status = "COMPLETE", "FINISHED"
             return value
         except optuna.TrialPruned:
-            state, status = "PRUNED", "KILLED"
+            state, status = "PRUNED", "FINISHED"  # stopped on purpose, not failed: the state tag says PRUNED
             raise
         finally:
             now = int(time.time() * 1000)
@@ -245,8 +203,6 @@ class _Objective:
         split, config = self.split, self.config
         pipeline = build_model(config.model.family, split.task, params, numeric_columns=split.numeric_columns,
                                categorical_columns=split.categorical_columns, seed=config.seed)
-        from mlops.training import encode_target, evaluate
-
         X_train, y_train = split.xy("train")
         if "on_epoch_end" in inspect.signature(pipeline.steps[-1][1].fit).parameters:
             # per-epoch validation metric: the pruner sees each epoch
@@ -262,7 +218,7 @@ class _Objective:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
             fit_model(pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, family=config.model.family)
             return evaluate(pipeline, split, X_val, y_val)[self.metric]
         # scikit-learn families: k-fold scores on the training part, one step per fold
         from sklearn.base import clone
@@ -274,7 +230,7 @@ class _Objective:
         scores = []
         for step, (fit_idx, val_idx) in enumerate(folds.split(X_train, y_codes)):
             model = clone(pipeline)
-            fit_model(model, X_train.iloc[fit_idx], y_codes[fit_idx])
+            fit_model(model, X_train.iloc[fit_idx], y_codes[fit_idx], family=config.model.family)
             score = evaluate(model, split, X_train.iloc[val_idx], y_train.iloc[val_idx])[self.metric]
             scores.append(score)
             mean = float(np.mean(scores))
@@ -307,8 +263,7 @@ def _summarize(config: Config, study: optuna.Study, split: DatasetSplit, metric:
         logger.warning("no trial completed; nothing to retrain")
         return result
     best = study.best_trial
-    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-    mlflow.log_metric(f"best_validation_{metric}", best.value)
+    mlflow.log_metric(f"best_trial_{metric}", best.value)
     mlflow.set_tag("mlops.best_trial", best.number)
     result = dataclasses.replace(result, best_value=best.value, best_params=dict(best.params), best_trial=best.number)
     with _claim(study, storage) as mine:
@@ -321,7 +276,7 @@ def _summarize(config: Config, study: optuna.Study, split: DatasetSplit, metric:
 @contextmanager
 def _claim(study: optuna.Study, storage: Any) -> Iterator[bool]:
     """True for exactly one worker: the one that finds the study finished and unclaimed."""
-    lock = _advisory_lock(storage, study.study_name) if storage is not None else nullcontext()
+    lock = advisory_lock(storage, study.study_name) if storage is not None else nullcontext()
     with lock:
         # trials still running elsewhere: their worker finishes the study and claims it
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
@@ -332,23 +287,6 @@ def _claim(study: optuna.Study, storage: Any) -> Iterator[bool]:
     yield True
 
 
-@contextmanager
-def _advisory_lock(storage: Any, key: str) -> Iterator[None]:
-    engine = getattr(storage, "engine", None)
-    if engine is None or engine.dialect.name != "postgresql":
-        yield
-        return
-    import sqlalchemy as sa
-
-    with engine.connect() as conn:
-        conn.execute(sa.text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
-        try:
-            yield
-        finally:
-            conn.execute(sa.text("select pg_advisory_unlock(hashtext(:k))"), {"k": key})
-            conn.commit()
-
-
 def _retrain_best(config: Config, study: optuna.Study, split: DatasetSplit, best: Any,
                   result: StudyResult) -> StudyResult:
     from mlops.registry import register
@@ -357,10 +295,12 @@ def _retrain_best(config: Config, study: optuna.Study, split: DatasetSplit, best
 
     best_config = config.model_copy(update={"model": config.model.model_copy(
         update={"params": {**config.model.params, **best.params}})})
-    merged = dataclasses.replace(split, train=pd.concat([split.train, split.validation], ignore_index=True))
-    pipeline, metrics = fit_and_evaluate(best_config, merged, log=False)
+    mlflow.log_params({f"model.params.{k}": v for k, v in sorted(best_config.model.params.items())})
+    mlflow.log_text(best_config.to_yaml(), CONFIG_ARTIFACT)
+    # retrained as `mlops train` trains: on the training part alone, so its validation metrics,
+    # its early stopping and its reference profile are measured on rows it never saw
+    pipeline, metrics = fit_and_evaluate(best_config, split, log=True)
     test_metrics = {k: v for k, v in metrics.items() if k.startswith("test_")}
-    mlflow.log_metrics(test_metrics)
     info = log_model(pipeline, split, best_config)
     version = None
     if config.tuning.register_best:
@@ -400,34 +340,6 @@ def _log_study_artifacts(study: optuna.Study) -> None:
             logger.info("no %s plot: %s", name, exc)
 
 
-def _end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
-    """A stale trial's worker is gone: end its trial run and its parent run as FAILED.
-
-    The runs are found by the trial's user attributes and by their study and trial-number tags
-    (the run of a worker killed early may exist before its trial got the attribute).
-    """
-    client = mlflow.MlflowClient()
-    run_ids = {trial.user_attrs.get("mlflow_run_id"), trial.user_attrs.get("mlflow_parent_run_id")} - {None}
-    name = study_name.replace("'", "\\'")
-    try:
-        found = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
-            f"tags.`mlops.study_name` = '{name}' and tags.`mlops.trial_number` = '{trial.number}' "
-            "and attributes.status = 'RUNNING'"))
-    except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
-        logger.warning("could not look for the runs of stale trial %d: %s", trial.number, exc)
-        found = []
-    for run in found:
-        run_ids.add(run.info.run_id)
-        if run.data.tags.get(MLFLOW_PARENT_RUN_ID):
-            run_ids.add(run.data.tags[MLFLOW_PARENT_RUN_ID])
-    for run_id in run_ids:
-        try:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "FAILED")
-        except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
-            logger.warning("could not end orphaned run %s: %s", run_id, exc)
-
-
 class _progress:
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         from tqdm.auto import tqdm
@@ -444,4 +356,3 @@ class _progress:
         self.bar.close()
 
 
-__all__ = ["StudyResult", "check_search_space", "open_storage", "tune"]

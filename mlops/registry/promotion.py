@@ -10,7 +10,6 @@ exactly one production version, and each audit row names the version it really r
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import tempfile
@@ -23,16 +22,22 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mlops import validation as v
-from mlops.audit import AuditLog, AuditRecord
+from mlops.registry import gates as v
+from mlops.registry.audit import AuditLog, AuditRecord
 from mlops.config import Config
 from mlops.errors import ConfigError, GateFailed, RegistryError
+from mlops.tracking import project_store_url
 
 logger = logging.getLogger(__name__)
 
 STAGING, PRODUCTION = "staging", "production"
 TARGETS = (STAGING, PRODUCTION)
 REPLACED_TAG = "mlops.replaced_version"
+LAST_CHANGE_TAG = "mlops.last_change"  # one compact line; the full record is in the audit table
+CREATOR_TAG = "mlops.created_by"
+FAMILY_TAG = "mlops.family"
+TASK_TAG = "mlops.task"
+AUDIT_FILE = "mlops.db"
 _LEGACY_STAGE = {STAGING: "Staging", PRODUCTION: "Production"}
 
 
@@ -55,6 +60,8 @@ class Promotion:
 @dataclass(frozen=True)
 class VersionStatus:
     version: str
+    family: str
+    task: str
     aliases: tuple[str, ...]
     stage: str
     metrics: dict[str, float]
@@ -76,10 +83,27 @@ def register(model_uri: str, name: str) -> ModelVersion:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp)
         checksum = v.model_checksum(Path(path))
-    client.set_model_version_tag(name, version.version, v.CHECKSUM_TAG, checksum)
     run = client.get_run(version.run_id) if version.run_id else None
-    if run and "mlops.data_hash" in run.data.tags:
-        client.set_model_version_tag(name, version.version, "mlops.data_hash", run.data.tags["mlops.data_hash"])
+    run_tags = run.data.tags if run else {}
+    family, task = run_tags.get(FAMILY_TAG, ""), run_tags.get(TASK_TAG, "")
+    who = current_user()
+    tags = {v.CHECKSUM_TAG: checksum, CREATOR_TAG: who, FAMILY_TAG: family, TASK_TAG: task,
+            "mlops.data_hash": run_tags.get("mlops.data_hash", "")}
+    for key, value in tags.items():
+        if value:
+            client.set_model_version_tag(name, version.version, key, value)
+    metrics = run.data.metrics if run else {}
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith(("validation_", "test_"))
+                      and k.split("_", 1)[1] in ("accuracy", "f1", "roc_auc", "rmse", "mae", "r2"))
+    description = (f"{family or 'model'} ({task or 'task unknown'}) registered by {who}"
+                   f" from run {version.run_id}; data {run_tags.get('mlops.data_source', '?')} "
+                   f"(hash {run_tags.get('mlops.data_hash', '?')[:12]}); {shown or 'no metrics logged'}.")
+    client.update_model_version(name, version.version, description=description)
+    model = client.get_registered_model(name)
+    if not model.description:
+        client.update_registered_model(name, description=(
+            f"{family or 'model'} for {task or 'an unknown task'}, trained and registered by mlops. Aliases: "
+            "'staging' and 'production' are moved only by `mlops promote` / `mlops rollback` (gated, audited)."))
     logger.info("registered %s version %s (checksum %s)", name, version.version, checksum[:12])
     return client.get_model_version(name, version.version)
 
@@ -98,7 +122,7 @@ def promote(config: Config, name: str, version: str, to: str, *, reason: str | N
     client = mlflow.MlflowClient()
     _get_version(client, name, version)
     who = who or current_user()
-    audit = AuditLog(config.registry.audit_url)
+    audit = AuditLog(project_store_url(config.registry.audit_url, AUDIT_FILE))
     with audit.lock(name, who) as conn, tempfile.TemporaryDirectory() as tmp:
         if _alias_version(client, name, to) == str(version):
             raise RegistryError(f"{name} version {version} is already {to}; nothing to do")
@@ -144,7 +168,7 @@ def rollback(config: Config, name: str, *, to_version: str | None = None, reason
     """Move ``production`` back to the version it replaced (or to ``to_version``)."""
     client = mlflow.MlflowClient()
     who = who or current_user()
-    audit = AuditLog(config.registry.audit_url)
+    audit = AuditLog(project_store_url(config.registry.audit_url, AUDIT_FILE))
     with audit.lock(name, who) as conn, tempfile.TemporaryDirectory() as tmp:
         current = _alias_version(client, name, PRODUCTION)
         if current is None:
@@ -182,7 +206,8 @@ def status(name: str) -> list[VersionStatus]:
             except MlflowException:
                 pass
         out.append(VersionStatus(
-            version=str(mv.version), aliases=tuple(sorted(aliases.get(str(mv.version), []))),
+            version=str(mv.version), family=mv.tags.get(FAMILY_TAG, "-"), task=mv.tags.get(TASK_TAG, "-"),
+            aliases=tuple(sorted(aliases.get(str(mv.version), []))),
             stage=mv.current_stage or "None", metrics=metrics, data_hash=mv.tags.get("mlops.data_hash"),
             created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
         ))
@@ -191,7 +216,7 @@ def status(name: str) -> list[VersionStatus]:
 
 def audit_trail(config: Config, name: str) -> list[AuditRecord]:
     """The audit rows of ``name``, oldest first."""
-    return AuditLog(config.registry.audit_url).records(name)
+    return AuditLog(project_store_url(config.registry.audit_url, AUDIT_FILE)).records(name)
 
 
 def _finish(client, audit: AuditLog, conn, *, action: str, name: str, target: str, current: str | None,
@@ -203,10 +228,9 @@ def _finish(client, audit: AuditLog, conn, *, action: str, name: str, target: st
     record = audit.record(who=who, action=action, outcome=outcome, model=name, target=target,
                           from_version=current, to_version=version, reason=reason, forced=forced,
                           gates=[g.as_dict() for g in gates], conn=conn)
-    summary = {"id": record.id, "at": record.at.isoformat(), "who": who, "action": action, "outcome": outcome,
-               "target": target, "from": current, "to": version, "reason": reason, "forced": forced,
-               "gates": {g.gate: g.passed for g in gates}}
-    client.set_model_version_tag(name, version, f"mlops.audit.{record.id}", json.dumps(summary)[:5000])
+    client.set_model_version_tag(name, version, LAST_CHANGE_TAG,
+                                 f"{action} to {target} {outcome} by {who} at {record.at:%Y-%m-%d %H:%M:%S} UTC "
+                                 f"(audit #{record.id})")
     promotion = Promotion(model=name, action=action, target=target, from_version=current, to_version=version,
                           who=who, reason=reason, forced=forced, gates=tuple(gates), audit_id=record.id)
     return promotion

@@ -7,22 +7,23 @@ it required, so a refusal can show every failing gate at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
-import yaml
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
 
-from mlops.config import Config, DataConfig, Threshold
+from mlops import metrics
+from mlops.config import CONFIG_ARTIFACT, Config, Threshold, read_resolved_config
+from mlops.data import DatasetSplit, prepare
+from mlops.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -161,49 +162,32 @@ def smoke_gate(candidate: Candidate) -> GateResult:
                           "predicts on its input example")
 
 
-def held_out_split(candidate: Candidate):
-    """Re-create the held-out test split the candidate was trained with (checked by hash)."""
-    from mlops.data import prepare
-
-    params = candidate.run.data.params if candidate.run else {}
-    nested: dict[str, Any] = {}
-    for key, raw in params.items():
-        if not key.startswith("data."):
-            continue
-        value = None if raw == "None" else yaml.safe_load(raw)
-        node = nested
-        parts = key.split(".")[1:]
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    seed = int(params.get("seed", 42))
-    split = prepare(Config(data=DataConfig.model_validate(nested), seed=seed))
-    return split
+def held_out_split(candidate: Candidate) -> DatasetSplit:
+    """Re-create the held-out test split the candidate was trained with, from its run's config.yaml."""
+    if candidate.run is None:
+        raise RegistryError(f"{candidate.name} has no training run to read its data settings from")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=candidate.run.info.run_id, artifact_path=CONFIG_ARTIFACT,
+                                                   dst_path=tmp)
+        config = read_resolved_config(path)
+    return prepare(config)
 
 
-def score(candidate: Candidate, X: pd.DataFrame, y: pd.Series, task: str) -> dict[str, float]:
-    from sklearn import metrics as skm
-
+def score(candidate: Candidate, split: DatasetSplit, part: str = "test") -> dict[str, float]:
+    """The candidate's metrics on ``part`` of ``split``, through its served predictions."""
+    X, y = split.xy(part)
     out = candidate.pyfunc.predict(X)
-    if task == "classification":
-        truth = y.astype(str).to_numpy()
-        pred = out["prediction"].astype(str).to_numpy()
-        labels = sorted(set(truth) | set(pred))
-        average = "binary" if len(labels) == 2 else "macro"
-        kwargs = {"pos_label": labels[1]} if average == "binary" else {}
-        return {"accuracy": float(skm.accuracy_score(truth, pred)),
-                "f1": float(skm.f1_score(truth, pred, average=average, **kwargs))}
-    pred = out["prediction"].to_numpy(dtype=float)
-    truth = y.to_numpy(dtype=float)
-    return {"rmse": float(np.sqrt(skm.mean_squared_error(truth, pred))),
-            "mae": float(skm.mean_absolute_error(truth, pred)), "r2": float(skm.r2_score(truth, pred))}
+    if split.task == "classification":
+        return metrics.classification(y.astype(str).to_numpy(), out["prediction"].astype(str).to_numpy(),
+                                      list(split.classes or ()))
+    return metrics.regression(y.to_numpy(dtype=float), out["prediction"].to_numpy(dtype=float))
 
 
 def champion_gate(challenger: Candidate, champion: Candidate | None, config: Config) -> GateResult:
     gates = config.registry.production
     task = challenger.task
     metric = gates.metric_classification if task == "classification" else gates.metric_regression
-    higher = metric not in ("rmse", "mae")
+    higher = metrics.higher_is_better(metric)
     try:
         split = held_out_split(challenger)
     except Exception as exc:  # noqa: BLE001
@@ -212,12 +196,12 @@ def champion_gate(challenger: Candidate, champion: Candidate | None, config: Con
     if recorded and recorded != split.content_hash:
         return GateResult("beats champion", False, f"data hash {split.content_hash[:12]}",
                           f"{recorded[:12]} (the data it was trained on)", "the dataset changed since training")
-    X, y = split.xy("test")
-    mine = score(challenger, X, y, task)[metric]
+    n_rows = len(split.test)
+    mine = score(challenger, split)[metric]
     if champion is None:
         return GateResult("beats champion", True, f"{metric} {mine:.4f}", "no champion yet")
     try:
-        theirs = score(champion, X, y, task)[metric]
+        theirs = score(champion, split)[metric]
     except Exception as exc:  # noqa: BLE001 - e.g. the champion needs a column this data lacks
         return GateResult("beats champion", False, f"{champion.name} cannot score this test split: "
                           f"{str(exc).splitlines()[0][:200]}", "both versions scored on the same rows")
@@ -225,8 +209,4 @@ def champion_gate(challenger: Candidate, champion: Candidate | None, config: Con
     ok = delta >= gates.margin or (gates.tolerance is not None and delta >= -gates.tolerance)
     required = f"improvement >= {gates.margin:g}" + (f" or loss <= {gates.tolerance:g}" if gates.tolerance is not None else "")
     return GateResult("beats champion", ok, f"{metric} {mine:.4f} vs {theirs:.4f} ({champion.name}), improvement {delta:+.4f}",
-                      required, f"on {len(X)} held-out test rows")
-
-
-def describe(gates: list[GateResult]) -> str:
-    return json.dumps([g.as_dict() for g in gates])
+                      required, f"on {n_rows} held-out test rows")

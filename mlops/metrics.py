@@ -1,0 +1,89 @@
+"""The one implementation of the evaluation metrics, used by training, tuning, gates and monitoring.
+
+Conventions, the same everywhere: classification labels are compared as given, ``classes``
+lists them in the model's order, binary F1 is the F1 of the positive class ``classes[1]``
+(the second label in sorted order, as scikit-learn's own default), more than two classes
+take the unweighted (macro) mean. Probabilities, when given, have one column per class in
+``classes`` order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from mlops.data import DatasetSplit, encode_target
+
+CLASSIFICATION = ("accuracy", "f1", "roc_auc", "log_loss")
+REGRESSION = ("rmse", "mae", "r2")
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
+
+
+def classification(y_true: Sequence[Any], y_pred: Sequence[Any], classes: Sequence[Any],
+                   proba: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy and F1, and with ``proba`` log loss and ROC AUC (when every class occurs)."""
+    truth, pred = _labels(y_true), _labels(y_pred)
+    labels = list(classes)
+    out = {"accuracy": float(np.mean(truth == pred)) if len(truth) else float("nan")}
+    if len(labels) == 2:
+        out["f1"] = float(skm.f1_score(truth, pred, pos_label=labels[1], average="binary", labels=labels,
+                                       zero_division=0))
+    else:
+        out["f1"] = float(skm.f1_score(truth, pred, average="macro", labels=labels, zero_division=0))
+    if proba is not None and len(truth):
+        proba = np.asarray(proba, dtype=float)
+        codes = _codes(truth, labels)
+        known = codes >= 0
+        out["log_loss"] = float(skm.log_loss(codes[known], proba[known], labels=list(range(len(labels)))))
+        if len(np.unique(codes[known])) == len(labels):
+            out["roc_auc"] = float(
+                skm.roc_auc_score(codes[known], proba[known, 1]) if len(labels) == 2
+                else skm.roc_auc_score(codes[known], proba[known], multi_class="ovr", labels=list(range(len(labels))))
+            )
+    return out
+
+
+def regression(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
+    """RMSE, MAE and R² over the rows where both values are finite."""
+    truth, pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    keep = np.isfinite(truth) & np.isfinite(pred)
+    truth, pred = truth[keep], pred[keep]
+    if not len(truth):
+        return {}
+    return {
+        "rmse": float(np.sqrt(skm.mean_squared_error(truth, pred))),
+        "mae": float(skm.mean_absolute_error(truth, pred)),
+        "r2": float(skm.r2_score(truth, pred)) if len(truth) > 1 else float("nan"),
+    }
+
+
+def evaluate(pipeline: Any, split: DatasetSplit, X: pd.DataFrame, y: pd.Series) -> dict[str, float]:
+    """The task's metrics of a fitted pipeline (which predicts class codes) on ``X``, ``y``."""
+    y_true = encode_target(split, y)
+    if split.task == "regression":
+        return regression(y_true, pipeline.predict(X))
+    codes = list(range(len(split.classes or ())))
+    pred = np.asarray(pipeline.predict(X)).astype(int)
+    proba = pipeline.predict_proba(X) if hasattr(pipeline, "predict_proba") else None
+    return classification(y_true, pred, codes, proba)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (``accuracy``, ``validation_rmse``...) is better."""
+    return not any(metric == m or metric.endswith("_" + m) for m in LOWER_IS_BETTER)
+
+
+def _labels(values: Sequence[Any]) -> np.ndarray:
+    """Labels as an array scikit-learn reads as classes: text as str, codes as int."""
+    array = np.asarray(values)
+    if array.dtype == object:
+        array = array.astype(str) if all(isinstance(v, str) for v in array) else array.astype(int)
+    return array
+
+
+def _codes(values: np.ndarray, labels: list[Any]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index.get(v, -1) for v in values], dtype=int)
