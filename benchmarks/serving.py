@@ -76,14 +76,18 @@ def throughput(port: int, body: str, total: int, clients: int = 8) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400, help="1-row requests per latency round")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--requests", type=int, default=400, help="1-row requests per latency round"
+    )
     parser.add_argument("--batches", type=int, default=20, help="1000-row requests per batch round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from servers import running, server_env  # tests/servers.py: start, await /ping, always stop
     from conftest import free_port
+    from servers import running, server_env  # tests/servers.py: start, await /ping, always stop
 
     work = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     os.chdir(work)
@@ -96,14 +100,21 @@ def main() -> None:
         pipeline, _ = fit_and_evaluate(config, split, log=False)
         ours = log_model(pipeline, split, config, name="ours")
         stock = mlflow.sklearn.log_model(
-            pipeline, name="stock", signature=infer_signature(X.head(), pipeline.predict(X.head())),
-            input_example=X.head(), serialization_format="cloudpickle",
+            pipeline,
+            name="stock",
+            signature=infer_signature(X.head(), pipeline.predict(X.head())),
+            input_example=X.head(),
+            serialization_format="cloudpickle",
         )
 
     row = X.head(1)
-    one = json.dumps({"dataframe_split": {"columns": list(row.columns), "data": row.to_numpy().tolist()}})
+    one = json.dumps(
+        {"dataframe_split": {"columns": list(row.columns), "data": row.to_numpy().tolist()}}
+    )
     big = X.sample(1000, replace=True, random_state=0)
-    batch = json.dumps({"dataframe_split": {"columns": list(big.columns), "data": big.to_numpy().tolist()}})
+    batch = json.dumps(
+        {"dataframe_split": {"columns": list(big.columns), "data": big.to_numpy().tolist()}}
+    )
 
     # (c) the floor: the bare estimator on one preprocessed NumPy row
     estimator = pipeline.steps[-1][1]
@@ -116,14 +127,36 @@ def main() -> None:
     floor_ms = (time.perf_counter() - t0) / 2000 * 1000
 
     env = server_env(uri, MLFLOW_MODELS_WORKERS="1")
-    results: dict[str, dict[str, list[float]]] = {k: {"lat": [], "rps": [], "rows": []} for k in ("stock", "ours")}
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"lat": [], "rps": [], "rows": []} for k in ("stock", "ours")
+    }
     ps, po = free_port(), free_port()
-    cmd = lambda uri_, port: [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri_, "--env-manager", "local",  # noqa: E731
-                              "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    with running(cmd(stock.model_uri, ps), env, ps, work / "stock.log") as _, \
-            running(cmd(ours.model_uri, po), env, po, work / "ours.log") as _:
+
+    def cmd(uri_: str, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri_,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--workers",
+            "1",
+        ]
+
+    with (
+        running(cmd(stock.model_uri, ps), env, ps, work / "stock.log") as _,
+        running(cmd(ours.model_uri, po), env, po, work / "ours.log") as _,
+    ):
         ports = {"stock": ps, "ours": po}
-        for name, port in ports.items():  # warm up
+        for port in ports.values():  # warm up
             latencies(port, one, 50)
             latencies(port, batch, 3)
         for _ in range(args.rounds):
@@ -144,16 +177,31 @@ def main() -> None:
             "batch_rows_per_s": statistics.median(r["rows"]),
         }
     s, o = summary["stock"], summary["ours"]
-    print(f"machine: {os.cpu_count()} cores; {args.rounds} alternating rounds; one worker per server")
+    print(
+        f"machine: {os.cpu_count()} cores; {args.rounds} alternating rounds; one worker per server"
+    )
     print(f"{'':28}{'stock':>12}{'ours':>12}{'ours/stock':>12}   goal")
-    print(f"{'1-row latency p50 (ms)':28}{s['p50_ms']:12.2f}{o['p50_ms']:12.2f}{o['p50_ms'] / s['p50_ms']:12.2f}   <= 0.33")
-    print(f"{'1-row latency p99 (ms)':28}{s['p99_ms']:12.2f}{o['p99_ms']:12.2f}{o['p99_ms'] / s['p99_ms']:12.2f}")
-    print(f"{'1-row req/s, 8 clients':28}{s['rps_8_clients']:12.0f}{o['rps_8_clients']:12.0f}"
-          f"{o['rps_8_clients'] / s['rps_8_clients']:12.2f}   >= 3.0")
-    print(f"{'1000-row batches, rows/s':28}{s['batch_rows_per_s']:12.0f}{o['batch_rows_per_s']:12.0f}"
-          f"{o['batch_rows_per_s'] / s['batch_rows_per_s']:12.2f}   >= 1.5")
+    print(
+        f"{'1-row latency p50 (ms)':28}{s['p50_ms']:12.2f}{o['p50_ms']:12.2f}"
+        f"{o['p50_ms'] / s['p50_ms']:12.2f}   <= 0.33"
+    )
+    print(
+        f"{'1-row latency p99 (ms)':28}{s['p99_ms']:12.2f}{o['p99_ms']:12.2f}"
+        f"{o['p99_ms'] / s['p99_ms']:12.2f}"
+    )
+    print(
+        f"{'1-row req/s, 8 clients':28}{s['rps_8_clients']:12.0f}{o['rps_8_clients']:12.0f}"
+        f"{o['rps_8_clients'] / s['rps_8_clients']:12.2f}   >= 3.0"
+    )
+    print(
+        f"{'1000-row batches, rows/s':28}{s['batch_rows_per_s']:12.0f}{o['batch_rows_per_s']:12.0f}"
+        f"{o['batch_rows_per_s'] / s['batch_rows_per_s']:12.2f}   >= 1.5"
+    )
     print(f"{'floor: bare predict (ms)':28}{floor_ms:12.3f}")
-    print(f"ours keeps its signature: {mlflow.models.get_model_info(ours.model_uri).signature is not None}")
+    print(
+        "ours keeps its signature: "
+        f"{mlflow.models.get_model_info(ours.model_uri).signature is not None}"
+    )
 
 
 if __name__ == "__main__":

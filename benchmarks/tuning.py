@@ -54,12 +54,18 @@ GRID = {
 def sklearn_searches(config, split, n_random: int) -> dict:
     X, y = split.xy("train")
     y = encode_target(split, y)
-    pipe = build_model("hist_gb", split.task, {}, numeric_columns=split.numeric_columns, seed=config.seed)
+    pipe = build_model(
+        "hist_gb", split.task, {}, numeric_columns=split.numeric_columns, seed=config.seed
+    )
     folds = StratifiedKFold(n_splits=config.tuning.cv_folds, shuffle=True, random_state=config.seed)
     out = {}
     t0 = time.perf_counter()
     grid = GridSearchCV(pipe, GRID, cv=folds, scoring="accuracy", n_jobs=1).fit(X, y)
-    out["grid"] = (time.perf_counter() - t0, grid.best_score_, len(list(itertools.product(*GRID.values()))))
+    out["grid"] = (
+        time.perf_counter() - t0,
+        grid.best_score_,
+        len(list(itertools.product(*GRID.values()))),
+    )
     space = {
         "model__learning_rate": stats.loguniform(0.005, 0.5),
         "model__max_iter": list(range(50, 301, 50)),
@@ -67,16 +73,30 @@ def sklearn_searches(config, split, n_random: int) -> dict:
         "model__l2_regularization": stats.loguniform(1e-6, 10.0),
     }
     t0 = time.perf_counter()
-    rnd = RandomizedSearchCV(pipe, space, n_iter=n_random, cv=folds, scoring="accuracy", n_jobs=1,
-                             random_state=config.seed).fit(X, y)
+    rnd = RandomizedSearchCV(
+        pipe,
+        space,
+        n_iter=n_random,
+        cv=folds,
+        scoring="accuracy",
+        n_jobs=1,
+        random_state=config.seed,
+    ).fit(X, y)
     out["random"] = (time.perf_counter() - t0, rnd.best_score_, n_random)
     return out
 
 
 def ours(trials: int, log: bool, work: Path):
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    config = load_config(overrides=["model.family=hist_gb", f"tuning.n_trials={trials}", "tuning.register_best=false",
-                                    f"tuning.log_trials={str(log).lower()}", f"experiment=bench-{uuid.uuid4().hex[:6]}"])
+    config = load_config(
+        overrides=[
+            "model.family=hist_gb",
+            f"tuning.n_trials={trials}",
+            "tuning.register_best=false",
+            f"tuning.log_trials={str(log).lower()}",
+            f"experiment=bench-{uuid.uuid4().hex[:6]}",
+        ]
+    )
     t0 = time.perf_counter()
     result = tune(config, progress=False)
     return time.perf_counter() - t0, result
@@ -103,10 +123,16 @@ def workers(pg: str, n_workers: int, trials: int, work: Path) -> float:
     with admin.connect() as conn:
         for db in dbs:
             conn.execute(sa.text(f'create database "{db}"'))
-    tracking, storage = (sa.engine.make_url(pg).set(database=db).render_as_string(hide_password=False) for db in dbs)
+    tracking, storage = (
+        sa.engine.make_url(pg).set(database=db).render_as_string(hide_password=False) for db in dbs
+    )
     try:
-        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, OMP_NUM_THREADS="1",
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        env = dict(
+            os.environ,
+            MLFLOW_TRACKING_URI=tracking,
+            OMP_NUM_THREADS="1",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        )
         mlflow.set_tracking_uri(tracking)
         mlflow.set_experiment("mlops")  # the shared store exists before the workers start
         # The same fixed trials for one and for two workers (enqueued, drawn once from the search
@@ -114,16 +140,37 @@ def workers(pg: str, n_workers: int, trials: int, work: Path) -> float:
         study = optuna.create_study(study_name="bench", storage=storage, direction="maximize")
         for params in fixed_trials(trials):
             study.enqueue_trial(params)
-        cmd = [str(Path(sys.executable).parent / "mlops"), "tune", "--model", "hist_gb", "--n-trials", str(trials),
-               "--storage", storage, "--study-name", "bench", "--no-progress", "--set", "tuning.register_best=false"]
-        procs = [subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for _ in range(n_workers)]
+        cmd = [
+            str(Path(sys.executable).parent / "mlops"),
+            "tune",
+            "--model",
+            "hist_gb",
+            "--n-trials",
+            str(trials),
+            "--storage",
+            storage,
+            "--study-name",
+            "bench",
+            "--no-progress",
+            "--set",
+            "tuning.register_best=false",
+        ]
+        procs = [
+            subprocess.Popen(
+                cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(n_workers)
+        ]
         for p in procs:
             _, err = p.communicate(timeout=1800)
             if p.returncode:
                 raise RuntimeError(err[-2000:])
         study = optuna.load_study(study_name="bench", storage=storage)
-        done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        done = [
+            t
+            for t in study.trials
+            if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ]
         assert len(done) == trials, len(done)
         start = min(t.datetime_start for t in study.trials).timestamp()
         end = max(t.datetime_complete for t in done).timestamp()
@@ -135,13 +182,21 @@ def workers(pg: str, n_workers: int, trials: int, work: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--random", type=int, default=40, help="RandomizedSearchCV n_iter")
-    parser.add_argument("--pairs", type=int, default=3, help="runs of ours with logging on and off, alternating")
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="runs of ours with logging on and off, alternating"
+    )
     parser.add_argument("--worker-trials", type=int, default=40)
-    parser.add_argument("--only-workers", action="store_true", help="measure only 1 vs 2 PostgreSQL workers")
-    parser.add_argument("--pg", default=os.environ.get("MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--only-workers", action="store_true", help="measure only 1 vs 2 PostgreSQL workers"
+    )
+    parser.add_argument(
+        "--pg", default=os.environ.get("MLOPS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="mlops-tune-bench-"))
@@ -159,31 +214,52 @@ def main() -> None:
     # noise and drift hit both alike
     runs = {True: [], False: []}
     for i in range(args.pairs):
-        for log in ((True, False) if i % 2 == 0 else (False, True)):
+        for log in (True, False) if i % 2 == 0 else (False, True):
             runs[log].append(ours(args.trials, log, work))
     t_on, r_on = sorted(runs[True], key=lambda r: r[0])[0]
     t_off, r_off = sorted(runs[False], key=lambda r: r[0])[0]
     grid_time, grid_best, grid_n = sk["grid"]
-    reach = next((at for _, state, value, at in r_on.history
-                  if state == "COMPLETE" and value is not None and value >= grid_best - 1e-12), None)
+    reach = next(
+        (
+            at
+            for _, state, value, at in r_on.history
+            if state == "COMPLETE" and value is not None and value >= grid_best - 1e-12
+        ),
+        None,
+    )
 
-    print(f"data: breast cancer, {len(split.train)} training rows, {config.tuning.cv_folds}-fold CV accuracy; "
-          f"hist_gb; single-threaded")
+    print(
+        f"data: breast cancer, {len(split.train)} training rows, {config.tuning.cv_folds}-fold CV "
+        "accuracy; "
+        f"hist_gb; single-threaded"
+    )
     print(f"{'search':34}{'configs':>8}{'wall s':>9}{'best CV acc':>13}")
     print(f"{'GridSearchCV':34}{grid_n:8d}{grid_time:9.1f}{grid_best:13.4f}")
-    print(f"{'RandomizedSearchCV':34}{sk['random'][2]:8d}{sk['random'][0]:9.1f}{sk['random'][1]:13.4f}")
-    print(f"{'ours (TPE + median pruning, MLflow)':34}{args.trials:8d}{t_on:9.1f}{r_on.best_value:13.4f}"
-          f"   ({r_on.n_pruned} pruned)")
+    print(
+        f"{'RandomizedSearchCV':34}{sk['random'][2]:8d}{sk['random'][0]:9.1f}{sk['random'][1]:13.4f}"
+    )
+    print(
+        f"{'ours (TPE + median pruning, MLflow)':34}{args.trials:8d}{t_on:9.1f}"
+        f"{r_on.best_value:13.4f}"
+        f"   ({r_on.n_pruned} pruned)"
+    )
     print(f"{'ours, trial logging off':34}{args.trials:8d}{t_off:9.1f}{r_off.best_value:13.4f}")
     if reach is None:
         print(f"ours never reached the grid's best ({grid_best:.4f}) in {args.trials} trials")
     else:
-        print(f"ours first reached the grid's best ({grid_best:.4f}) after {reach:.1f} s: "
-              f"{reach / grid_time:.2f} of the grid's wall time (goal <= 0.25)")
-    pairs = sorted(on[0] / off[0] - 1 for on, off in zip(runs[True], runs[False]))
-    print(f"MLflow logging cost: {t_on / t_off - 1:+.1%} of tuning wall time (goal <= +5%; best of {args.pairs} runs "
-          f"each: {t_on:.1f} s vs {t_off:.1f} s; all on {[round(r[0], 1) for r in runs[True]]} vs off "
-          f"{[round(r[0], 1) for r in runs[False]]}; median of the alternating pairs {pairs[len(pairs) // 2]:+.1%})")
+        print(
+            f"ours first reached the grid's best ({grid_best:.4f}) after {reach:.1f} s: "
+            f"{reach / grid_time:.2f} of the grid's wall time (goal <= 0.25)"
+        )
+    pairs = sorted(on[0] / off[0] - 1 for on, off in zip(runs[True], runs[False], strict=False))
+    print(
+        f"MLflow logging cost: {t_on / t_off - 1:+.1%} of tuning wall time (goal <= +5%; best of "
+        f"{args.pairs} runs "
+        f"each: {t_on:.1f} s vs {t_off:.1f} s; all on {[round(r[0], 1) for r in runs[True]]} vs "
+        "off "
+        f"{[round(r[0], 1) for r in runs[False]]}; median of the alternating pairs "
+        f"{pairs[len(pairs) // 2]:+.1%})"
+    )
     report_workers(args, work)
 
 
@@ -194,9 +270,13 @@ def report_workers(args, work: Path) -> None:
             for n in (1, 2):
                 times[n].append(workers(args.pg, n, args.worker_trials, work))
         one, two = min(times[1]), min(times[2])
-        print(f"{args.worker_trials} fixed trials on one PostgreSQL study: 1 worker {one:.1f} s, 2 workers {two:.1f} s "
-              f"(best of 2 each; all: {[round(t, 1) for t in times[1]]} vs {[round(t, 1) for t in times[2]]}): "
-              f"{one / two:.2f}x faster (goal >= 1.6x)")
+        print(
+            f"{args.worker_trials} fixed trials on one PostgreSQL study: 1 worker {one:.1f} s, 2 "
+            f"workers {two:.1f} s "
+            f"(best of 2 each; all: {[round(t, 1) for t in times[1]]} vs "
+            f"{[round(t, 1) for t in times[2]]}): "
+            f"{one / two:.2f}x faster (goal >= 1.6x)"
+        )
     except Exception as exc:  # noqa: BLE001 - the rest of the report still stands
         print(f"workers on PostgreSQL not measured: {exc.__class__.__name__}: {str(exc)[-1500:]}")
 

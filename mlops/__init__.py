@@ -4,4 +4,11 @@ from mlops.errors import ConfigError, DataValidationError, InvalidRequest, Mlops
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataValidationError", "InvalidRequest", "MlopsError", "TrainingError", "__version__"]
+__all__ = [
+    "ConfigError",
+    "DataValidationError",
+    "InvalidRequest",
+    "MlopsError",
+    "TrainingError",
+    "__version__",
+]

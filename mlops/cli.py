@@ -10,7 +10,8 @@ import functools
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,22 +23,43 @@ if TYPE_CHECKING:
 
 def _common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                     help="Experiment YAML to start from (default: conf/default.yaml)."),
-        click.option("--dataset", default=None, help="A CSV path or sklearn:breast_cancer|wine|iris|diabetes."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Experiment YAML to start from (default: conf/default.yaml).",
+        ),
+        click.option(
+            "--dataset",
+            default=None,
+            help="A CSV path or sklearn:breast_cancer|wine|iris|diabetes.",
+        ),
         click.option("--target", default=None, help="Target column (CSV datasets)."),
         click.option("--seed", type=int, default=None, help="Random seed for split and model."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override any config key, dotted (repeatable), e.g. --set model.params.C=0.5."),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override any config key, dotted (repeatable), e.g. --set model.params.C=0.5.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-_NAMED_KEYS = {"dataset": "data.dataset", "target": "data.target", "seed": "seed", "model": "model.family",
-               "n_trials": "tuning.n_trials", "timeout": "tuning.timeout", "storage": "tuning.storage",
-               "study_name": "tuning.study_name"}
+_NAMED_KEYS = {
+    "dataset": "data.dataset",
+    "target": "data.target",
+    "seed": "seed",
+    "model": "model.family",
+    "n_trials": "tuning.n_trials",
+    "timeout": "tuning.timeout",
+    "storage": "tuning.storage",
+    "study_name": "tuning.study_name",
+}
 
 
 def build_config(config_path: str | None, overrides: Sequence[str], **named: Any) -> Config:
@@ -69,8 +91,13 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @_common_options
-def prepare(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
-            overrides: tuple[str, ...]) -> None:
+def prepare(
+    config_path: str | None,
+    dataset: str | None,
+    target: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Load, validate, clean and split a dataset; log it to an MLflow run.
 
     \b
@@ -90,7 +117,8 @@ def prepare(config_path: str | None, dataset: str | None, target: str | None, se
         split = data.prepare(config)
         data.log_split(split, with_files=True)
     click.echo(
-        f"prepared {split.source}: {split.n_rows} rows ({split.n_duplicates_dropped} duplicates dropped), "
+        f"prepared {split.source}: {split.n_rows} rows ({split.n_duplicates_dropped} duplicates "
+        "dropped), "
         f"train/validation/test = {len(split.train)}/{len(split.validation)}/{len(split.test)}, "
         f"hash {split.content_hash[:12]}, run {run.info.run_id}"
     )
@@ -98,11 +126,23 @@ def prepare(config_path: str | None, dataset: str | None, target: str | None, se
 
 @cli.command()
 @_common_options
-@click.option("--model", default=None, help="Model family: logreg, ridge, random_forest, hist_gb, keras_mlp.")
-@click.option("--register/--no-register", default=False,
-              help="Also register the model under registry.model_name (no alias is set).")
-def train(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
-          overrides: tuple[str, ...], model: str | None, register: bool) -> None:
+@click.option(
+    "--model", default=None, help="Model family: logreg, ridge, random_forest, hist_gb, keras_mlp."
+)
+@click.option(
+    "--register/--no-register",
+    default=False,
+    help="Also register the model under registry.model_name (no alias is set).",
+)
+def train(
+    config_path: str | None,
+    dataset: str | None,
+    target: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+    model: str | None,
+    register: bool,
+) -> None:
     """Prepare the data and train, evaluate and log one model.
 
     \b
@@ -114,31 +154,67 @@ def train(config_path: str | None, dataset: str | None, target: str | None, seed
 
     from mlops.training import train as run_training
 
-    config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed, model=model)
+    config = build_config(
+        config_path, overrides, dataset=dataset, target=target, seed=seed, model=model
+    )
     result = run_training(config, register=register)
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("test_"))
+    shown = ", ".join(
+        f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("test_")
+    )
     click.echo(f"trained {result.family} ({result.task}) in run {result.run_id}: {shown}")
-    click.echo(f"model: {result.model_uri}" + (f" (registered version {result.registered_version})" if result.registered_version else ""))
+    click.echo(
+        f"model: {result.model_uri}"
+        + (
+            f" (registered version {result.registered_version})"
+            if result.registered_version
+            else ""
+        )
+    )
     click.echo(f"see it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
 
 
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--alias", default="production", show_default=True, help="Registered-model alias to serve.")
+@click.option(
+    "--alias", default="production", show_default=True, help="Registered-model alias to serve."
+)
 @click.option("--version", "version", default=None, help="Serve this version instead of an alias.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", "-p", type=int, default=5000, show_default=True)
-@click.option("--workers", "-w", type=int, default=1, show_default=True, help="Server worker processes.")
-@click.option("--max-rows", type=int, default=None, help="Largest batch accepted (default: as logged).")
-@click.option("--impute-missing/--reject-missing", default=None,
-              help="Impute nulls in any column, or accept them only where training data had them.")
-@click.option("--monitor/--no-monitor", "monitor", default=None,
-              help="Log every prediction for `mlops monitor` (default: as logged, monitoring.enabled).")
-@click.option("--log-url", default=None, help="SQLAlchemy URL of the prediction log (default: as logged).")
+@click.option(
+    "--workers", "-w", type=int, default=1, show_default=True, help="Server worker processes."
+)
+@click.option(
+    "--max-rows", type=int, default=None, help="Largest batch accepted (default: as logged)."
+)
+@click.option(
+    "--impute-missing/--reject-missing",
+    default=None,
+    help="Impute nulls in any column, or accept them only where training data had them.",
+)
+@click.option(
+    "--monitor/--no-monitor",
+    "monitor",
+    default=None,
+    help="Log every prediction for `mlops monitor` (default: as logged, monitoring.enabled).",
+)
+@click.option(
+    "--log-url", default=None, help="SQLAlchemy URL of the prediction log (default: as logged)."
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be served instead of serving it.")
-def serve(name: str | None, alias: str, version: str | None, host: str, port: int, workers: int,
-          max_rows: int | None, impute_missing: bool | None, monitor: bool | None, log_url: str | None,
-          dry_run: bool) -> None:
+def serve(
+    name: str | None,
+    alias: str,
+    version: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    max_rows: int | None,
+    impute_missing: bool | None,
+    monitor: bool | None,
+    log_url: str | None,
+    dry_run: bool,
+) -> None:
     """Serve a registered model over REST: MLflow's scoring protocol, stopped gracefully.
 
     The same routes, input formats and errors as `mlflow models serve`; a graceful stop
@@ -157,13 +233,24 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
 
     name = name or load_config().registry.model_name
     uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
-    options = {k: v for k, v in {"max_rows": max_rows, "impute_missing": impute_missing, "monitoring": monitor,
-                                 "monitoring_url": log_url}.items() if v is not None}
+    options = {
+        k: v
+        for k, v in {
+            "max_rows": max_rows,
+            "impute_missing": impute_missing,
+            "monitoring": monitor,
+            "monitoring_url": log_url,
+        }.items()
+        if v is not None
+    }
     if options:
         os.environ["SERVING_MODEL_CONFIG"] = json.dumps(options)  # read by each worker's model load
     shown = {k: ("***" if k == "monitoring_url" else v) for k, v in options.items()}
-    click.echo(f"serving {uri} on http://{host}:{port} with {workers} worker(s)"
-               + (f" (model config {shown})" if options else ""), err=True)
+    click.echo(
+        f"serving {uri} on http://{host}:{port} with {workers} worker(s)"
+        + (f" (model config {shown})" if options else ""),
+        err=True,
+    )
     if dry_run:
         return
     run_server(uri, host=host, port=port, workers=workers)
@@ -173,13 +260,27 @@ def serve(name: str | None, alias: str, version: str | None, host: str, port: in
 @_common_options
 @click.option("--model", default=None, help="Model family whose search space to search.")
 @click.option("--n-trials", type=int, default=None, help="Trials in the study, across all workers.")
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@click.option("--storage", default=None, help="Optuna storage URL: sqlite:///optuna.db, postgresql://...")
+@click.option(
+    "--timeout", type=float, default=None, help="Stop starting trials after this many seconds."
+)
+@click.option(
+    "--storage", default=None, help="Optuna storage URL: sqlite:///optuna.db, postgresql://..."
+)
 @click.option("--study-name", default=None, help="Study to create, resume or join.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def tune(config_path: str | None, dataset: str | None, target: str | None, seed: int | None,
-         overrides: tuple[str, ...], model: str | None, n_trials: int | None, timeout: float | None,
-         storage: str | None, study_name: str | None, no_progress: bool) -> None:
+def tune(
+    config_path: str | None,
+    dataset: str | None,
+    target: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+    model: str | None,
+    n_trials: int | None,
+    timeout: float | None,
+    storage: str | None,
+    study_name: str | None,
+    no_progress: bool,
+) -> None:
     """Search hyperparameters with Optuna; retrain, log and register the best.
 
     Each trial is a nested MLflow run. Start the same command on several machines with one
@@ -188,7 +289,8 @@ def tune(config_path: str | None, dataset: str | None, target: str | None, seed:
     \b
     Example:
         mlops tune --model hist_gb --n-trials 30
-        mlops tune --model hist_gb --n-trials 60 --storage postgresql://optuna@db/optuna --study-name churn-hgb
+        mlops tune --model hist_gb --n-trials 60 \\
+            --storage postgresql://optuna@db/optuna --study-name churn-hgb
     """
     import optuna
 
@@ -196,18 +298,38 @@ def tune(config_path: str | None, dataset: str | None, target: str | None, seed:
 
     if not no_progress:  # the progress bar says it; per-trial log lines would break it up
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed, model=model,
-                          n_trials=n_trials, timeout=timeout, storage=storage, study_name=study_name)
+    config = build_config(
+        config_path,
+        overrides,
+        dataset=dataset,
+        target=target,
+        seed=seed,
+        model=model,
+        n_trials=n_trials,
+        timeout=timeout,
+        storage=storage,
+        study_name=study_name,
+    )
     result = run_tuning(config, progress=not no_progress)
-    click.echo(f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
-               f"{result.n_failed} failed; parent run {result.parent_run_id}")
+    click.echo(
+        f"study {result.study_name}: {result.n_complete} complete, {result.n_pruned} pruned, "
+        f"{result.n_failed} failed; parent run {result.parent_run_id}"
+    )
     if result.best_trial is not None:
-        click.echo(f"best trial {result.best_trial}: validation_{result.metric}={result.best_value:.4f} {result.best_params}")
+        click.echo(
+            f"best trial {result.best_trial}: validation_{result.metric}={result.best_value:.4f} "
+            f"{result.best_params}"
+        )
     if result.model_uri:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items()))
-        click.echo(f"best retrained on the training split: {shown}; model {result.model_uri}"
-                   + (f", registered as {config.registry.model_name} version {result.registered_version}"
-                      if result.registered_version else ""))
+        click.echo(
+            f"best retrained on the training split: {shown}; model {result.model_uri}"
+            + (
+                f", registered as {config.registry.model_name} version {result.registered_version}"
+                if result.registered_version
+                else ""
+            )
+        )
 
 
 def _registry_config(config_path: str | None):
@@ -216,8 +338,13 @@ def _registry_config(config_path: str | None):
     return load_config(config_path or None)
 
 
-_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                              help="Experiment YAML with the registry settings (default: conf/default.yaml).")
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Experiment YAML with the registry settings (default: conf/default.yaml).",
+)
 
 
 def _print_gates(gates) -> None:
@@ -228,7 +355,13 @@ def _print_gates(gates) -> None:
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--version", "version", required=True, help="The version to check.")
-@click.option("--to", "to", type=click.Choice(["staging", "production"]), default="production", show_default=True)
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["staging", "production"]),
+    default="production",
+    show_default=True,
+)
 @_config_option
 def evaluate(name: str | None, version: str, to: str, config_path: str | None) -> None:
     """Run the gates a promotion would face now, changing nothing (exit 1 if any fails).
@@ -248,17 +381,30 @@ def evaluate(name: str | None, version: str, to: str, config_path: str | None) -
     _print_gates(gates)
     failed = [g for g in gates if not g.passed]
     if failed:
-        raise GateFailed(f"{len(failed)} gate(s) would refuse {name} version {version} for {to}", failed)
+        raise GateFailed(
+            f"{len(failed)} gate(s) would refuse {name} version {version} for {to}", failed
+        )
 
 
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--version", "version", required=True, help="The version to promote.")
 @click.option("--to", "to", type=click.Choice(["staging", "production"]), required=True)
-@click.option("--reason", default=None, help="Why (recorded in the audit trail; required with --force).")
-@click.option("--force", is_flag=True, help="Promote to production without passing through staging.")
+@click.option(
+    "--reason", default=None, help="Why (recorded in the audit trail; required with --force)."
+)
+@click.option(
+    "--force", is_flag=True, help="Promote to production without passing through staging."
+)
 @_config_option
-def promote(name: str | None, version: str, to: str, reason: str | None, force: bool, config_path: str | None) -> None:
+def promote(
+    name: str | None,
+    version: str,
+    to: str,
+    reason: str | None,
+    force: bool,
+    config_path: str | None,
+) -> None:
     """Promote a model version to staging or production, past the validation gates.
 
     \b
@@ -279,8 +425,10 @@ def promote(name: str | None, version: str, to: str, reason: str | None, force: 
         _print_gates(exc.gates)
         raise
     _print_gates(result.gates)
-    click.echo(f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
-               f"audit #{result.audit_id} by {result.who}")
+    click.echo(
+        f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
+        f"audit #{result.audit_id} by {result.who}"
+    )
 
 
 def _name_project_run(run_name: str) -> None:
@@ -294,10 +442,17 @@ def _name_project_run(run_name: str) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--to", "to_version", default=None, help="Version to go back to (default: the one production replaced).")
+@click.option(
+    "--to",
+    "to_version",
+    default=None,
+    help="Version to go back to (default: the one production replaced).",
+)
 @click.option("--reason", default=None, help="Why (recorded in the audit trail).")
 @_config_option
-def rollback(name: str | None, to_version: str | None, reason: str | None, config_path: str | None) -> None:
+def rollback(
+    name: str | None, to_version: str | None, reason: str | None, config_path: str | None
+) -> None:
     """Move production back to the version it replaced, in one command.
 
     \b
@@ -316,8 +471,11 @@ def rollback(name: str | None, to_version: str | None, reason: str | None, confi
         click.echo(f"rollback of {name} refused", err=True)
         _print_gates(exc.gates)
         raise
-    click.echo(f"{name}: production rolled back to version {result.to_version} (from {result.from_version}); "
-               f"audit #{result.audit_id} by {result.who}")
+    click.echo(
+        f"{name}: production rolled back to version {result.to_version} (from "
+        f"{result.from_version}); "
+        f"audit #{result.audit_id} by {result.who}"
+    )
 
 
 @cli.command()
@@ -334,12 +492,18 @@ def status(name: str | None, config_path: str | None) -> None:
 
     name = name or _registry_config(config_path).registry.model_name
     rows = read_status(name)
-    click.echo(f"{'version':>7}  {'family':<14} {'task':<14} {'aliases':<20} {'stage':<10} {'created (UTC)':<19}  "
-               f"{'data hash':<12}  metrics")
+    click.echo(
+        f"{'version':>7}  {'family':<14} {'task':<14} {'aliases':<20} {'stage':<10} "
+        f"{'created (UTC)':<19}  "
+        f"{'data hash':<12}  metrics"
+    )
     for r in rows:
         shown = ", ".join(f"{k}={val:.4f}" for k, val in r.metrics.items() if k.startswith("test_"))
-        click.echo(f"{r.version:>7}  {r.family:<14} {r.task:<14} {','.join(r.aliases) or '-':<20} {r.stage:<10} "
-                   f"{r.created:%Y-%m-%d %H:%M:%S}  {(r.data_hash or '-')[:12]:<12}  {shown}")
+        click.echo(
+            f"{r.version:>7}  {r.family:<14} {r.task:<14} {','.join(r.aliases) or '-':<20} "
+            f"{r.stage:<10} "
+            f"{r.created:%Y-%m-%d %H:%M:%S}  {(r.data_hash or '-')[:12]:<12}  {shown}"
+        )
 
 
 @cli.command()
@@ -358,25 +522,42 @@ def audit(name: str | None, config_path: str | None) -> None:
     name = name or config.registry.model_name
     for r in audit_trail(config, name):
         failed = [g["gate"] for g in r.gates if not g["passed"]]
-        click.echo(f"#{r.id} {r.at:%Y-%m-%d %H:%M:%S} {r.who} {r.action} {r.outcome}: {r.target} "
-                   f"{r.from_version or '-'} -> {r.to_version}{' (forced)' if r.forced else ''}"
-                   f"{' reason: ' + r.reason if r.reason else ''}"
-                   f"{' failed: ' + ', '.join(failed) if failed else ''}")
+        click.echo(
+            f"#{r.id} {r.at:%Y-%m-%d %H:%M:%S} {r.who} {r.action} {r.outcome}: {r.target} "
+            f"{r.from_version or '-'} -> {r.to_version}{' (forced)' if r.forced else ''}"
+            f"{' reason: ' + r.reason if r.reason else ''}"
+            f"{' failed: ' + ', '.join(failed) if failed else ''}"
+        )
 
 
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                           help="Override a config key, dotted (repeatable), e.g. --set monitoring.min_rows=50.")
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, dotted (repeatable), e.g. --set monitoring.min_rows=50.",
+)
 
 
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--window", default=None, help="Span of predictions to check: 90s, 30m, 1h, 2d (default: monitoring.window).")
+@click.option(
+    "--window",
+    default=None,
+    help="Span of predictions to check: 90s, 30m, 1h, 2d (default: monitoring.window).",
+)
 @click.option("--every", default=None, help="Check again at this interval (5m, 1h) until stopped.")
 @click.option("--count", type=int, default=None, help="With --every: stop after this many checks.")
 @_config_option
 @_set_option
-def monitor(name: str | None, window: str | None, every: str | None, count: int | None, config_path: str | None,
-            overrides: tuple[str, ...]) -> None:
+def monitor(
+    name: str | None,
+    window: str | None,
+    every: str | None,
+    count: int | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Check the production version: drift, latency, errors, accuracy; alert; roll back.
 
     Each check is one MLflow run in the experiment NAME-monitoring (metrics stepped by the
@@ -410,11 +591,29 @@ def monitor(name: str | None, window: str | None, every: str | None, count: int 
 
 def _print_check(result) -> None:
     m = result.metrics
-    click.echo(f"{result.model} v{result.version}: {int(m.get('requests', 0))} requests, "
-               f"{int(m.get('predictions', 0))} predictions, {int(m.get('labelled', 0))} labelled in the last "
-               f"{result.window_s:g} s; run {result.run_id}")
-    shown = [k for k in ("error_rate", "latency_p50_ms", "latency_p99_ms", "dropped_rows", "psi_max",
-                         "prediction_psi", "accuracy", "f1", "accuracy_drop", "rmse", "rmse_ratio") if k in m]
+    click.echo(
+        f"{result.model} v{result.version}: {int(m.get('requests', 0))} requests, "
+        f"{int(m.get('predictions', 0))} predictions, {int(m.get('labelled', 0))} labelled in the "
+        "last "
+        f"{result.window_s:g} s; run {result.run_id}"
+    )
+    shown = [
+        k
+        for k in (
+            "error_rate",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "dropped_rows",
+            "psi_max",
+            "prediction_psi",
+            "accuracy",
+            "f1",
+            "accuracy_drop",
+            "rmse",
+            "rmse_ratio",
+        )
+        if k in m
+    ]
     if shown:
         click.echo("  " + ", ".join(f"{k}={m[k]:.4g}" for k in shown))
     if result.drifted:
@@ -422,17 +621,26 @@ def _print_check(result) -> None:
     for note in result.notes:
         click.echo(f"  note: {note}")
     for alert in result.alerts:
-        extra = "".join(f"; {x}" for x in (alert.action, alert.webhook and f"webhook {alert.webhook}") if x)
+        extra = "".join(
+            f"; {x}" for x in (alert.action, alert.webhook and f"webhook {alert.webhook}") if x
+        )
         click.echo(f"  ALERT {alert.message}{extra}")
 
 
 @cli.command()
 @click.argument("name", required=False)
-@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False),
-              help="CSV with columns request_id,label (and row, for multi-row requests).")
+@click.option(
+    "--labels",
+    "labels_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV with columns request_id,label (and row, for multi-row requests).",
+)
 @_config_option
 @_set_option
-def feedback(name: str | None, labels_path: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+def feedback(
+    name: str | None, labels_path: str, config_path: str | None, overrides: tuple[str, ...]
+) -> None:
     """Attach ground-truth labels to logged predictions, joined on the request id.
 
     The server returns a request_id column with every prediction when monitoring is on.
@@ -452,7 +660,9 @@ def feedback(name: str | None, labels_path: str, config_path: str | None, overri
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: runs the CLI, mapping MlopsError to one line and exit 1."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="mlops", standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="mlops", standalone_mode=False
+        )
     except MlopsError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -486,7 +696,12 @@ def entry_args(command: str, argv: Sequence[str]) -> list[str]:
     """
     import shlex
 
-    flags = {opt for p in cli.commands[command].params if isinstance(p, click.Option) and p.is_flag for opt in p.opts}
+    flags = {
+        opt
+        for p in cli.commands[command].params
+        if isinstance(p, click.Option) and p.is_flag
+        for opt in p.opts
+    }
     args, rest = [], list(argv)
     while rest:
         arg = rest.pop(0)
@@ -501,7 +716,9 @@ def entry_args(command: str, argv: Sequence[str]) -> list[str]:
             try:
                 pairs = shlex.split(value)
             except ValueError as exc:
-                raise SystemExit(f"error: overrides: {exc} in {value!r}; quote each key=value as a shell would")
+                raise SystemExit(
+                    f"error: overrides: {exc} in {value!r}; quote each key=value as a shell would"
+                ) from None
             args += [f"--set={pair}" for pair in pairs]
         else:
             args += [arg, value]

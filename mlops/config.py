@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,7 +37,7 @@ class SplitConfig(_Strict):
     test: float = Field(0.1, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _sums_to_one(self) -> "SplitConfig":
+    def _sums_to_one(self) -> SplitConfig:
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(
@@ -79,7 +80,7 @@ class ProductionGates(_Strict):
     # accuracy | f1 | rmse | mae | r2, measured now on the challenger's held-out test split
     metric_classification: Literal["accuracy", "f1"] = "accuracy"
     metric_regression: Literal["rmse", "mae", "r2"] = "rmse"
-    margin: float = 0.0            # the challenger must beat the champion by at least this
+    margin: float = 0.0  # the challenger must beat the champion by at least this
     tolerance: float | None = None  # ...or be no worse than this (None: the margin rule alone)
 
 
@@ -107,7 +108,7 @@ class ParamSpace(_Strict):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ParamSpace":
+    def _consistent(self) -> ParamSpace:
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical parameter needs a non-empty 'choices' list")
@@ -128,15 +129,15 @@ class ParamSpace(_Strict):
 class TuningConfig(_Strict):
     n_trials: int = Field(20, gt=0)
     timeout: float | None = Field(None, gt=0)
-    storage: str | None = None        # None: in memory; sqlite:///optuna.db; postgresql://...
-    study_name: str | None = None     # default: "<experiment>-<family>"
+    storage: str | None = None  # None: in memory; sqlite:///optuna.db; postgresql://...
+    study_name: str | None = None  # default: "<experiment>-<family>"
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
-    cv_folds: int = Field(3, ge=2)    # scikit-learn families: fold scores feed the pruner
+    cv_folds: int = Field(3, ge=2)  # scikit-learn families: fold scores feed the pruner
     heartbeat_interval: int = Field(10, gt=0)
     grace_period: int = Field(30, gt=0)
     register_best: bool = True
-    log_trials: bool = True           # one nested MLflow run per trial (off: only the parent run)
+    log_trials: bool = True  # one nested MLflow run per trial (off: only the parent run)
     # who writes the trial runs: a child process (off the training thread's GIL; costs one MLflow
     # import, ~4 s of CPU, per search), a thread of the tuning process, or auto: the process for a
     # study of one process (memory/SQLite storage, a spare core likely), the thread for a study
@@ -146,16 +147,17 @@ class TuningConfig(_Strict):
 
 
 class AlertRule(_Strict):
-    """An alert: ``metric`` (a check metric; ``psi/*`` matches every feature) above or below a bound."""
+    """An alert: ``metric`` (a check metric; ``psi/*`` matches every feature) above or below a
+    bound."""
 
     name: str
     metric: str
     above: float | None = None
     below: float | None = None
-    auto_rollback: bool = False   # also move production back to the version it replaced
+    auto_rollback: bool = False  # also move production back to the version it replaced
 
     @model_validator(mode="after")
-    def _one_bound(self) -> "AlertRule":
+    def _one_bound(self) -> AlertRule:
         if (self.above is None) == (self.below is None):
             raise ValueError(f"rule '{self.name}' needs exactly one of 'above' or 'below'")
         return self
@@ -189,16 +191,20 @@ def parse_duration(text: str | float | int, what: str = "window") -> float:
 
 
 class MonitoringConfig(_Strict):
-    enabled: bool = False                 # log every served prediction (model config of the logged model)
-    log_url: str | None = None            # SQLAlchemy URL of the prediction log; None: beside the tracking store
+    enabled: bool = False  # log every served prediction (model config of the logged model)
+    log_url: str | None = (
+        None  # SQLAlchemy URL of the prediction log; None: beside the tracking store
+    )
     sensitive_columns: list[str] = Field(default_factory=list)
     sensitive_mode: Literal["hash", "mask"] = "hash"
-    queue_rows: int = Field(10_000, gt=0)  # rows buffered in the server process before new ones are dropped
-    window: str = "1h"                    # mlops monitor: the span of predictions one check looks at
-    min_rows: int = Field(100, gt=0)      # fewer predictions than this: drift is not computed
-    min_labels: int = Field(30, gt=0)     # fewer labelled predictions: accuracy is not computed
-    bins: int = Field(10, ge=2)           # reference histogram bins (quantiles of the training data)
-    webhook: str | None = None            # alerts are POSTed here as JSON
+    queue_rows: int = Field(
+        10_000, gt=0
+    )  # rows buffered in the server process before new ones are dropped
+    window: str = "1h"  # mlops monitor: the span of predictions one check looks at
+    min_rows: int = Field(100, gt=0)  # fewer predictions than this: drift is not computed
+    min_labels: int = Field(30, gt=0)  # fewer labelled predictions: accuracy is not computed
+    bins: int = Field(10, ge=2)  # reference histogram bins (quantiles of the training data)
+    webhook: str | None = None  # alerts are POSTed here as JSON
     rules: list[AlertRule] = Field(default_factory=_default_rules)
 
     @field_validator("window")
@@ -232,18 +238,30 @@ class Config(_Strict):
 
         Everything else (gates, monitoring rules, stores) is in the run's ``config.yaml``.
         """
-        out: dict[str, Any] = {"model.family": self.model.family, "seed": self.seed,
-                               "data.dataset": self.data.dataset, "data.target": self.data.target,
-                               "data.task": self.data.task, "data.categorical": ",".join(self.data.categorical),
-                               "data.split": f"{self.data.split.train:g}/{self.data.split.validation:g}/"
-                                             f"{self.data.split.test:g}"}
+        out: dict[str, Any] = {
+            "model.family": self.model.family,
+            "seed": self.seed,
+            "data.dataset": self.data.dataset,
+            "data.target": self.data.target,
+            "data.task": self.data.task,
+            "data.categorical": ",".join(self.data.categorical),
+            "data.split": f"{self.data.split.train:g}/{self.data.split.validation:g}/"
+            f"{self.data.split.test:g}",
+        }
         if model_params:
             out.update({f"model.params.{k}": v for k, v in sorted(self.model.params.items())})
         if tuning:
             t = self.tuning
-            out.update({"tuning.n_trials": t.n_trials, "tuning.timeout": t.timeout, "tuning.sampler": t.sampler,
-                        "tuning.pruner": t.pruner, "tuning.cv_folds": t.cv_folds,
-                        "tuning.search_space": ",".join(sorted(t.search_space))})
+            out.update(
+                {
+                    "tuning.n_trials": t.n_trials,
+                    "tuning.timeout": t.timeout,
+                    "tuning.sampler": t.sampler,
+                    "tuning.pruner": t.pruner,
+                    "tuning.cv_folds": t.cv_folds,
+                    "tuning.search_space": ",".join(sorted(t.search_space)),
+                }
+            )
         return {k: ("" if v is None else v) for k, v in out.items()}
 
     def to_yaml(self) -> str:
@@ -252,15 +270,18 @@ class Config(_Strict):
 
 
 def conf_dir() -> Path:
-    """The folder holding the YAML files: ``$MLOPS_CONF_DIR``, ``./conf`` or the packaged defaults."""
+    """The folder holding the YAML files: ``$MLOPS_CONF_DIR``, ``./conf`` or the packaged
+    defaults."""
     env = os.environ.get("MLOPS_CONF_DIR")
     if env:
         return Path(env)
     for folder in (Path.cwd() / "conf", _INSTALLED_CONF, _SOURCE_CONF):
         if (folder / "default.yaml").is_file():
             return folder
-    raise ConfigError(f"no conf/default.yaml found in ./conf, {_INSTALLED_CONF} or {_SOURCE_CONF}; "
-                      "reinstall mlops or set MLOPS_CONF_DIR to a folder holding default.yaml")
+    raise ConfigError(
+        f"no conf/default.yaml found in ./conf, {_INSTALLED_CONF} or {_SOURCE_CONF}; "
+        "reinstall mlops or set MLOPS_CONF_DIR to a folder holding default.yaml"
+    )
 
 
 def read_resolved_config(path: str | os.PathLike[str]) -> Config:
@@ -293,7 +314,10 @@ def load_config(
     raw = _read_yaml(cfg_path)
     pairs = {**_parse_overrides(overrides), **(values or {})}
 
-    family = pairs.get("model.family", raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None)
+    family = pairs.get(
+        "model.family",
+        raw.get("model", {}).get("family") if isinstance(raw.get("model"), dict) else None,
+    )
     family = family or ModelConfig.model_fields["family"].default
     family_file = base_dir / "models" / f"{family}.yaml"
     if family_file.is_file():
@@ -301,7 +325,8 @@ def load_config(
         unknown = set(fam_raw) - {"params"}
         if unknown:
             raise ConfigError(
-                f"{family_file}: unknown key(s) {sorted(unknown)}; a model family file holds only 'params'"
+                f"{family_file}: unknown key(s) {sorted(unknown)}; a model family file holds only "
+                "'params'"
             )
         defaults = fam_raw.get("params") or {}
         model_section = raw.setdefault("model", {})
@@ -313,8 +338,10 @@ def load_config(
     if space_file.is_file():
         space_raw = _read_yaml(space_file)
         if set(space_raw) - {"params"}:
-            raise ConfigError(f"{space_file}: unknown key(s) {sorted(set(space_raw) - {'params'})}; "
-                              "a search space file holds only 'params'")
+            raise ConfigError(
+                f"{space_file}: unknown key(s) {sorted(set(space_raw) - {'params'})}; "
+                "a search space file holds only 'params'"
+            )
         tuning = raw.setdefault("tuning", {})
         if isinstance(tuning, dict) and not tuning.get("search_space"):
             tuning["search_space"] = space_raw.get("params") or {}
@@ -329,18 +356,24 @@ def load_config(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file with --config")
+        raise ConfigError(
+            f"config file '{path}' not found; pass an existing YAML file with --config"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}; fix the file's syntax") from None
+        raise ConfigError(
+            f"{path}: invalid YAML{where}: {problem}; fix the file's syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"
+        )
     return copy.deepcopy(data)
 
 
@@ -351,7 +384,9 @@ def _parse_overrides(overrides: Iterable[str] | dict[str, Any]) -> dict[str, Any
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not key=value; write it like model.params.C=0.5")
+            raise ConfigError(
+                f"override '{item}' is not key=value; write it like model.params.C=0.5"
+            )
         try:
             pairs[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
@@ -366,7 +401,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: Path) -> Non
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(
-                f"override '{key}': '{'.'.join(parts[: i + 1])}' in {source} is a value, not a section"
+                f"override '{key}': '{'.'.join(parts[: i + 1])}' in {source} is a value, not a "
+                "section"
             )
         node = child
     node[parts[-1]] = value

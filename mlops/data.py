@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -117,7 +117,13 @@ def prepare(config: Config) -> DatasetSplit:
     )
     logger.info(
         "prepared %s: %d rows (%d duplicates dropped), split %d/%d/%d, hash %s",
-        split.source, split.n_rows, n_dupes, len(train), len(validation), len(test), split.content_hash[:12],
+        split.source,
+        split.n_rows,
+        n_dupes,
+        len(train),
+        len(validation),
+        len(test),
+        split.content_hash[:12],
     )
     return split
 
@@ -126,10 +132,12 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
     """Read the dataset named by ``data.dataset``; returns (frame, target column, known task)."""
     dataset = data_cfg.dataset
     if dataset.startswith(SKLEARN_PREFIX):
-        name = dataset[len(SKLEARN_PREFIX):]
+        name = dataset[len(SKLEARN_PREFIX) :]
         if name not in SKLEARN_DATASETS:
             valid = ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
-            raise DataValidationError(f"data.dataset: unknown scikit-learn dataset '{dataset}'; use one of {valid}")
+            raise DataValidationError(
+                f"data.dataset: unknown scikit-learn dataset '{dataset}'; use one of {valid}"
+            )
         bunch = _sklearn_loader(name)(as_frame=True)
         frame = bunch.frame.copy()
         task = SKLEARN_DATASETS[name]
@@ -138,7 +146,8 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
             frame[SKLEARN_TARGET] = names[frame[SKLEARN_TARGET].to_numpy()]
         if data_cfg.target not in (None, SKLEARN_TARGET):
             raise DataValidationError(
-                f"data.target: '{data_cfg.target}' is not a column of {dataset}; its target column is "
+                f"data.target: '{data_cfg.target}' is not a column of {dataset}; its target column "
+                "is "
                 f"'{SKLEARN_TARGET}', so leave --target unset"
             )
         return frame, SKLEARN_TARGET, task
@@ -152,12 +161,17 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise DataValidationError(f"data.dataset: '{dataset}' is empty; give a CSV with a header row and data") from None
+        raise DataValidationError(
+            f"data.dataset: '{dataset}' is empty; give a CSV with a header row and data"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataValidationError(f"data.dataset: '{dataset}' is not a readable CSV ({exc}); fix the file") from None
+        raise DataValidationError(
+            f"data.dataset: '{dataset}' is not a readable CSV ({exc}); fix the file"
+        ) from None
     if not data_cfg.target:
         raise DataValidationError(
-            f"data.target: not set for CSV '{dataset}'; pass --target COLUMN (columns: {', '.join(map(str, frame.columns))})"
+            f"data.target: not set for CSV '{dataset}'; pass --target COLUMN (columns: "
+            f"{', '.join(map(str, frame.columns))})"
         )
     return frame, data_cfg.target, None
 
@@ -174,7 +188,9 @@ def validate_frame(frame: pd.DataFrame, target: str, categorical: list[str], sou
     problems: list[str] = []
     missing_cat = [c for c in categorical if c not in columns]
     if missing_cat:
-        problems.append(f"data.categorical names column(s) {missing_cat} not in the data; remove them")
+        problems.append(
+            f"data.categorical names column(s) {missing_cat} not in the data; remove them"
+        )
     for col in frame.columns:
         series = frame[col]
         if series.isna().all():
@@ -208,14 +224,18 @@ def clean(frame: pd.DataFrame, target: str, categorical: list[str]) -> tuple[pd.
         logger.warning("dropped %d duplicated row(s)", n_dupes)
     no_target = frame[target].isna()
     if no_target.any():
-        logger.warning("dropped %d row(s) with no value in target '%s'", int(no_target.sum()), target)
+        logger.warning(
+            "dropped %d row(s) with no value in target '%s'", int(no_target.sum()), target
+        )
         frame = frame[~no_target]
     for col in frame.columns:
         if col == target:
             continue
         if col in categorical:
             # strings, with NaN for missing: what scikit-learn's imputers and encoders expect
-            frame[col] = frame[col].astype("string").astype(object).where(frame[col].notna(), np.nan)
+            frame[col] = (
+                frame[col].astype("string").astype(object).where(frame[col].notna(), np.nan)
+            )
         else:
             # One numeric dtype for every feature keeps the model signature simple (double).
             frame[col] = frame[col].astype("float64")
@@ -251,18 +271,33 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
         source: object = CodeDatasetSource(tags={"dataset": split.source})
     else:
         source = split.source
-    base = Path(split.source).stem if not split.source.startswith(SKLEARN_PREFIX) else split.source[len(SKLEARN_PREFIX):]
+    base = (
+        Path(split.source).stem
+        if not split.source.startswith(SKLEARN_PREFIX)
+        else split.source[len(SKLEARN_PREFIX) :]
+    )
     for context in ("train", "validation", "test"):
         frame = getattr(split, context)
         with warnings.catch_warnings():
             # MLflow registers the local-file source under two schemes and warns that a plain
             # path matches both; either reading is the same source.
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_pandas(frame, source=source, targets=split.target, name=f"{base}-{context}")
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted"
+            )
+            dataset = mlflow.data.from_pandas(
+                frame, source=source, targets=split.target, name=f"{base}-{context}"
+            )
         _log_input(dataset, context, split.content_hash)
-    mlflow.set_tags({"mlops.data_hash": split.content_hash, "mlops.data_source": split.source,
-                     "mlops.task": split.task})
-    mlflow.log_params({"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task})
+    mlflow.set_tags(
+        {
+            "mlops.data_hash": split.content_hash,
+            "mlops.data_source": split.source,
+            "mlops.task": split.task,
+        }
+    )
+    mlflow.log_params(
+        {"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task}
+    )
     mlflow.log_metrics(
         {
             "data_duplicates_dropped": split.n_duplicates_dropped,
@@ -329,8 +364,10 @@ def _split(
         rare = counts[counts < 3]
         if not rare.empty:
             raise DataValidationError(
-                f"target column '{target}': class(es) {list(rare.index)} have fewer than 3 rows, too few to "
-                f"stratify a train/validation/test split (about {needed} per class are advisable); add rows or merge classes"
+                f"target column '{target}': class(es) {list(rare.index)} have fewer than 3 rows, "
+                "too few to "
+                f"stratify a train/validation/test split (about {needed} per class are advisable); "
+                "add rows or merge classes"
             )
     stratify = frame[target] if task == "classification" else None
     # Whole row counts, so 120 rows split exactly 84/24/12 (fractions of fractions drift).
@@ -339,10 +376,13 @@ def _split(
     try:
         rest, test = train_test_split(frame, test_size=n_test, random_state=seed, stratify=stratify)
         stratify_rest = rest[target] if task == "classification" else None
-        train, validation = train_test_split(rest, test_size=n_val, random_state=seed, stratify=stratify_rest)
+        train, validation = train_test_split(
+            rest, test_size=n_val, random_state=seed, stratify=stratify_rest
+        )
     except ValueError as exc:
         raise DataValidationError(
-            f"cannot split {len(frame)} rows {fractions.train}/{fractions.validation}/{fractions.test}: {exc}; "
+            f"cannot split {len(frame)} rows "
+            f"{fractions.train}/{fractions.validation}/{fractions.test}: {exc}; "
             "add rows or change data.split"
         ) from None
     return (

@@ -23,27 +23,47 @@ def mask_url(url: str) -> str:
         return "<invalid URL>"
 
 
-def create_engine(url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30,
-                  wal: bool = False) -> sa.Engine:
+def create_engine(
+    url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30, wal: bool = False
+) -> sa.Engine:
     """An engine that fails fast on an unreachable server and waits out SQLite's write lock.
 
     ``wal``: a SQLite file is put in write-ahead-log mode (it stays so), where readers and the
     writer do not block each other: a long ``mlops monitor`` read does not stall the servers'
     prediction writers, and a commit costs less.
     """
-    args = {"timeout": sqlite_timeout} if url.startswith("sqlite") else {"connect_timeout": connect_timeout}
+    args = (
+        {"timeout": sqlite_timeout}
+        if url.startswith("sqlite")
+        else {"connect_timeout": connect_timeout}
+    )
     engine = sa.create_engine(url, connect_args=args, pool_pre_ping=True)
-    if wal and engine.dialect.name == "sqlite" and (engine.url.database or ":memory:") != ":memory:":
+    if (
+        wal
+        and engine.dialect.name == "sqlite"
+        and (engine.url.database or ":memory:") != ":memory:"
+    ):
+
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection, _record) -> None:  # noqa: ANN001 - a DB-API connection
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
     return engine
 
 
-def open_tables(url: str, metadata: sa.MetaData, *, key: str, what: str,
-                error: type[MlopsError] = MlopsError, sqlite_timeout: int = 30,
-                wal: bool = False) -> sa.Engine:
-    """An engine for ``url`` with ``metadata``'s tables at their schema head; else ``error``, naming ``key``.
+def open_tables(
+    url: str,
+    metadata: sa.MetaData,
+    *,
+    key: str,
+    what: str,
+    error: type[MlopsError] = MlopsError,
+    sqlite_timeout: int = 30,
+    wal: bool = False,
+) -> sa.Engine:
+    """An engine for ``url`` with ``metadata``'s tables at their schema head.
+
+    Failures raise ``error`` naming ``key``.
 
     The tables are created, adopted (made by an mlops without schema versions) or upgraded by
     the migration history that owns them (:mod:`mlops.migrations`); an open that finds them at

@@ -9,7 +9,8 @@ take the unweighted (macro) mean. Probabilities, when given, have one column per
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,26 +23,40 @@ REGRESSION = ("rmse", "mae", "r2")
 LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 
 
-def classification(y_true: Sequence[Any], y_pred: Sequence[Any], classes: Sequence[Any],
-                   proba: np.ndarray | None = None) -> dict[str, float]:
+def classification(
+    y_true: Sequence[Any],
+    y_pred: Sequence[Any],
+    classes: Sequence[Any],
+    proba: np.ndarray | None = None,
+) -> dict[str, float]:
     """Accuracy and F1, and with ``proba`` log loss and ROC AUC (when every class occurs)."""
     truth, pred = _labels(y_true), _labels(y_pred)
     labels = list(classes)
     out = {"accuracy": float(np.mean(truth == pred)) if len(truth) else float("nan")}
     if len(labels) == 2:
-        out["f1"] = float(skm.f1_score(truth, pred, pos_label=labels[1], average="binary", labels=labels,
-                                       zero_division=0))
+        out["f1"] = float(
+            skm.f1_score(
+                truth, pred, pos_label=labels[1], average="binary", labels=labels, zero_division=0
+            )
+        )
     else:
-        out["f1"] = float(skm.f1_score(truth, pred, average="macro", labels=labels, zero_division=0))
+        out["f1"] = float(
+            skm.f1_score(truth, pred, average="macro", labels=labels, zero_division=0)
+        )
     if proba is not None and len(truth):
         proba = np.asarray(proba, dtype=float)
         codes = _codes(truth, labels)
         known = codes >= 0
-        out["log_loss"] = float(skm.log_loss(codes[known], proba[known], labels=list(range(len(labels)))))
+        out["log_loss"] = float(
+            skm.log_loss(codes[known], proba[known], labels=list(range(len(labels))))
+        )
         if len(np.unique(codes[known])) == len(labels):
             out["roc_auc"] = float(
-                skm.roc_auc_score(codes[known], proba[known, 1]) if len(labels) == 2
-                else skm.roc_auc_score(codes[known], proba[known], multi_class="ovr", labels=list(range(len(labels))))
+                skm.roc_auc_score(codes[known], proba[known, 1])
+                if len(labels) == 2
+                else skm.roc_auc_score(
+                    codes[known], proba[known], multi_class="ovr", labels=list(range(len(labels)))
+                )
             )
     return out
 

@@ -11,9 +11,9 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import mlflow
 from mlflow.entities import Run
@@ -28,7 +28,8 @@ STEP_TAG = "mlops.step"
 
 
 def ensure_experiment(name: str, client: mlflow.MlflowClient | None = None) -> str:
-    """The id of experiment ``name``, created if missing (another process may create it meanwhile)."""
+    """The id of experiment ``name``, created if missing (another process may create it
+    meanwhile)."""
     client = client or mlflow.MlflowClient()
     for _ in range(3):
         experiment = client.get_experiment_by_name(name)
@@ -41,7 +42,9 @@ def ensure_experiment(name: str, client: mlflow.MlflowClient | None = None) -> s
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            time.sleep(0.1)  # another worker created it between our lookup and our create: use theirs
+            time.sleep(
+                0.1
+            )  # another worker created it between our lookup and our create: use theirs
     raise MlflowException(f"experiment '{name}' could not be created or found")
 
 
@@ -59,7 +62,9 @@ def step_run(config: Config, run_name: str) -> Iterator[Run]:
         return
     resumed = os.environ.get("MLFLOW_RUN_ID")
     experiment_id = None if resumed else ensure_experiment(config.experiment)
-    with mlflow.start_run(run_id=resumed or None, experiment_id=experiment_id, run_name=run_name) as run:
+    with mlflow.start_run(
+        run_id=resumed or None, experiment_id=experiment_id, run_name=run_name
+    ) as run:
         if resumed:
             mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
         commit = git_commit()
@@ -77,7 +82,9 @@ def log_config(config: Config, *, tuning: bool = False, model_params: bool = Tru
     mlflow.log_text(config.to_yaml(), CONFIG_ARTIFACT)
 
 
-def end_runs(client: mlflow.MlflowClient, run_ids: Iterable[str], status: str = "FAILED") -> list[str]:
+def end_runs(
+    client: mlflow.MlflowClient, run_ids: Iterable[str], status: str = "FAILED"
+) -> list[str]:
     """End every run of ``run_ids`` that is still RUNNING with ``status``; the ids it ended.
 
     Clean-up must not fail the caller: a run that cannot be read or ended is logged and skipped.
@@ -96,15 +103,21 @@ def end_runs(client: mlflow.MlflowClient, run_ids: Iterable[str], status: str = 
 def download_model_file(name: str, version: str, path: str, dst: str | os.PathLike[str]) -> str:
     """Download one file (``path`` inside the model directory) of a registered model version."""
     uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
-    return mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{path}", dst_path=str(dst))
+    return mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{uri.rstrip('/')}/{path}", dst_path=str(dst)
+    )
 
 
 def git_commit() -> str | None:
     """The commit of the working tree the code runs from, when it is a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=5, check=False,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -131,7 +144,11 @@ def project_store_url(configured: str | None, filename: str) -> str:
         url = sa.engine.make_url(tracking)
     except sa.exc.ArgumentError:
         url = None
-    if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+    if (
+        url is not None
+        and url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+    ):
         folder = Path(url.database).expanduser().resolve().parent
         return f"sqlite:///{folder / filename}"
     if url is not None and url.get_backend_name() in ("postgresql", "mysql", "mssql"):

@@ -17,7 +17,6 @@ matplotlib.use("Agg")  # headless: plots go to files, never to a window
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.preprocessing import label_binarize  # noqa: E402
 
@@ -45,7 +44,9 @@ class TrainingResult:
     registered_version: str | None = None
 
 
-def train(config: Config, split: DatasetSplit | None = None, *, register: bool = False) -> TrainingResult:
+def train(
+    config: Config, split: DatasetSplit | None = None, *, register: bool = False
+) -> TrainingResult:
     """Prepare the data (unless given), train, evaluate and log the model on one MLflow run.
 
     Example:
@@ -76,26 +77,41 @@ def train(config: Config, split: DatasetSplit | None = None, *, register: bool =
         )
 
 
-def fit_and_evaluate(config: Config, split: DatasetSplit, *, log: bool = True) -> tuple[Any, dict[str, float]]:
+def fit_and_evaluate(
+    config: Config, split: DatasetSplit, *, log: bool = True
+) -> tuple[Any, dict[str, float]]:
     """Fit the configured model on train and score it on validation and test.
 
     With ``log``, per-epoch metrics (Keras) and final metrics go to the active run.
     """
     pipeline = build_model(
-        config.model.family, split.task, config.model.params,
-        numeric_columns=split.numeric_columns, categorical_columns=split.categorical_columns, seed=config.seed,
+        config.model.family,
+        split.task,
+        config.model.params,
+        numeric_columns=split.numeric_columns,
+        categorical_columns=split.categorical_columns,
+        seed=config.seed,
     )
     X_train, y_train = split.xy("train")
     X_val, y_val = split.xy("validation")
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         # Keras names validation metrics val_*; train-side ones get a train_ prefix.
-        named = {(k if k.startswith("val_") else f"train_{k}"): v for k, v in logs.items() if np.isfinite(v)}
+        named = {
+            (k if k.startswith("val_") else f"train_{k}"): v
+            for k, v in logs.items()
+            if np.isfinite(v)
+        }
         mlflow.log_metrics(named, step=epoch)
 
     fit_model(
-        pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
-        on_epoch_end=on_epoch_end if log else None, family=config.model.family,
+        pipeline,
+        X_train,
+        encode_target(split, y_train),
+        X_val,
+        encode_target(split, y_val),
+        on_epoch_end=on_epoch_end if log else None,
+        family=config.model.family,
     )
     metrics: dict[str, float] = {}
     for part in ("validation", "test"):
@@ -130,7 +146,12 @@ def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
     pred = np.asarray(pipeline.predict(X)).astype(int)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     skm.ConfusionMatrixDisplay.from_predictions(
-        y_true, pred, labels=list(range(len(classes))), display_labels=classes, ax=ax, colorbar=False
+        y_true,
+        pred,
+        labels=list(range(len(classes))),
+        display_labels=classes,
+        ax=ax,
+        colorbar=False,
     )
     ax.set_title("Confusion matrix (test)")
     fig.tight_layout()
@@ -140,16 +161,24 @@ def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
         proba = pipeline.predict_proba(X)
         fig, ax = plt.subplots(figsize=(5, 4.5))
         if len(classes) == 2:
-            skm.RocCurveDisplay.from_predictions(y_true, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax)
+            skm.RocCurveDisplay.from_predictions(
+                y_true, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax
+            )
         else:
             onehot = label_binarize(y_true, classes=list(range(len(classes))))
             for i, cls in enumerate(classes):
                 if onehot[:, i].any() and not onehot[:, i].all():
-                    skm.RocCurveDisplay.from_predictions(onehot[:, i], proba[:, i], name=f"{cls} vs rest", ax=ax)
+                    skm.RocCurveDisplay.from_predictions(
+                        onehot[:, i], proba[:, i], name=f"{cls} vs rest", ax=ax
+                    )
         ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
         # scikit-learn labels the axes with the class code ("Positive label: 1"): name the class
-        positive = f"positive class: {classes[1]}" if len(classes) == 2 else "each class vs the rest"
-        ax.set(xlabel=f"False positive rate ({positive})", ylabel=f"True positive rate ({positive})")
+        positive = (
+            f"positive class: {classes[1]}" if len(classes) == 2 else "each class vs the rest"
+        )
+        ax.set(
+            xlabel=f"False positive rate ({positive})", ylabel=f"True positive rate ({positive})"
+        )
         ax.set_title("ROC curve (test)")
         fig.tight_layout()
         mlflow.log_figure(fig, "plots/roc_curve.png")

@@ -1,4 +1,5 @@
-"""MLflow project entry point `evaluate`: `mlflow run . -e evaluate --env-manager local -P version=N`."""
+"""MLflow project entry point `evaluate`: `mlflow run . -e evaluate --env-manager local -P
+version=N`."""
 
 from mlops.cli import entry_point
 

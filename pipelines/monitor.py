@@ -1,4 +1,5 @@
-"""MLflow project entry point `monitor`: `mlflow run . -e monitor --env-manager local -P name=NAME`."""
+"""MLflow project entry point `monitor`: `mlflow run . -e monitor --env-manager local -P
+name=NAME`."""
 
 from mlops.cli import entry_point
 

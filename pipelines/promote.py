@@ -1,4 +1,5 @@
-"""MLflow project entry point `promote`: `mlflow run . -e promote --env-manager local -P version=N`."""
+"""MLflow project entry point `promote`: `mlflow run . -e promote --env-manager local -P
+version=N`."""
 
 from mlops.cli import entry_point
 

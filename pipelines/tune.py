@@ -1,4 +1,5 @@
-"""MLflow project entry point `tune`: `mlflow run . -e tune --env-manager local -P model=hist_gb -P n_trials=30`."""
+"""MLflow project entry point `tune`: `mlflow run . -e tune --env-manager local -P model=hist_gb -P
+n_trials=30`."""
 
 from mlops.cli import entry_point
 

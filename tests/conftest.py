@@ -6,9 +6,9 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pytest
@@ -56,8 +56,15 @@ def tracking_uri(tmp_path: Path, template_store: Path, monkeypatch: pytest.Monke
 @contextmanager
 def using_store(uri: str) -> Iterator[None]:
     """Point MLflow at ``uri`` for a block (module fixtures), then restore what was there."""
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), mlflow.tracking.fluent._active_experiment_id
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    }
+    saved = (
+        mlflow.get_tracking_uri(),
+        mlflow.get_registry_uri(),
+        mlflow.tracking.fluent._active_experiment_id,
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.tracking.fluent._active_experiment_id = None
@@ -110,7 +117,9 @@ def postgres_databases() -> Iterator:
     import sqlalchemy as sa
 
     try:
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+        admin = sa.create_engine(
+            PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+        )
         with admin.connect() as conn:
             conn.execute(sa.text("select 1"))
     except Exception as exc:  # noqa: BLE001
@@ -122,7 +131,11 @@ def postgres_databases() -> Iterator:
         with admin.connect() as conn:
             conn.execute(sa.text(f'create database "{name}"'))
         names.append(name)
-        return sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        return (
+            sa.engine.make_url(PG_ADMIN_URL)
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
 
     try:
         yield create

@@ -10,31 +10,42 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
 
 def server_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_REGISTRY_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", **extra)
+    env.update(
+        MLFLOW_TRACKING_URI=tracking_uri,
+        MLFLOW_REGISTRY_URI=tracking_uri,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        **extra,
+    )
     return env
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 180) -> Iterator[str]:
+def running(
+    command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 180
+) -> Iterator[str]:
     """Run ``command`` until it answers GET /ping on ``port``; yield its base URL; stop it."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(base + "/ping", timeout=2) as resp:
                     if resp.status == 200:
@@ -42,7 +53,9 @@ def running(command: list[str], env: dict[str, str], port: int, log: Path, timeo
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /ping in {timeout}s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server did not answer /ping in {timeout}s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.3)
         yield base
     finally:
@@ -57,11 +70,15 @@ def running(command: list[str], env: dict[str, str], port: int, log: Path, timeo
             proc.wait(timeout=5)
 
 
-def post(base: str, body: Any, content_type: str = "application/json", path: str = "/invocations") -> tuple[int, Any]:
+def post(
+    base: str, body: Any, content_type: str = "application/json", path: str = "/invocations"
+) -> tuple[int, Any]:
     """POST ``body`` (a JSON-able object, or str/bytes sent as is); return (status, parsed body)."""
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     data = data.encode() if isinstance(data, str) else data
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": content_type}, method="POST")
+    request = urllib.request.Request(
+        base + path, data=data, headers={"Content-Type": content_type}, method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             status, raw = resp.status, resp.read()

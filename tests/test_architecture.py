@@ -42,7 +42,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
         for target in targets:
-            # "from mlops import data" names the module mlops.data; "from mlops.x import f" names mlops.x
+            # "from mlops import data" names the module mlops.data; "from mlops.x import f" names
+            # mlops.x
             while target and target not in known:
                 target = target.rpartition(".")[0]
             if target and target != name:
@@ -64,7 +65,11 @@ def _graph() -> dict[str, set[str]]:
         # importing a.b.c runs a/__init__ and a/b/__init__ first; a module's own packages are
         # already being imported when it runs, so they are no edge of its own
         own = set(_parents(name))
-        graph[name] = {e for e in edges | {p for e in edges for p in _parents(e) if p in known} if e not in own and e != name}
+        graph[name] = {
+            e
+            for e in edges | {p for e in edges for p in _parents(e) if p in known}
+            if e not in own and e != name
+        }
     return graph
 
 
@@ -119,7 +124,8 @@ _PRIVATE = re.compile(r"^_[A-Za-z]")
 
 
 def _private_uses(path: Path) -> list[str]:
-    """``lib._name`` attributes, ``from lib.x import _name`` and ``"_name"`` looked up on objects."""
+    """``lib._name`` attributes, ``from lib.x import _name`` and ``"_name"`` looked up on
+    objects."""
     tree = ast.parse(path.read_text(), str(path))
     library_names: set[str] = set()
     hits: list[str] = []
@@ -132,41 +138,59 @@ def _private_uses(path: Path) -> list[str]:
                         hits.append(f"{path.name}:{node.lineno} import {alias.name}")
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARIES:
             for alias in node.names:
-                if _PRIVATE.match(alias.name) or any(_PRIVATE.match(p) for p in (node.module or "").split(".")):
+                if _PRIVATE.match(alias.name) or any(
+                    _PRIVATE.match(p) for p in (node.module or "").split(".")
+                ):
                     hits.append(f"{path.name}:{node.lineno} from {node.module} import {alias.name}")
                 library_names.add(alias.asname or alias.name)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _PRIVATE.match(node.attr) and not node.attr.startswith("__"):
+        if (
+            isinstance(node, ast.Attribute)
+            and _PRIVATE.match(node.attr)
+            and not node.attr.startswith("__")
+        ):
             root = node.value
             while isinstance(root, ast.Attribute):
                 root = root.value
             if isinstance(root, ast.Name) and root.id in library_names:
                 hits.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
         # getattr(obj, "_private") is the same reach, spelled as a string
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str) and _PRIVATE.match(node.args[1].value)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _PRIVATE.match(node.args[1].value)
+        ):
             hits.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
     return hits
 
 
 def test_no_private_library_names_outside_the_adapter() -> None:
-    offenders = {str(p.relative_to(PACKAGE)): _private_uses(p) for p in PACKAGE.rglob("*.py") if p != ADAPTER}
+    offenders = {
+        str(p.relative_to(PACKAGE)): _private_uses(p) for p in PACKAGE.rglob("*.py") if p != ADAPTER
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
-    assert _private_uses(ADAPTER), "the adapter is where the private uses live; the scan must see them"
+    assert _private_uses(ADAPTER), (
+        "the adapter is where the private uses live; the scan must see them"
+    )
 
 
 def test_private_use_scan_catches_each_spelling(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import mlflow\nfrom sklearn.base import _private\nfrom mlflow.pyfunc import scoring_server\n"
+        "import mlflow\nfrom sklearn.base import _private\nfrom mlflow.pyfunc import "
+        "scoring_server\n"
         "x = mlflow.pyfunc._model_impl\ny = getattr(model, '_model_impl')\nz = scoring_server._x\n"
     )
     assert len(_private_uses(sample)) == 4
 
 
 def test_setup_cfg_lists_every_package() -> None:
-    """setup.cfg names the packages (conf/ is mapped in as mlops.conf): a new one must be added there."""
+    """setup.cfg names the packages (conf/ is mapped in as mlops.conf): a new one must be added
+    there."""
     import configparser
 
     cfg = configparser.ConfigParser()
@@ -182,19 +206,61 @@ def test_wheel_ships_the_default_config(tmp_path: Path) -> None:
     import sys
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(PACKAGE.parent)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(PACKAGE.parent),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("mlops-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"mlops/conf/default.yaml", "mlops/conf/models/logreg.yaml", "mlops/conf/search_spaces/logreg.yaml",
-            "mlops/registry/promotion.py", "mlops/serving/model_code.py"} <= names
+    assert {
+        "mlops/conf/default.yaml",
+        "mlops/conf/models/logreg.yaml",
+        "mlops/conf/search_spaces/logreg.yaml",
+        "mlops/registry/promotion.py",
+        "mlops/serving/model_code.py",
+    } <= names
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
-    probe = ("import mlops.config as c; cfg = c.load_config(); "
-             "print(c.conf_dir(), cfg.model.params['max_iter'])")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    probe = (
+        "import mlops.config as c; cfg = c.load_config(); "
+        "print(c.conf_dir(), cfg.model.params['max_iter'])"
+    )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(target / "mlops" / "conf"), "1000"]

@@ -27,7 +27,18 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_prepare_logs_a_data_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     csv = make_csv(tmp_path / "churn.csv")
-    code, out, err = run_cli(["prepare", "--dataset", str(csv), "--target", "label", "--set", "data.categorical=[color]"], capsys)
+    code, out, err = run_cli(
+        [
+            "prepare",
+            "--dataset",
+            str(csv),
+            "--target",
+            "label",
+            "--set",
+            "data.categorical=[color]",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "84/24/12" in out
     run = mlflow.search_runs(experiment_names=["mlops"], output_format="list")[0]
@@ -37,8 +48,19 @@ def test_prepare_logs_a_data_run(capsys: pytest.CaptureFixture[str], tmp_path: P
 
 
 def test_train_prints_metrics_and_where_to_look(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(["train", "--model", "hist_gb", "--dataset", "sklearn:wine",
-                              "--set", "model.params.max_iter=10", "--register"], capsys)
+    code, out, err = run_cli(
+        [
+            "train",
+            "--model",
+            "hist_gb",
+            "--dataset",
+            "sklearn:wine",
+            "--set",
+            "model.params.max_iter=10",
+            "--register",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "trained hist_gb (classification)" in out and "test_accuracy=" in out
     assert "registered version 1" in out
@@ -50,13 +72,19 @@ def test_train_prints_metrics_and_where_to_look(capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train", "--model", "xgboost"], "unknown model family 'xgboost'; choose one of: logreg, ridge, random_forest, hist_gb, keras_mlp"),
+        (
+            ["train", "--model", "xgboost"],
+            "unknown model family 'xgboost'; choose one of: logreg, ridge, random_forest, hist_gb, "
+            "keras_mlp",
+        ),
         (["train", "--dataset", "nowhere.csv", "--target", "y"], "file 'nowhere.csv' not found"),
         (["prepare", "--set", "data.colour=red"], "unknown key 'data.colour'"),
         (["train", "--set", "model.params.C=strong"], "model.params for logreg"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_and_exit_1(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run_cli(args, capsys)
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -83,8 +111,14 @@ def _env(tracking_uri: str) -> dict[str, str]:
 def test_mlflow_run_main_end_to_end(tracking_uri: str, tmp_path: Path) -> None:
     """`mlflow run . --env-manager local` with no parameter: prepare + train on the default."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run([mlflow_bin, "run", str(REPO), "--env-manager", "local"],
-                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [mlflow_bin, "run", str(REPO), "--env-manager", "local"],
+        cwd=tmp_path,
+        env=_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1
@@ -94,16 +128,33 @@ def test_mlflow_run_main_end_to_end(tracking_uri: str, tmp_path: Path) -> None:
     assert run.data.params["data.dataset"] == "sklearn:breast_cancer"
     assert run.data.metrics["test_accuracy"] > 0.9
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
     assert len(models) == 1 and models[0].source_run_id == run.info.run_id
 
 
 @pytest.mark.slow
 def test_mlflow_run_entry_point_failure_is_marked_failed(tracking_uri: str, tmp_path: Path) -> None:
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run([mlflow_bin, "run", str(REPO), "-e", "train", "--env-manager", "local",
-                           "-P", "model=bogus"],
-                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            mlflow_bin,
+            "run",
+            str(REPO),
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "-P",
+            "model=bogus",
+        ],
+        cwd=tmp_path,
+        env=_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "error: model.family: unknown model family 'bogus'" in proc.stderr
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -111,20 +162,42 @@ def test_mlflow_run_entry_point_failure_is_marked_failed(tracking_uri: str, tmp_
 
 
 @pytest.mark.slow
-def test_mlflow_run_main_names_its_run_and_keeps_params_readable(tracking_uri: str, tmp_path: Path) -> None:
+def test_mlflow_run_main_names_its_run_and_keeps_params_readable(
+    tracking_uri: str, tmp_path: Path
+) -> None:
     """What a person sees in the UI: a named run, few params, the whole config as an artifact."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run([mlflow_bin, "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlops",
-                           "-P", "overrides=seed=3 'model.params.max_iter=300'"],
-                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            mlflow_bin,
+            "run",
+            str(REPO),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mlops",
+            "-P",
+            "overrides=seed=3 'model.params.max_iter=300'",
+        ],
+        cwd=tmp_path,
+        env=_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.run_name == "train-logreg"
     assert run.data.params["model.params.max_iter"] == "300" and run.data.params["seed"] == "3"
     assert len(run.data.params) <= 40, sorted(run.data.params)
-    assert not [k for k in run.data.params if k.startswith(("monitoring", "registry", "serving", "max_rows"))]
-    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
-                                               dst_path=str(tmp_path / "cfg"))
+    assert not [
+        k
+        for k in run.data.params
+        if k.startswith(("monitoring", "registry", "serving", "max_rows"))
+    ]
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="config.yaml", dst_path=str(tmp_path / "cfg")
+    )
     from mlops.config import read_resolved_config
 
     resolved = read_resolved_config(path)
@@ -133,32 +206,59 @@ def test_mlflow_run_main_names_its_run_and_keeps_params_readable(tracking_uri: s
 
 @pytest.mark.slow
 def test_mlflow_run_tune_then_promote_to_staging_passes_the_default_gates(
-        tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The flow across commands: `mlflow run . -e tune`, then `mlops promote ... --to staging`."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run([mlflow_bin, "run", str(REPO), "-e", "tune", "--env-manager", "local",
-                           "--experiment-name", "mlops", "-P", "n_trials=4"],
-                          cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            mlflow_bin,
+            "run",
+            str(REPO),
+            "-e",
+            "tune",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mlops",
+            "-P",
+            "n_trials=4",
+        ],
+        cwd=tmp_path,
+        env=_env(tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trials:" not in proc.stderr  # MLproject's --no-progress reached the command: no progress bar
+    assert (
+        "trials:" not in proc.stderr
+    )  # MLproject's --no-progress reached the command: no progress bar
     client = mlflow.MlflowClient()
     (version,) = client.search_model_versions("name = 'mlops-model'")
     parent = client.get_run(version.run_id)
     assert parent.info.run_name == "tune-logreg"
     # honest: measured on the validation split, which the retrained model never saw
-    assert parent.data.metrics["validation_accuracy"] > 0.8 and "test_accuracy" in parent.data.metrics
-    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert (
+        parent.data.metrics["validation_accuracy"] > 0.8 and "test_accuracy" in parent.data.metrics
+    )
+    trials = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(r.info.run_name for r in trials) == [f"trial-{i}" for i in range(4)]
     assert {r.info.status for r in trials} == {"FINISHED"}
 
-    code, out, err = run_cli(["promote", "mlops-model", "--version", str(version.version), "--to", "staging"], capsys)
+    code, out, err = run_cli(
+        ["promote", "mlops-model", "--version", str(version.version), "--to", "staging"], capsys
+    )
     assert code == 0, err
     assert "staging is now version" in out
     assert client.get_model_version_by_alias("mlops-model", "staging").version == version.version
 
 
 def test_named_options_are_typed_values_not_yaml(tmp_path: Path) -> None:
-    """`--target yes` is the column "yes", `--dataset 2024` the file "2024": never re-read as YAML."""
+    """`--target yes` is the column "yes", `--dataset 2024` the file "2024": never re-read as
+    YAML."""
     from mlops.cli import build_config
 
     config = build_config(None, ["data.task=classification"], dataset="2024", target="yes", seed=7)
@@ -170,15 +270,32 @@ def test_named_options_are_typed_values_not_yaml(tmp_path: Path) -> None:
 def test_entry_point_arguments_split_like_a_shell_and_keep_flags() -> None:
     from mlops.cli import entry_args
 
-    args = entry_args("tune", ["--model", "", "--n-trials", "5", "--overrides",
-                               "'model.params.hidden_units=[64, 32]' seed=3", "--no-progress"])
-    assert args == ["--n-trials", "5", "--set=model.params.hidden_units=[64, 32]", "--set=seed=3", "--no-progress"]
+    args = entry_args(
+        "tune",
+        [
+            "--model",
+            "",
+            "--n-trials",
+            "5",
+            "--overrides",
+            "'model.params.hidden_units=[64, 32]' seed=3",
+            "--no-progress",
+        ],
+    )
+    assert args == [
+        "--n-trials",
+        "5",
+        "--set=model.params.hidden_units=[64, 32]",
+        "--set=seed=3",
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit, match="quote"):
         entry_args("train", ["--overrides", "'unclosed"])
 
 
 def test_audit_trail_follows_the_tracking_store_not_the_working_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlops.tracking import project_store_url
 
     store = tmp_path / "store"
@@ -195,4 +312,6 @@ def test_audit_trail_follows_the_tracking_store_not_the_working_directory(
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
     mlflow.set_tracking_uri("http://127.0.0.1:9")
     server_store = project_store_url(None, "mlops.db")
-    assert server_store.startswith(f"sqlite:///{tmp_path / 'home'}") and server_store == project_store_url(None, "mlops.db")
+    assert server_store.startswith(
+        f"sqlite:///{tmp_path / 'home'}"
+    ) and server_store == project_store_url(None, "mlops.db")

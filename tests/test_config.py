@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from mlops.config import Config, load_config
 from mlops.errors import ConfigError
@@ -18,8 +19,14 @@ def test_default_config_loads_with_family_defaults() -> None:
 
 
 def test_overrides_are_typed_and_pick_the_family_file() -> None:
-    cfg = load_config(overrides=["model.family=random_forest", "model.params.n_estimators=7", "seed=3",
-                                 "data.categorical=[a, b]"])
+    cfg = load_config(
+        overrides=[
+            "model.family=random_forest",
+            "model.params.n_estimators=7",
+            "seed=3",
+            "data.categorical=[a, b]",
+        ]
+    )
     assert cfg.model.family == "random_forest"
     assert cfg.model.params["n_estimators"] == 7
     assert cfg.model.params["min_samples_leaf"] == 1  # family default kept
@@ -64,7 +71,9 @@ def test_wrong_type_names_key_and_value() -> None:
 
 
 def test_bad_task_lists_choices() -> None:
-    with pytest.raises(ConfigError, match=r"key 'data.task'.*'auto', 'classification' or 'regression'"):
+    with pytest.raises(
+        ConfigError, match=r"key 'data.task'.*'auto', 'classification' or 'regression'"
+    ):
         load_config(overrides=["data.task=clustering"])
 
 
@@ -85,5 +94,5 @@ def test_missing_config_file() -> None:
 
 def test_config_is_frozen() -> None:
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.seed = 5  # type: ignore[misc]

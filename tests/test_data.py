@@ -17,9 +17,14 @@ def cfg(*overrides: str):
     return load_config(overrides=list(overrides))
 
 
-@pytest.mark.parametrize("name,task,n_classes", [("breast_cancer", "classification", 2),
-                                                 ("wine", "classification", 3),
-                                                 ("diabetes", "regression", None)])
+@pytest.mark.parametrize(
+    "name,task,n_classes",
+    [
+        ("breast_cancer", "classification", 2),
+        ("wine", "classification", 3),
+        ("diabetes", "regression", None),
+    ],
+)
 def test_sklearn_datasets_split_70_20_10(name: str, task: str, n_classes: int | None) -> None:
     split = prepare(cfg(f"data.dataset=sklearn:{name}"))
     n = split.n_rows
@@ -33,7 +38,9 @@ def test_sklearn_datasets_split_70_20_10(name: str, task: str, n_classes: int | 
 
 def test_split_is_stratified() -> None:
     split = prepare(cfg("data.dataset=sklearn:wine"))
-    overall = pd.concat([split.train, split.validation, split.test])[split.target].value_counts(normalize=True)
+    overall = pd.concat([split.train, split.validation, split.test])[split.target].value_counts(
+        normalize=True
+    )
     for part in (split.train, split.validation):
         share = part[split.target].value_counts(normalize=True)
         assert np.allclose(share.reindex(overall.index), overall, atol=0.05)
@@ -78,20 +85,51 @@ def test_duplicates_are_reported_and_dropped(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "setup,overrides,message",
     [
-        (None, ["data.dataset=missing.csv", "data.target=label"], r"file 'missing.csv' not found.*sklearn:breast_cancer"),
+        (
+            None,
+            ["data.dataset=missing.csv", "data.target=label"],
+            r"file 'missing.csv' not found.*sklearn:breast_cancer",
+        ),
         ("empty", ["data.target=label"], r"is empty; give a CSV with a header row"),
         ("header_only", ["data.target=label"], r"has no rows"),
-        ("ok", ["data.target=nope", "data.categorical=[color]"], r"data.target: column 'nope' not in .*pick one of: x1, x2, color, label"),
+        (
+            "ok",
+            ["data.target=nope", "data.categorical=[color]"],
+            r"data.target: column 'nope' not in .*pick one of: x1, x2, color, label",
+        ),
         ("ok", [], r"data.target: not set .*--target COLUMN"),
-        ("ok", ["data.target=label"], r"column 'color' is not numeric \(e.g. '(red|green|blue)'\); declare it categorical with --set data.categorical=\[color\]"),
-        ("all_null", ["data.target=label", "data.categorical=[color]"], r"column 'empty' is entirely empty"),
-        ("ok", ["data.target=label", "data.categorical=[colour]"], r"data.categorical names column\(s\) \['colour'\] not in the data"),
-        (None, ["data.dataset=sklearn:mnist"], r"unknown scikit-learn dataset 'sklearn:mnist'; use one of"),
+        (
+            "ok",
+            ["data.target=label"],
+            r"column 'color' is not numeric \(e.g. '(red|green|blue)'\); declare it categorical "
+            r"with --set data.categorical=\[color\]",
+        ),
+        (
+            "all_null",
+            ["data.target=label", "data.categorical=[color]"],
+            r"column 'empty' is entirely empty",
+        ),
+        (
+            "ok",
+            ["data.target=label", "data.categorical=[colour]"],
+            r"data.categorical names column\(s\) \['colour'\] not in the data",
+        ),
+        (
+            None,
+            ["data.dataset=sklearn:mnist"],
+            r"unknown scikit-learn dataset 'sklearn:mnist'; use one of",
+        ),
         ("one_class", ["data.target=label", "data.categorical=[color]"], r"single class 'yes'"),
-        ("ok", ["data.target=label", "data.categorical=[color]", "data.task=regression"], r"target column 'label' is not numeric but data.task is regression"),
+        (
+            "ok",
+            ["data.target=label", "data.categorical=[color]", "data.task=regression"],
+            r"target column 'label' is not numeric but data.task is regression",
+        ),
     ],
 )
-def test_validation_errors_name_the_problem(tmp_path: Path, setup: str | None, overrides: list[str], message: str) -> None:
+def test_validation_errors_name_the_problem(
+    tmp_path: Path, setup: str | None, overrides: list[str], message: str
+) -> None:
     path = tmp_path / "d.csv"
     if setup == "empty":
         path.write_text("")
@@ -117,7 +155,9 @@ def test_rare_class_cannot_be_stratified(tmp_path: Path) -> None:
     frame = pd.read_csv(path)
     frame.loc[0, "label"] = "maybe"
     frame.to_csv(path, index=False)
-    with pytest.raises(DataValidationError, match=r"class\(es\) \['maybe'\] have fewer than 3 rows"):
+    with pytest.raises(
+        DataValidationError, match=r"class\(es\) \['maybe'\] have fewer than 3 rows"
+    ):
         prepare(cfg(f"data.dataset={path}", "data.target=label", "data.categorical=[color]"))
 
 
@@ -157,7 +197,9 @@ def test_workers_logging_the_same_split_at_once_all_succeed(postgres_url: str) -
 
         def worker() -> None:
             try:
-                with mlflow.start_run(experiment_id=experiment) as run:  # active runs are per thread
+                with mlflow.start_run(
+                    experiment_id=experiment
+                ) as run:  # active runs are per thread
                     run_ids.append(run.info.run_id)
                     barrier.wait(timeout=30)
                     log_split(split)
@@ -173,5 +215,7 @@ def test_workers_logging_the_same_split_at_once_all_succeed(postgres_url: str) -
         client = mlflow.MlflowClient()
         for run_id in run_ids:
             inputs = client.get_run(run_id).inputs.dataset_inputs
-            contexts = sorted({t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs)
+            contexts = sorted(
+                {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs
+            )
             assert contexts == ["test", "train", "validation"]

@@ -11,16 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from mlops.db import create_engine, open_tables
+from mlops.db import create_engine
 from mlops.errors import MlopsError, RegistryError
 from mlops.migrations import HISTORIES, current, heads, scripts, upgrade
 from mlops.monitoring.store import META as LOG_META
@@ -73,11 +73,24 @@ def test_fresh_database_gets_tables_and_versions_at_head(url: str) -> None:
         names = set(sa.inspect(conn).get_table_names())
     expected = {n for h in HISTORIES.values() for n in h.tables | {h.version_table}}
     assert names == expected  # and no "alembic_version" of MLflow's name
-    record = audit.record(who="a", action="promote", outcome="done", model="m", target="staging",
-                          from_version=None, to_version="1", reason=None, forced=False, gates=[])
+    record = audit.record(
+        who="a",
+        action="promote",
+        outcome="done",
+        model="m",
+        target="staging",
+        from_version=None,
+        to_version="1",
+        reason=None,
+        forced=False,
+        gates=[],
+    )
     assert [r.id for r in audit.records("m")] == [record.id]
-    store.add_alert(Alert(at=1.0, model="m", version="1", rule="r", metric="x", value=1, threshold=0,
-                          message="hi"))
+    store.add_alert(
+        Alert(
+            at=1.0, model="m", version="1", rule="r", metric="x", value=1, threshold=0, message="hi"
+        )
+    )
     assert [a.message for a in store.alerts("m")] == ["hi"]
 
 
@@ -86,7 +99,8 @@ def test_each_history_only_touches_its_own_tables(tmp_path: Path) -> None:
     AuditLog(url)
     with connected(url) as conn:
         assert set(sa.inspect(conn).get_table_names()) == HISTORIES["audit"].tables | {
-            HISTORIES["audit"].version_table}
+            HISTORIES["audit"].version_table
+        }
 
 
 def test_head_matches_the_tables_the_code_uses(url: str) -> None:
@@ -95,9 +109,15 @@ def test_head_matches_the_tables_the_code_uses(url: str) -> None:
     with connected(url) as conn:
         for history, metadata in APP_METADATA.items():
             owned = HISTORIES[history].tables
-            context = MigrationContext.configure(conn, opts={
-                "compare_type": True,
-                "include_name": lambda name, kind, _parent, owned=owned: kind != "table" or name in owned})
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "include_name": lambda name, kind, _parent, owned=owned: (
+                        kind != "table" or name in owned
+                    ),
+                },
+            )
             assert compare_metadata(context, metadata) == [], history
             assert set(metadata.tables) == owned
 
@@ -112,15 +132,53 @@ def test_database_made_by_create_all_is_adopted_with_its_rows(url: str) -> None:
     with engine.begin() as conn:
         for metadata in old.values():
             metadata.create_all(conn)
-        conn.execute(old["audit"].tables["mlops_audit"].insert().values(
-            at=sa.func.now(), who="old", action="promote", outcome="done", model="m", target="production",
-            to_version="3", forced=False, gates="[]"))
+        conn.execute(
+            old["audit"]
+            .tables["mlops_audit"]
+            .insert()
+            .values(
+                at=sa.func.now(),
+                who="old",
+                action="promote",
+                outcome="done",
+                model="m",
+                target="production",
+                to_version="3",
+                forced=False,
+                gates="[]",
+            )
+        )
         conn.execute(old["audit"].tables["mlops_registry_lock"].insert().values(model="m"))
-        conn.execute(old["log"].tables["mlops_predictions"].insert().values(
-            request_id="r1", row=0, at=5.0, model="m", version="3", status=200, latency_ms=1.5,
-            features="{}"))
-        conn.execute(old["log"].tables["mlops_alerts"].insert().values(
-            at=6.0, model="m", version="3", rule="r", metric="x", value=2, threshold=1, message="old alert"))
+        conn.execute(
+            old["log"]
+            .tables["mlops_predictions"]
+            .insert()
+            .values(
+                request_id="r1",
+                row=0,
+                at=5.0,
+                model="m",
+                version="3",
+                status=200,
+                latency_ms=1.5,
+                features="{}",
+            )
+        )
+        conn.execute(
+            old["log"]
+            .tables["mlops_alerts"]
+            .insert()
+            .values(
+                at=6.0,
+                model="m",
+                version="3",
+                rule="r",
+                metric="x",
+                value=2,
+                threshold=1,
+                message="old alert",
+            )
+        )
     with engine.connect() as conn:
         before = {t: _rows(conn, t) for h in HISTORIES.values() for t in sorted(h.tables)}
     engine.dispose()
@@ -137,14 +195,30 @@ def test_database_made_by_create_all_is_adopted_with_its_rows(url: str) -> None:
 def test_older_tables_get_their_missing_columns_tables_and_indexes(url: str) -> None:
     """A log made before the numeric layout: no layout/numeric columns, no layouts table."""
     metadata = sa.MetaData()
-    old = sa.Table("mlops_predictions", metadata, *(
-        sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-        for c in baseline("log").tables["mlops_predictions"].columns if c.name not in ("layout", "numeric")))
+    old = sa.Table(
+        "mlops_predictions",
+        metadata,
+        *(
+            sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+            for c in baseline("log").tables["mlops_predictions"].columns
+            if c.name not in ("layout", "numeric")
+        ),
+    )
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         metadata.create_all(conn)
-        conn.execute(old.insert().values(request_id="r1", row=0, at=5.0, model="m", version="1", status=200,
-                                         latency_ms=1.0, features='{"a": 1}'))
+        conn.execute(
+            old.insert().values(
+                request_id="r1",
+                row=0,
+                at=5.0,
+                model="m",
+                version="1",
+                status=200,
+                latency_ms=1.0,
+                features='{"a": 1}',
+            )
+        )
     engine.dispose()
 
     store = MonitoringStore(url)
@@ -152,21 +226,30 @@ def test_older_tables_get_their_missing_columns_tables_and_indexes(url: str) -> 
     assert frame["request_id"].tolist() == ["r1"] and frame["layout"].isna().all()
     with connected(url) as conn:
         inspector = sa.inspect(conn)
-        assert {"layout", "numeric"} <= {c["name"] for c in inspector.get_columns("mlops_predictions")}
+        assert {"layout", "numeric"} <= {
+            c["name"] for c in inspector.get_columns("mlops_predictions")
+        }
         assert inspector.has_table("mlops_prediction_layouts")
         assert {"ix_mlops_predictions_model_at", "ix_mlops_predictions_request_id"} <= {
-            ix["name"] for ix in inspector.get_indexes("mlops_predictions")}
+            ix["name"] for ix in inspector.get_indexes("mlops_predictions")
+        }
     assert versions(url)["log"] == heads("log")
 
 
 def test_a_table_missing_a_not_null_column_fails_whole_and_is_named(url: str) -> None:
     metadata = sa.MetaData()
-    sa.Table("mlops_predictions", metadata, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("request_id", sa.String(32)))
+    sa.Table(
+        "mlops_predictions",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("request_id", sa.String(32)),
+    )
     engine = sa.create_engine(url)
     metadata.create_all(engine)
     engine.dispose()
-    with pytest.raises(MlopsError, match="monitoring.log_url: .*mlops_predictions .*NOT NULL column row"):
+    with pytest.raises(
+        MlopsError, match="monitoring.log_url: .*mlops_predictions .*NOT NULL column row"
+    ):
         MonitoringStore(url)
     with connected(url) as conn:  # nothing of the failed upgrade stays: no other table, no version
         assert sa.inspect(conn).get_table_names() == ["mlops_predictions"]
@@ -194,8 +277,12 @@ def test_opening_again_is_a_read_only_no_op(url: str) -> None:
         for history in HISTORIES:
             assert upgrade(create_engine(url), history) is False
     assert seen, "the listener saw nothing"
-    writes = [s for s in seen if re.match(r"\s*(create|alter|drop|insert|update|delete|begin)", s, re.I)
-              or "advisory" in s]
+    writes = [
+        s
+        for s in seen
+        if re.match(r"\s*(create|alter|drop|insert|update|delete|begin)", s, re.I)
+        or "advisory" in s
+    ]
     assert writes == []
     assert versions(url) == {h: heads(h) for h in HISTORIES}
 
@@ -242,8 +329,16 @@ def test_processes_opening_a_fresh_database_at_once_all_succeed(url: str, tmp_pa
     n = 4
     go = tmp_path / "go"
     ready = [tmp_path / f"ready{i}" for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, "-c", OPENER, url, str(r), str(go)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, url, str(r), str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
+    ]
     deadline = time.time() + 60
     while not all(r.exists() for r in ready) and time.time() < deadline:
         time.sleep(0.01)
@@ -259,9 +354,13 @@ def test_processes_opening_a_fresh_database_at_once_all_succeed(url: str, tmp_pa
 def test_a_database_newer_than_the_code_is_refused_with_the_url_masked(url: str) -> None:
     AuditLog(url)
     with sa.create_engine(url).begin() as conn:
-        conn.execute(sa.text(f"update {HISTORIES['audit'].version_table} set version_num = 'audit_9999'"))
+        conn.execute(
+            sa.text(f"update {HISTORIES['audit'].version_table} set version_num = 'audit_9999'")
+        )
     secret = url if url.startswith("sqlite") else url.replace("postgres@", "postgres:s3cret@")
-    with pytest.raises(RegistryError, match="registry.audit_url: .*audit_9999.*newer mlops") as info:
+    with pytest.raises(
+        RegistryError, match="registry.audit_url: .*audit_9999.*newer mlops"
+    ) as info:
         AuditLog(secret)
     assert "s3cret" not in str(info.value)
 
@@ -283,10 +382,14 @@ def _mlflow_store(uri: str, root: Path):
 
 def _mlflow_version(uri: str) -> list[str]:
     with connected(uri) as conn:
-        return [r[0] for r in conn.execute(sa.text("select version_num from alembic_version")).all()]
+        return [
+            r[0] for r in conn.execute(sa.text("select version_num from alembic_version")).all()
+        ]
 
 
-def test_version_tables_live_beside_mlflows_in_one_sqlite_file(tracking_uri: str, tmp_path: Path) -> None:
+def test_version_tables_live_beside_mlflows_in_one_sqlite_file(
+    tracking_uri: str, tmp_path: Path
+) -> None:
     # MLflow first: the test's tracking store was made by SqlAlchemyStore (conftest's template)
     mlflow_head = _mlflow_version(tracking_uri)
     assert mlflow_head and not mlflow_head[0].startswith(("audit", "log"))
@@ -305,8 +408,9 @@ def test_version_tables_live_beside_mlflows_in_one_sqlite_file(tracking_uri: str
 
 
 @pytest.mark.postgres
-def test_version_tables_live_beside_mlflows_in_one_postgres_database(postgres_url: str,
-                                                                     tmp_path: Path) -> None:
+def test_version_tables_live_beside_mlflows_in_one_postgres_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
     """The production layout: the tracking database holds both histories' tables as well."""
     _mlflow_store(postgres_url, tmp_path / "mlruns")
     mlflow_head = _mlflow_version(postgres_url)

@@ -1,4 +1,5 @@
-"""Production monitoring against a real served model: prediction log, drift, labels, alerts, rollback."""
+"""Production monitoring against a real served model: prediction log, drift, labels, alerts,
+rollback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -23,9 +24,8 @@ import sqlalchemy as sa
 from mlops import registry
 from mlops.config import load_config
 from mlops.errors import ConfigError, DataValidationError
-from mlops.monitoring import drift
+from mlops.monitoring import drift, read_labels
 from mlops.monitoring import profile as prof
-from mlops.monitoring import read_labels
 from mlops.monitoring.checks import check, evaluate_rules, parse_duration
 from mlops.monitoring.logger import PredictionLogger
 from mlops.monitoring.store import PREDICTIONS, MonitoringStore
@@ -41,10 +41,15 @@ FEATURES = ["x1", "x2", "x3", "age", "color"]
 def synthetic(n: int, seed: int, shift_x3: float = 0.0) -> pd.DataFrame:
     """x1 and x2 decide the label; x3 does not; age is a sensitive feature."""
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({
-        "x1": rng.normal(size=n), "x2": rng.normal(size=n), "x3": rng.normal(size=n) + shift_x3,
-        "age": rng.integers(18, 90, size=n).astype(float), "color": rng.choice(["red", "green", "blue"], size=n),
-    })
+    frame = pd.DataFrame(
+        {
+            "x1": rng.normal(size=n),
+            "x2": rng.normal(size=n),
+            "x3": rng.normal(size=n) + shift_x3,
+            "age": rng.integers(18, 90, size=n).astype(float),
+            "color": rng.choice(["red", "green", "blue"], size=n),
+        }
+    )
     frame["label"] = np.where(frame.x1 + frame.x2 + 0.5 * (frame.color == "red") > 0.2, "yes", "no")
     return frame
 
@@ -54,11 +59,21 @@ def write_config(root: Path, **monitoring: object) -> Path:
     import yaml
 
     config = {
-        "experiment": "mon", "data": {"dataset": str(root / "data.csv"), "target": "label", "categorical": ["color"]},
-        "registry": {"model_name": NAME, "audit_url": f"sqlite:///{root / 'audit.db'}",
-                     "production": {"tolerance": 0.05}},
-        "monitoring": {"enabled": True, "log_url": f"sqlite:///{root / 'predictions.db'}",
-                       "sensitive_columns": ["age"], "min_rows": 100, "min_labels": 30, **monitoring},
+        "experiment": "mon",
+        "data": {"dataset": str(root / "data.csv"), "target": "label", "categorical": ["color"]},
+        "registry": {
+            "model_name": NAME,
+            "audit_url": f"sqlite:///{root / 'audit.db'}",
+            "production": {"tolerance": 0.05},
+        },
+        "monitoring": {
+            "enabled": True,
+            "log_url": f"sqlite:///{root / 'predictions.db'}",
+            "sensitive_columns": ["age"],
+            "min_rows": 100,
+            "min_labels": 30,
+            **monitoring,
+        },
     }
     path = root / f"config-{len(list(root.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -76,7 +91,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
     with using_store(uri):
         config = load_config(config_path)
         v1 = train(config, register=True).registered_version
-        v2 = train(load_config(config_path, ["model.params.C=0.3"]), register=True).registered_version
+        v2 = train(
+            load_config(config_path, ["model.params.C=0.3"]), register=True
+        ).registered_version
         for version in (v1, v2):
             registry.promote(config, NAME, version, "staging")
             registry.promote(config, NAME, version, "production", reason="test set-up")
@@ -87,8 +104,18 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
 def server(store: dict) -> Iterator[str]:
     """`mlops serve` of @production with monitoring on (the log URL given on the command line)."""
     port = free_port()
-    cmd = [str(BIN / "mlops"), "serve", NAME, "--alias", "production", "--port", str(port), "--monitor",
-           "--log-url", f"sqlite:///{store['root'] / 'predictions.db'}"]
+    cmd = [
+        str(BIN / "mlops"),
+        "serve",
+        NAME,
+        "--alias",
+        "production",
+        "--port",
+        str(port),
+        "--monitor",
+        "--log-url",
+        f"sqlite:///{store['root'] / 'predictions.db'}",
+    ]
     with running(cmd, server_env(store["uri"]), port, store["root"] / "server.log") as base:
         yield base
 
@@ -101,8 +128,13 @@ def logged(url: str, request_ids: list[str], expect_rows: int, timeout: float = 
         while True:
             with engine.connect() as conn:
                 try:
-                    rows = conn.execute(sa.select(PREDICTIONS).where(PREDICTIONS.c.request_id.in_(request_ids))
-                                        ).mappings().all()
+                    rows = (
+                        conn.execute(
+                            sa.select(PREDICTIONS).where(PREDICTIONS.c.request_id.in_(request_ids))
+                        )
+                        .mappings()
+                        .all()
+                    )
                 except sa.exc.DBAPIError:  # no table yet, or the database is down
                     rows = []
             if len(rows) >= expect_rows or time.monotonic() > deadline:
@@ -116,7 +148,9 @@ def records(frame: pd.DataFrame) -> dict:
     return {"dataframe_split": {"columns": FEATURES, "data": frame[FEATURES].values.tolist()}}
 
 
-def test_served_requests_are_logged_with_their_request_id_masked_and_timed(store: dict, server: str) -> None:
+def test_served_requests_are_logged_with_their_request_id_masked_and_timed(
+    store: dict, server: str
+) -> None:
     frame = synthetic(3, seed=5)
     status, body = post(server, records(frame))
     assert status == 200, body
@@ -134,13 +168,17 @@ def test_served_requests_are_logged_with_their_request_id_masked_and_timed(store
     log = logged(url, [request_id], 3).sort_values("row")
     assert list(log["row"]) == [0, 1, 2] and set(log["status"]) == {200}
     assert list(log["prediction"]) == [r["prediction"] for r in rows]
-    assert (log["latency_ms"] > 0).all() and set(log["version"]) == {store["v2"]} and set(log["model"]) == {NAME}
+    assert (
+        (log["latency_ms"] > 0).all()
+        and set(log["version"]) == {store["v2"]}
+        and set(log["model"]) == {NAME}
+    )
     store_ = MonitoringStore(url)
     stored = store_.predictions(NAME, store["v2"], 0, time.time() + 60)
     stored = stored[stored["request_id"] == request_id].sort_values("row")
     features = store_.features(stored).to_dict("records")
     assert len(features) == 3 and set(features[0]) == set(FEATURES)
-    for sent, got in zip(frame.to_dict("records"), features):
+    for sent, got in zip(frame.to_dict("records"), features, strict=False):
         assert got["x1"] == pytest.approx(sent["x1"]) and got["color"] == sent["color"]
         # the sensitive column left the server hashed, never as the value
         assert got["age"].startswith("sha256:") and str(int(sent["age"])) not in got["age"]
@@ -149,12 +187,16 @@ def test_served_requests_are_logged_with_their_request_id_masked_and_timed(store
 
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        failed = conn.execute(sa.select(PREDICTIONS).where(PREDICTIONS.c.status == 400)).mappings().all()
+        failed = (
+            conn.execute(sa.select(PREDICTIONS).where(PREDICTIONS.c.status == 400)).mappings().all()
+        )
     engine.dispose()
     assert failed and "x2" in failed[-1]["error"] and failed[-1]["features"] is None
 
 
-def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, tmp_path: Path) -> None:
+def test_drift_labels_alert_webhook_and_auto_rollback(
+    store: dict, server: str, tmp_path: Path
+) -> None:
     received: list[dict] = []
 
     class Hook(http.server.BaseHTTPRequestHandler):
@@ -169,17 +211,23 @@ def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, 
     hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
-        bad_status, _ = post(server, {"dataframe_records": [{"x1": 1.0}]})  # an error for the error-rate rule
+        bad_status, _ = post(
+            server, {"dataframe_records": [{"x1": 1.0}]}
+        )  # an error for the error-rate rule
         assert bad_status == 400
         # traffic with a known shift on x3 only (x3 does not decide the label)
         traffic = synthetic(600, seed=11, shift_x3=1.5)
         answered = []
         for start in range(0, len(traffic), 50):
-            part = traffic.iloc[start:start + 50]
+            part = traffic.iloc[start : start + 50]
             status, body = post(server, records(part))
             assert status == 200, body
-            answered += [(p["request_id"], i, p["prediction"], label)
-                         for i, (p, label) in enumerate(zip(body["predictions"], part["label"]))]
+            answered += [
+                (p["request_id"], i, p["prediction"], label)
+                for i, (p, label) in enumerate(
+                    zip(body["predictions"], part["label"], strict=False)
+                )
+            ]
         labels_csv = tmp_path / "labels.csv"
         labelled = answered[::2]  # ground truth arrives for half of the predictions
         with open(labels_csv, "w", newline="") as fh:
@@ -189,29 +237,65 @@ def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, 
         expected_accuracy = np.mean([pred == label for _, _, pred, label in labelled])
 
         env = server_env(store["uri"])
-        config = write_config(store["root"], webhook=f"http://127.0.0.1:{hook.server_address[1]}/alerts", rules=[
-            {"name": "feature_drift", "metric": "psi/*", "above": 0.2, "auto_rollback": True},
-            {"name": "error_rate", "metric": "error_rate", "above": 0.01},
-            {"name": "accuracy_drop", "metric": "accuracy_drop", "above": 0.05, "auto_rollback": True},
-        ])
+        config = write_config(
+            store["root"],
+            webhook=f"http://127.0.0.1:{hook.server_address[1]}/alerts",
+            rules=[
+                {"name": "feature_drift", "metric": "psi/*", "above": 0.2, "auto_rollback": True},
+                {"name": "error_rate", "metric": "error_rate", "above": 0.01},
+                {
+                    "name": "accuracy_drop",
+                    "metric": "accuracy_drop",
+                    "above": 0.05,
+                    "auto_rollback": True,
+                },
+            ],
+        )
         url = f"sqlite:///{store['root'] / 'predictions.db'}"
         assert len(logged(url, list({a[0] for a in answered}), len(answered))) == len(answered)
 
         # a label for a request that does not exist: refused as a whole, nothing stored
         bogus = tmp_path / "bogus.csv"
         bogus.write_text("request_id,label\nnot-a-request,yes\n" + f"{labelled[0][0]},yes\n")
-        refused = subprocess.run([str(BIN / "mlops"), "feedback", NAME, "--labels", str(bogus), "--config", str(config)],
-                                 env=env, capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 1 and "not-a-request" in refused.stderr and "nothing was stored" in refused.stderr
+        refused = subprocess.run(
+            [str(BIN / "mlops"), "feedback", NAME, "--labels", str(bogus), "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (
+            refused.returncode == 1
+            and "not-a-request" in refused.stderr
+            and "nothing was stored" in refused.stderr
+        )
 
-        fed = subprocess.run([str(BIN / "mlops"), "feedback", NAME, "--labels", str(labels_csv), "--config", str(config)],
-                             env=env, capture_output=True, text=True, timeout=120)
+        fed = subprocess.run(
+            [
+                str(BIN / "mlops"),
+                "feedback",
+                NAME,
+                "--labels",
+                str(labels_csv),
+                "--config",
+                str(config),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert fed.returncode == 0, fed.stderr
         assert f"{len(labelled)} labels attached" in fed.stdout
 
         before = time.time()
-        done = subprocess.run([str(BIN / "mlops"), "monitor", NAME, "--window", "1h", "--config", str(config)],
-                              env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [str(BIN / "mlops"), "monitor", NAME, "--window", "1h", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         assert "drifted features: x3" in done.stdout and "ALERT" in done.stdout, done.stdout
     finally:
@@ -228,14 +312,24 @@ def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, 
         assert "psi/age" not in metrics and "masked" in run.data.tags["mlops.monitor.notes"]
         assert metrics["labelled"] == len(labelled)
         assert metrics["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
-        assert metrics["requests"] >= 12 and metrics["error_rate"] > 0.01  # the 400 of the first test
+        assert (
+            metrics["requests"] >= 12 and metrics["error_rate"] > 0.01
+        )  # the 400 of the first test
         history = client.get_metric_history(run.info.run_id, "psi/x3")
         assert len(history) == 1 and before - 1 <= history[0].step <= time.time()
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "drift_report")}
-        assert {"drift_report/report.html", "drift_report/psi.png", "drift_report/feature_x3.png"} <= artifacts
+        assert {
+            "drift_report/report.html",
+            "drift_report/psi.png",
+            "drift_report/feature_x3.png",
+        } <= artifacts
         assert run.data.tags["mlops.monitor.version"] == store["v2"]
-        page = Path(client.download_artifacts(run.info.run_id, "drift_report/report.html", str(tmp_path))).read_text()
-        assert "feature_drift: psi/x3" in page and f"rolled back production from {store['v2']}" in page
+        page = Path(
+            client.download_artifacts(run.info.run_id, "drift_report/report.html", str(tmp_path))
+        ).read_text()
+        assert (
+            "feature_drift: psi/x3" in page and f"rolled back production from {store['v2']}" in page
+        )
         assert "<tr class=drift><td>x3</td>" in page and "<tr class=drift><td>x1</td>" not in page
 
         # the drift rule rolled production back to the version 2 replaced, audited like a manual one
@@ -243,16 +337,24 @@ def test_drift_labels_alert_webhook_and_auto_rollback(store: dict, server: str, 
         trail = registry.audit_trail(load_config(config), NAME)
         last = trail[-1]
         assert (last.action, last.outcome, last.who) == ("rollback", "done", "mlops-monitor")
-        assert (last.from_version, last.to_version) == (store["v2"], store["v1"]) and "feature_drift" in last.reason
+        assert (last.from_version, last.to_version) == (
+            store["v2"],
+            store["v1"],
+        ) and "feature_drift" in last.reason
 
     rules = {a["rule"]: a for a in received}
     assert set(rules) == {"feature_drift", "error_rate"}
     assert rules["feature_drift"]["metric"] == "psi/x3" and rules["feature_drift"]["value"] > 0.2
-    assert rules["feature_drift"]["action"] == f"rolled back production from {store['v2']} to {store['v1']}"
+    assert (
+        rules["feature_drift"]["action"]
+        == f"rolled back production from {store['v2']} to {store['v1']}"
+    )
     assert rules["error_rate"]["action"] is None
     stored = MonitoringStore(f"sqlite:///{store['root'] / 'predictions.db'}").alerts(NAME)
     assert {a.rule for a in stored} == {"feature_drift", "error_rate"}
-    assert all(a.webhook == "delivered (HTTP 204)" and a.check_run_id == run.info.run_id for a in stored)
+    assert all(
+        a.webhook == "delivered (HTTP 204)" and a.check_run_id == run.info.run_id for a in stored
+    )
 
     # production is now version 1, which has served nothing: said plainly, nothing computed
     with using_store(store["uri"]):
@@ -281,15 +383,35 @@ def private_postgres() -> Iterator[tuple[str, callable, callable]]:
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
 
     def start() -> None:
-        subprocess.run([*pg_ctl, "-o", options, "-l", str(folder / "log"), "start"], check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*pg_ctl, "-o", options, "-l", str(folder / "log"), "start"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def stop() -> None:
-        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [*pg_ctl, "-m", "immediate", "stop"], check=True, capture_output=True, timeout=60
+        )
 
     try:
-        init = subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                               "--no-sync"], capture_output=True, text=True, timeout=120)
+        init = subprocess.run(
+            [
+                *as_user,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if init.returncode:
             skip_or_fail(f"initdb failed: {init.stderr[-500:]}")
         start()
@@ -300,14 +422,32 @@ def private_postgres() -> Iterator[tuple[str, callable, callable]]:
 
 
 def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
-        store: dict, private_postgres: tuple) -> None:
+    store: dict, private_postgres: tuple
+) -> None:
     url, stop_db, start_db = private_postgres
     port = free_port()
     capacity = 40
-    env = server_env(store["uri"], SERVING_MODEL_CONFIG=json.dumps(
-        {"monitoring": True, "monitoring_url": url, "monitoring_queue_rows": capacity}))
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{store['v1']}", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    env = server_env(
+        store["uri"],
+        SERVING_MODEL_CONFIG=json.dumps(
+            {"monitoring": True, "monitoring_url": url, "monitoring_queue_rows": capacity}
+        ),
+    )
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}/{store['v1']}",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
     one = records(synthetic(1, seed=3))
     with running(cmd, env, port, store["root"] / "pg-server.log") as base:
         before = [post(base, one) for _ in range(20)]
@@ -317,7 +457,9 @@ def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
 
         stop_db()
         during = [post(base, one) for _ in range(100)]  # the store is down: serving goes on
-        assert [status for status, _ in during] == [200] * 100, [b for s, b in during if s != 200][:1]
+        assert [status for status, _ in during] == [200] * 100, [b for s, b in during if s != 200][
+            :1
+        ]
         during_ids = [body["predictions"][0]["request_id"] for _, body in during]
         start_db()
 
@@ -327,8 +469,9 @@ def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
             rows = logged(url, all_ids, 20 + capacity, timeout=1)
             engine = sa.create_engine(url)
             with engine.connect() as conn:
-                dropped = conn.execute(sa.text("select coalesce(sum(dropped), 0) from mlops_prediction_log_stats")
-                                       ).scalar_one()
+                dropped = conn.execute(
+                    sa.text("select coalesce(sum(dropped), 0) from mlops_prediction_log_stats")
+                ).scalar_one()
             engine.dispose()
             if (len(rows) >= 20 + capacity and dropped) or time.monotonic() > deadline:
                 break
@@ -344,9 +487,14 @@ def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
 
     with using_store(store["uri"]):
         mlflow.MlflowClient().set_registered_model_alias(NAME, "production", store["v1"])
-        config = load_config(store["config"], [f"monitoring.log_url={url}", "monitoring.min_rows=10"])
+        config = load_config(
+            store["config"], [f"monitoring.log_url={url}", "monitoring.min_rows=10"]
+        )
         result = check(config, NAME, window="1h")
-    assert result.metrics["dropped_rows"] == 100 - capacity and result.metrics["predictions"] == 20 + capacity + 5
+    assert (
+        result.metrics["dropped_rows"] == 100 - capacity
+        and result.metrics["predictions"] == 20 + capacity + 5
+    )
     assert any("dropped" in note for note in result.notes)
 
 
@@ -359,14 +507,31 @@ def test_monitor_every_runs_a_check_per_interval_until_its_count(store: dict) ->
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(f"{NAME}-monitoring")
         before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
-        outcome = CliRunner().invoke(cli, ["monitor", NAME, "--window", "10s", "--every", "1s", "--count", "2",
-                                           "--config", str(store["config"])])
+        outcome = CliRunner().invoke(
+            cli,
+            [
+                "monitor",
+                NAME,
+                "--window",
+                "10s",
+                "--every",
+                "1s",
+                "--count",
+                "2",
+                "--config",
+                str(store["config"]),
+            ],
+        )
         assert outcome.exit_code == 0, outcome.output
-        runs = client.search_runs([client.get_experiment_by_name(f"{NAME}-monitoring").experiment_id])
+        runs = client.search_runs(
+            [client.get_experiment_by_name(f"{NAME}-monitoring").experiment_id]
+        )
     assert len(runs) == before + 2
     assert outcome.output.count("too little data") == 2  # nothing served in the last 10 s
     with using_store(store["uri"]):
-        steps = sorted(client.get_metric_history(r.info.run_id, "requests")[0].step for r in runs[:2])
+        steps = sorted(
+            client.get_metric_history(r.info.run_id, "requests")[0].step for r in runs[:2]
+        )
     assert [r.data.metrics["requests"] for r in runs[:2]] == [0.0, 0.0]
     assert steps[1] - steps[0] >= 1  # stepped by the check time, one interval apart
 
@@ -381,17 +546,28 @@ def test_psi_and_ks_separate_a_shift_from_sampling_noise() -> None:
     assert shifted["psi"] > 0.4 and shifted["ks"] > 0.25 and shifted["ks_pvalue"] < 1e-6
     cats = prof.categorical_reference(["a"] * 50 + ["b"] * 50)
     assert drift.categorical_drift(cats, ["a"] * 48 + ["b"] * 52)["psi"] < 0.01
-    assert drift.categorical_drift(cats, ["a"] * 30 + ["c"] * 70)["psi"] > 1.0  # a category never seen
+    assert (
+        drift.categorical_drift(cats, ["a"] * 30 + ["c"] * 70)["psi"] > 1.0
+    )  # a category never seen
 
 
 def test_rules_pick_the_worst_metric_and_respect_the_side() -> None:
-    config = load_config(overrides={"monitoring.rules": [
-        {"name": "drift", "metric": "psi/*", "above": 0.2},
-        {"name": "accuracy_floor", "metric": "accuracy", "below": 0.9},
-    ]})
-    fired = evaluate_rules(config.monitoring.rules, {"psi/a": 0.1, "psi/b": 0.5, "psi/c": 0.3, "accuracy": 0.95})
+    config = load_config(
+        overrides={
+            "monitoring.rules": [
+                {"name": "drift", "metric": "psi/*", "above": 0.2},
+                {"name": "accuracy_floor", "metric": "accuracy", "below": 0.9},
+            ]
+        }
+    )
+    fired = evaluate_rules(
+        config.monitoring.rules, {"psi/a": 0.1, "psi/b": 0.5, "psi/c": 0.3, "accuracy": 0.95}
+    )
     assert [(r.name, k, v) for r, k, v, *_ in fired] == [("drift", "psi/b", 0.5)]
-    assert fired[0].hits == [("psi/b", 0.5), ("psi/c", 0.3)]  # every metric past the bound, worst first
+    assert fired[0].hits == [
+        ("psi/b", 0.5),
+        ("psi/c", 0.3),
+    ]  # every metric past the bound, worst first
     fired = evaluate_rules(config.monitoring.rules, {"accuracy": 0.7})
     assert [(r.name, k) for r, k, *_ in fired] == [("accuracy_floor", "accuracy")]
     with pytest.raises(ConfigError, match="exactly one of 'above' or 'below'"):
@@ -399,7 +575,11 @@ def test_rules_pick_the_worst_metric_and_respect_the_side() -> None:
 
 
 def test_bad_monitoring_input_names_the_problem(tmp_path: Path) -> None:
-    for text, fix in [("1x", "write it like"), ("-5m", "write it like"), ("0s", "longer than zero")]:
+    for text, fix in [
+        ("1x", "write it like"),
+        ("-5m", "write it like"),
+        ("0s", "longer than zero"),
+    ]:
         with pytest.raises(ConfigError, match=fix):
             parse_duration(text)
     assert parse_duration("90s") == 90 and parse_duration("2h") == 7200
@@ -408,7 +588,9 @@ def test_bad_monitoring_input_names_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="monitoring_url is not a SQLAlchemy URL"):
         PredictionLogger("not a url", model="m", version="1", numeric=["a"], categorical=[])
     with pytest.raises(ValueError, match=r"sensitive column\(s\) \['ssn'\] are not features"):
-        PredictionLogger("sqlite://", model="m", version="1", numeric=["a"], categorical=[], sensitive=["ssn"])
+        PredictionLogger(
+            "sqlite://", model="m", version="1", numeric=["a"], categorical=[], sensitive=["ssn"]
+        )
     cases = {
         "missing.csv": (None, "not found"),
         "nocol.csv": ("request_id,truth\nabc,yes\n", r"no column\(s\) \['label'\]"),
@@ -430,9 +612,17 @@ def test_bad_monitoring_input_names_the_problem(tmp_path: Path) -> None:
 
 def test_a_sensitive_column_that_is_not_a_feature_fails_training(tmp_path: Path) -> None:
     synthetic(200, seed=1).to_csv(tmp_path / "d.csv", index=False)
-    config = load_config(overrides=[f"data.dataset={tmp_path / 'd.csv'}", "data.target=label",
-                                    "data.categorical=[color]", "monitoring.sensitive_columns=[ssn]"])
-    with pytest.raises(ConfigError, match=r"monitoring.sensitive_columns: \['ssn'\] are not feature columns"):
+    config = load_config(
+        overrides=[
+            f"data.dataset={tmp_path / 'd.csv'}",
+            "data.target=label",
+            "data.categorical=[color]",
+            "monitoring.sensitive_columns=[ssn]",
+        ]
+    )
+    with pytest.raises(
+        ConfigError, match=r"monitoring.sensitive_columns: \['ssn'\] are not feature columns"
+    ):
         train(config)
 
 
@@ -440,24 +630,45 @@ def test_a_mixed_batch_reads_back_row_for_row(tmp_path: Path) -> None:
     """Requests of one and of several rows, failed requests, a non-finite score and sensitive
     columns, written in one batch, read back exactly (masked where configured)."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
-    log = PredictionLogger(url, model="m", version="3", numeric=["x1", "ssn", "x3"], categorical=["color", "city"],
-                           classes=["no", "yes"], sensitive=["ssn", "city"], sensitive_mode="mask",
-                           flush_interval=3600)  # nothing is written before the flush below: one batch
+    log = PredictionLogger(
+        url,
+        model="m",
+        version="3",
+        numeric=["x1", "ssn", "x3"],
+        categorical=["color", "city"],
+        classes=["no", "yes"],
+        sensitive=["ssn", "city"],
+        sensitive_mode="mask",
+        flush_interval=3600,
+    )  # nothing is written before the flush below: one batch
     rng = np.random.default_rng(7)
     sent = []
     for k in range(30):
         if k % 9 == 4:
-            log.submit(f"bad{k}", latency_ms=0.2, status=400, error="input is missing required column(s) ['x1']")
+            log.submit(
+                f"bad{k}",
+                latency_ms=0.2,
+                status=400,
+                error="input is missing required column(s) ['x1']",
+            )
             continue
         n = 1 if k % 2 else 3
         numeric = rng.normal(size=(n, 3))
-        categorical = np.array([["red" if i % 2 else None, f"city{i}"] for i in range(n)], dtype=object)
+        categorical = np.array(
+            [["red" if i % 2 else None, f"city{i}"] for i in range(n)], dtype=object
+        )
         scores = rng.random((n, 2))
         if k == 5:
             scores[0, 1] = np.nan
         predictions = np.array(["yes" if s[1] > 0.5 else "no" for s in scores], dtype=object)
-        log.submit(f"req{k}", latency_ms=float(k), numeric=numeric, categorical=categorical, predictions=predictions,
-                   scores=scores)
+        log.submit(
+            f"req{k}",
+            latency_ms=float(k),
+            numeric=numeric,
+            categorical=categorical,
+            predictions=predictions,
+            scores=scores,
+        )
         sent.append((f"req{k}", numeric, categorical, predictions, scores))
     assert log.flush(timeout=30)
     log.close()
@@ -465,11 +676,18 @@ def test_a_mixed_batch_reads_back_row_for_row(tmp_path: Path) -> None:
     frame = store.predictions("m", "3", 0, time.time() + 60)
     assert len(frame) == sum(len(s[1]) for s in sent) + 3
     failed = frame[frame["status"] == 400]
-    assert sorted(failed["request_id"]) == ["bad13", "bad22", "bad4"] and failed["numeric"].isna().all()
+    assert (
+        sorted(failed["request_id"]) == ["bad13", "bad22", "bad4"]
+        and failed["numeric"].isna().all()
+    )
     features = store.features(frame)
     with store.engine.connect() as conn:
-        scores = dict(((r.request_id, r.row), r.scores) for r in conn.execute(
-            sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row, PREDICTIONS.c.scores)))
+        scores = dict(
+            ((r.request_id, r.row), r.scores)
+            for r in conn.execute(
+                sa.select(PREDICTIONS.c.request_id, PREDICTIONS.c.row, PREDICTIONS.c.scores)
+            )
+        )
     by_key = {(r.request_id, r.row): i for i, r in enumerate(frame.itertuples())}
     for request_id, numeric, categorical, predictions, score in sent:
         for i in range(len(numeric)):
@@ -477,10 +695,16 @@ def test_a_mixed_batch_reads_back_row_for_row(tmp_path: Path) -> None:
             got = features.loc[at]
             assert got["x1"] == numeric[i, 0] and got["x3"] == numeric[i, 2]
             assert got["ssn"] == "***" and got["city"] == "***"
-            assert got["color"] == categorical[i, 0] or (categorical[i, 0] is None and pd.isna(got["color"]))
+            assert got["color"] == categorical[i, 0] or (
+                categorical[i, 0] is None and pd.isna(got["color"])
+            )
             assert frame.loc[at, "prediction"] == predictions[i]
-            expected = None if not np.isfinite(score[i]).all() else {"no": score[i, 0], "yes": score[i, 1]}
-            assert (json.loads(scores[(request_id, i)]) if scores[(request_id, i)] else None) == expected
+            expected = (
+                None if not np.isfinite(score[i]).all() else {"no": score[i, 0], "yes": score[i, 1]}
+            )
+            assert (
+                json.loads(scores[(request_id, i)]) if scores[(request_id, i)] else None
+            ) == expected
     assert frame.loc[frame["request_id"] == "req5", "row"].tolist() == [0]  # k odd: one row
     assert sorted(frame.loc[frame["request_id"] == "req0", "row"]) == [0, 1, 2]
 
@@ -488,8 +712,15 @@ def test_a_mixed_batch_reads_back_row_for_row(tmp_path: Path) -> None:
 def test_a_long_read_of_a_sqlite_log_does_not_stall_the_writer(tmp_path: Path) -> None:
     """A check reading the log (an open read transaction) while a server writes: the writes land."""
     url = f"sqlite:///{tmp_path / 'log.db'}"
-    log = PredictionLogger(url, model="m", version="1", numeric=["x"], categorical=[], flush_interval=0.05)
-    log.submit("first", latency_ms=1.0, numeric=np.array([[1.0]]), predictions=np.array(["a"], dtype=object))
+    log = PredictionLogger(
+        url, model="m", version="1", numeric=["x"], categorical=[], flush_interval=0.05
+    )
+    log.submit(
+        "first",
+        latency_ms=1.0,
+        numeric=np.array([[1.0]]),
+        predictions=np.array(["a"], dtype=object),
+    )
     assert log.flush(timeout=10)
     store = MonitoringStore(url)
     import sqlite3
@@ -498,13 +729,23 @@ def test_a_long_read_of_a_sqlite_log_does_not_stall_the_writer(tmp_path: Path) -
     try:
         assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         reader.execute("BEGIN")
-        assert reader.execute("SELECT count(*) FROM mlops_predictions").fetchone() == (1,)  # a read lock held
-        log.submit("second", latency_ms=1.0, numeric=np.array([[2.0]]), predictions=np.array(["b"], dtype=object))
+        assert reader.execute("SELECT count(*) FROM mlops_predictions").fetchone() == (
+            1,
+        )  # a read lock held
+        log.submit(
+            "second",
+            latency_ms=1.0,
+            numeric=np.array([[2.0]]),
+            predictions=np.array(["b"], dtype=object),
+        )
         assert log.flush(timeout=5), "the writer waited on the reader"
         # the reader's snapshot is unchanged until it ends; afterwards both rows are there
         assert reader.execute("SELECT count(*) FROM mlops_predictions").fetchone() == (1,)
         reader.execute("COMMIT")
     finally:
         reader.close()
-    assert sorted(store.predictions("m", "1", 0, time.time() + 60)["request_id"]) == ["first", "second"]
+    assert sorted(store.predictions("m", "1", 0, time.time() + 60)["request_id"]) == [
+        "first",
+        "second",
+    ]
     log.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -40,12 +40,22 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
             ("svc-sk", "hist_gb", ["model.params.max_iter=30"]),
             ("svc-keras", "keras_mlp", ["model.params.epochs=5", "model.params.hidden_units=[8]"]),
         ]:
-            config = load_config(overrides=[
-                f"data.dataset={csv}", "data.target=label", "data.categorical=[color]", f"model.family={family}",
-                f"registry.model_name={name}", "serving.max_rows=50", f"experiment=exp-{name}", *extra,
-            ])
+            config = load_config(
+                overrides=[
+                    f"data.dataset={csv}",
+                    "data.target=label",
+                    "data.categorical=[color]",
+                    f"model.family={family}",
+                    f"registry.model_name={name}",
+                    "serving.max_rows=50",
+                    f"experiment=exp-{name}",
+                    *extra,
+                ]
+            )
             result = train(config, register=True)
-            mlflow.MlflowClient().set_registered_model_alias(name, "production", result.registered_version)
+            mlflow.MlflowClient().set_registered_model_alias(
+                name, "production", result.registered_version
+            )
             out[name] = result
     yield out
 
@@ -53,8 +63,21 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
 @pytest.fixture(scope="module")
 def sk_server(store: dict) -> Iterator[str]:
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/svc-sk@production", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/svc-sk@production",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with running(cmd, server_env(store["uri"]), port, store["root"] / "sk.log") as base:
         yield base
 
@@ -63,7 +86,17 @@ def sk_server(store: dict) -> Iterator[str]:
 def keras_server(store: dict) -> Iterator[str]:
     """Started through `mlops serve`, which runs `mlflow models serve` with the model config."""
     port = free_port()
-    cmd = [str(BIN / "mlops"), "serve", "svc-keras", "--alias", "production", "--port", str(port), "--max-rows", "20"]
+    cmd = [
+        str(BIN / "mlops"),
+        "serve",
+        "svc-keras",
+        "--alias",
+        "production",
+        "--port",
+        str(port),
+        "--max-rows",
+        "20",
+    ]
     with running(cmd, server_env(store["uri"]), port, store["root"] / "keras.log") as base:
         yield base
 
@@ -83,10 +116,16 @@ def rows(store: dict, n: int = 3) -> pd.DataFrame:
 def payloads(frame: pd.DataFrame) -> dict[str, tuple[object, str]]:
     records = json.loads(frame.to_json(orient="records"))
     return {
-        "dataframe_split": ({"dataframe_split": json.loads(frame.to_json(orient="split"))}, "application/json"),
+        "dataframe_split": (
+            {"dataframe_split": json.loads(frame.to_json(orient="split"))},
+            "application/json",
+        ),
         "dataframe_records": ({"dataframe_records": records}, "application/json"),
         "instances": ({"instances": records}, "application/json"),
-        "inputs": ({"inputs": {c: frame[c].tolist() for c in frame.columns}}, "application/json; charset=utf-8"),
+        "inputs": (
+            {"inputs": {c: frame[c].tolist() for c in frame.columns}},
+            "application/json; charset=utf-8",
+        ),
         "csv": (frame.to_csv(index=False), "text/csv"),
     }
 
@@ -98,14 +137,22 @@ def test_health_routes(sk_server: str) -> None:
     assert status == 200 and body == mlflow.__version__
 
 
-def test_every_input_format_gives_the_same_labelled_predictions(sk_server: str, store: dict) -> None:
+def test_every_input_format_gives_the_same_labelled_predictions(
+    sk_server: str, store: dict
+) -> None:
     frame = rows(store)
     want = expected(store, "svc-sk", frame)
     for fmt, (body, content_type) in payloads(frame).items():
         status, answer = post(sk_server, body, content_type)
         assert status == 200, (fmt, answer)
         got = pd.DataFrame(answer["predictions"])
-        assert list(got.columns) == ["prediction", "proba_no", "proba_yes", "model_name", "model_version"], fmt
+        assert list(got.columns) == [
+            "prediction",
+            "proba_no",
+            "proba_yes",
+            "model_name",
+            "model_version",
+        ], fmt
         assert got["prediction"].tolist() == want["prediction"].tolist(), fmt
         assert np.allclose(got["proba_yes"], want["proba_yes"]), fmt
         assert set(got["model_name"]) == {"svc-sk"} and set(got["model_version"]) == {"1"}, fmt
@@ -113,10 +160,12 @@ def test_every_input_format_gives_the_same_labelled_predictions(sk_server: str, 
 
 def test_nulls_extra_columns_and_unknown_categories(sk_server: str, store: dict) -> None:
     frame = rows(store, 2)
-    frame.loc[0, "x2"] = None          # x2 had nulls in training: imputed
-    frame["comment"] = "ignored"       # extra columns are ignored
-    frame.loc[1, "color"] = "purple"   # unseen category: encoded as none of the known ones
-    status, answer = post(sk_server, {"dataframe_records": json.loads(frame.to_json(orient="records"))})
+    frame.loc[0, "x2"] = None  # x2 had nulls in training: imputed
+    frame["comment"] = "ignored"  # extra columns are ignored
+    frame.loc[1, "color"] = "purple"  # unseen category: encoded as none of the known ones
+    status, answer = post(
+        sk_server, {"dataframe_records": json.loads(frame.to_json(orient="records"))}
+    )
     assert status == 200, answer
     assert len(answer["predictions"]) == 2
 
@@ -130,23 +179,65 @@ def _bad_requests(store: dict) -> list[tuple[str, object, str, str]]:
     null_x1 = [dict(records[0], x1=None)]
     many = [records[0]] * 51
     return [
-        ("missing column", {"dataframe_records": no_x1}, "application/json", "missing required column(s) ['x1']"),
-        ("string in numeric", {"dataframe_records": text_x1}, "application/json", "column 'x1' must be numeric, got 'tall'"),
-        ("null not allowed", {"dataframe_records": null_x1}, "application/json", "column 'x1' is null in row 0"),
+        (
+            "missing column",
+            {"dataframe_records": no_x1},
+            "application/json",
+            "missing required column(s) ['x1']",
+        ),
+        (
+            "string in numeric",
+            {"dataframe_records": text_x1},
+            "application/json",
+            "column 'x1' must be numeric, got 'tall'",
+        ),
+        (
+            "null not allowed",
+            {"dataframe_records": null_x1},
+            "application/json",
+            "column 'x1' is null in row 0",
+        ),
         ("empty body", b"", "application/json", "not valid JSON"),
         ("empty object", {}, "application/json", "exactly one of the keys"),
-        ("zero rows", {"dataframe_split": dict(split, data=[])}, "application/json", "input has no rows"),
+        (
+            "zero rows",
+            {"dataframe_split": dict(split, data=[])},
+            "application/json",
+            "input has no rows",
+        ),
         ("zero records", {"dataframe_records": []}, "application/json", "input has no rows"),
-        ("malformed json", b'{"dataframe_split": {"columns": [', "application/json", "not valid JSON"),
+        (
+            "malformed json",
+            b'{"dataframe_split": {"columns": [',
+            "application/json",
+            "not valid JSON",
+        ),
         ("unknown format", {"dataframe": records}, "application/json", "got ['dataframe']"),
-        ("too many rows", {"dataframe_records": many}, "application/json", "51 rows, more than the limit of 50"),
-        ("ragged row", {"dataframe_split": dict(split, data=[split["data"][0][:2]])}, "application/json", "row 0 has 2 values"),
+        (
+            "too many rows",
+            {"dataframe_records": many},
+            "application/json",
+            "51 rows, more than the limit of 50",
+        ),
+        (
+            "ragged row",
+            {"dataframe_split": dict(split, data=[split["data"][0][:2]])},
+            "application/json",
+            "row 0 has 2 values",
+        ),
         ("csv header only", "x1,x2,color\n", "text/csv", "input has no rows"),
-        ("csv text in numeric", "x1,x2,color\nabc,1.0,red\n", "text/csv", "column 'x1' must be numeric, got 'abc'"),
+        (
+            "csv text in numeric",
+            "x1,x2,color\nabc,1.0,red\n",
+            "text/csv",
+            "column 'x1' must be numeric, got 'abc'",
+        ),
     ]
 
 
-def test_bad_input_gets_a_400_that_names_the_problem_and_serving_goes_on(sk_server: str, store: dict) -> None:
+def test_bad_input_gets_a_400_that_names_the_problem_and_serving_goes_on(
+    sk_server: str, store: dict
+) -> None:
     good = {"dataframe_records": json.loads(rows(store, 1).to_json(orient="records"))}
     for name, body, content_type, message in _bad_requests(store):
         status, answer = post(sk_server, body, content_type)
@@ -181,11 +272,24 @@ def test_keras_model_served_through_mlops_serve(keras_server: str, store: dict) 
 def test_mlflow_path_without_the_fast_path_agrees(store: dict) -> None:
     """MLOPS_FAST_SERVING=0 serves through MLflow's own parsing: same answers, still 400s."""
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/svc-sk@production", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/svc-sk@production",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     frame = rows(store)
     want = expected(store, "svc-sk", frame)
-    with running(cmd, server_env(store["uri"], MLOPS_FAST_SERVING="0"), port, store["root"] / "slow.log") as base:
+    with running(
+        cmd, server_env(store["uri"], MLOPS_FAST_SERVING="0"), port, store["root"] / "slow.log"
+    ) as base:
         for fmt, (body, content_type) in payloads(frame).items():
             status, answer = post(base, body, content_type)
             assert status == 200, (fmt, answer)
@@ -195,7 +299,9 @@ def test_mlflow_path_without_the_fast_path_agrees(store: dict) -> None:
         records = json.loads(frame.to_json(orient="records"))
         status, answer = post(base, {"dataframe_records": [dict(records[0], x1="tall")]})
         assert status == 400 and "x1" in answer["message"]
-        status, answer = post(base, {"dataframe_records": [{k: v for k, v in records[0].items() if k != "x2"}]})
+        status, answer = post(
+            base, {"dataframe_records": [{k: v for k, v in records[0].items() if k != "x2"}]}
+        )
         assert status == 400 and "x2" in answer["message"]
 
 
@@ -205,9 +311,25 @@ def test_mlflow_models_predict_cli(store: dict, tmp_path: Path) -> None:
     src.write_text(json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split"))}))
     dst = tmp_path / "out.json"
     proc = subprocess.run(
-        [str(BIN / "mlflow"), "models", "predict", "-m", "models:/svc-sk@production", "-i", str(src),
-         "-o", str(dst), "--env-manager", "local", "-t", "json"],
-        env=server_env(store["uri"]), capture_output=True, text=True, timeout=180,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            "models:/svc-sk@production",
+            "-i",
+            str(src),
+            "-o",
+            str(dst),
+            "--env-manager",
+            "local",
+            "-t",
+            "json",
+        ],
+        env=server_env(store["uri"]),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = pd.DataFrame(json.loads(dst.read_text())["predictions"])

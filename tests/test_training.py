@@ -12,16 +12,26 @@ CASES = [
     ("logreg", "sklearn:breast_cancer", []),
     ("ridge", "sklearn:diabetes", []),
     ("random_forest", "sklearn:wine", ["model.params.n_estimators=20", "model.params.n_jobs=1"]),
-    ("random_forest", "sklearn:diabetes", ["model.params.n_estimators=20", "model.params.n_jobs=1"]),
+    (
+        "random_forest",
+        "sklearn:diabetes",
+        ["model.params.n_estimators=20", "model.params.n_jobs=1"],
+    ),
     ("hist_gb", "sklearn:wine", ["model.params.max_iter=20"]),
     ("hist_gb", "sklearn:diabetes", ["model.params.max_iter=20"]),
-    ("keras_mlp", "sklearn:breast_cancer", ["model.params.epochs=6", "model.params.hidden_units=[16]"]),
+    (
+        "keras_mlp",
+        "sklearn:breast_cancer",
+        ["model.params.epochs=6", "model.params.hidden_units=[16]"],
+    ),
     ("keras_mlp", "sklearn:diabetes", ["model.params.epochs=6", "model.params.hidden_units=[16]"]),
 ]
 
 
 @pytest.mark.parametrize("family,dataset,extra", CASES, ids=[f"{c[0]}-{c[1][8:]}" for c in CASES])
-def test_train_logs_everything_and_the_model_predicts(family: str, dataset: str, extra: list[str]) -> None:
+def test_train_logs_everything_and_the_model_predicts(
+    family: str, dataset: str, extra: list[str]
+) -> None:
     config = load_config(overrides=[f"model.family={family}", f"data.dataset={dataset}", *extra])
     result = train(config)
     client = mlflow.MlflowClient()
@@ -71,7 +81,9 @@ def test_train_logs_everything_and_the_model_predicts(family: str, dataset: str,
 
 
 def test_keras_logs_per_epoch_step_metrics() -> None:
-    config = load_config(overrides=["model.family=keras_mlp", "model.params.epochs=5", "model.params.patience=50"])
+    config = load_config(
+        overrides=["model.family=keras_mlp", "model.params.epochs=5", "model.params.patience=50"]
+    )
     result = train(config)
     client = mlflow.MlflowClient()
     history = client.get_metric_history(result.run_id, "val_loss")
@@ -81,17 +93,26 @@ def test_keras_logs_per_epoch_step_metrics() -> None:
 
 
 def test_unknown_family_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown model family 'xgb'; choose one of: logreg, ridge, random_forest, hist_gb, keras_mlp"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown model family 'xgb'; choose one of: "
+        r"logreg, ridge, random_forest, hist_gb, keras_mlp",
+    ):
         train(load_config(overrides=["model.family=xgb"]))
 
 
 def test_family_that_cannot_do_the_task() -> None:
-    with pytest.raises(ConfigError, match=r"'logreg' does not do regression; for regression use one of: ridge"):
+    with pytest.raises(
+        ConfigError, match=r"'logreg' does not do regression; for regression use one of: ridge"
+    ):
         train(load_config(overrides=["data.dataset=sklearn:diabetes"]))
 
 
 def test_unknown_hyperparameter_names_it_and_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"\['n_trees'\] not accepted by random_forest.*valid parameters: .*n_estimators"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\['n_trees'\] not accepted by random_forest.*valid parameters: .*n_estimators",
+    ):
         train(load_config(overrides=["model.family=random_forest", "model.params.n_trees=5"]))
 
 
@@ -102,12 +123,18 @@ def test_failed_training_leaves_run_failed_not_running() -> None:
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.params.dropout=1.5", r"'dropout' parameter must be a float in \[0, 1\), got 1.5"),
-    ("model.params.epochs=0", r"'epochs' parameter must be an integer >= 1, got 0"),
-    ("model.params.hidden_units=[8, -1]", r"hidden_units must be a list of positive integers"),
-    ("model.params.learning_rate=fast", r"'learning_rate' parameter must be a float > 0, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.params.dropout=1.5", r"'dropout' parameter must be a float in \[0, 1\), got 1.5"),
+        ("model.params.epochs=0", r"'epochs' parameter must be an integer >= 1, got 0"),
+        ("model.params.hidden_units=[8, -1]", r"hidden_units must be a list of positive integers"),
+        (
+            "model.params.learning_rate=fast",
+            r"'learning_rate' parameter must be a float > 0, got 'fast'",
+        ),
+    ],
+)
 def test_keras_hyperparameters_are_checked_before_training(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         train(load_config(overrides=["model.family=keras_mlp", override]))
@@ -117,5 +144,7 @@ def test_each_run_goes_to_its_configured_experiment() -> None:
     a = train(load_config(overrides=["experiment=first", "model.params.max_iter=200"]))
     b = train(load_config(overrides=["experiment=second", "model.params.max_iter=200"]))
     client = mlflow.MlflowClient()
-    names = {client.get_experiment(client.get_run(r.run_id).info.experiment_id).name for r in (a, b)}
+    names = {
+        client.get_experiment(client.get_run(r.run_id).info.experiment_id).name for r in (a, b)
+    }
     assert names == {"first", "second"}

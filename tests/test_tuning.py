@@ -19,12 +19,17 @@ from mlops.tuning import tune
 from tests.conftest import using_store
 from tests.servers import BIN, server_env
 
-SMALL_LOGREG = ["model.family=logreg", "tuning.search_space={C: {type: float, low: 0.00001, high: 10.0, log: true}}"]
+SMALL_LOGREG = [
+    "model.family=logreg",
+    "tuning.search_space={C: {type: float, low: 0.00001, high: 10.0, log: true}}",
+]
 
 
 def children(parent_id: str) -> list:
     exp = mlflow.MlflowClient().get_run(parent_id).info.experiment_id
-    return mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
+    return mlflow.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
 
 
 def _slow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -41,13 +46,15 @@ def _slow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float)
         f"    with open({str(tmp_path / 'slow-calls')!r}, 'a') as calls:\n"
         "        calls.write('create_run\\n')\n"
         "    return _create(self, *args, **kwargs)\n"
-        "mlflow.MlflowClient.create_run = create_run\n")
+        "mlflow.MlflowClient.create_run = create_run\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(hooks))
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])
-def test_trials_faster_than_the_store_still_get_complete_runs(writer: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trials_faster_than_the_store_still_get_complete_runs(
+    writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A slow tracking store: each trial ends before its run exists; every run is still finished."""
     if writer == "process":
         _slow_store(tmp_path, monkeypatch, 0.4)  # trials of this size take a few ms
@@ -63,15 +70,25 @@ def test_trials_faster_than_the_store_still_get_complete_runs(writer: str, tmp_p
             return real_open(*args)
 
         monkeypatch.setattr(trial_runs, "_open_run", slow_open)
-    config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=5", "tuning.register_best=false",
-                                    "tuning.pruner=none", "tuning.storage=sqlite:///optuna.db",
-                                    "tuning.study_name=slow-store", f"tuning.trial_writer={writer}"])
+    config = load_config(
+        overrides=[
+            *SMALL_LOGREG,
+            "tuning.n_trials=5",
+            "tuning.register_best=false",
+            "tuning.pruner=none",
+            "tuning.storage=sqlite:///optuna.db",
+            "tuning.study_name=slow-store",
+            f"tuning.trial_writer={writer}",
+        ]
+    )
     result = tune(config, progress=False)
     # the trial runs went through the slowed client (the parent run was made before the hook)
     assert (tmp_path / "slow-calls").read_text().split() == ["create_run"] * 5
     runs = children(result.parent_run_id)
     assert len(runs) == 5
-    assert all(r.info.status == "FINISHED" and r.data.tags["mlops.trial_state"] == "COMPLETE" for r in runs)
+    assert all(
+        r.info.status == "FINISHED" and r.data.tags["mlops.trial_state"] == "COMPLETE" for r in runs
+    )
     assert sorted(int(r.data.tags["mlops.trial_number"]) for r in runs) == list(range(5))
     assert all(r.data.params["C"] and "validation_accuracy" in r.data.metrics for r in runs)
 
@@ -94,7 +111,7 @@ def _trial_runs_of(parent_id: str) -> dict[int, mlflow.entities.Run]:
     runs = children(parent_id)
     numbers = [int(r.data.tags["mlops.trial_number"]) for r in runs]
     assert len(numbers) == len(set(numbers)), f"duplicate trial runs: {sorted(numbers)}"
-    return dict(zip(numbers, runs))
+    return dict(zip(numbers, runs, strict=False))
 
 
 @pytest.mark.parametrize("kill_after", ["open sent", "open confirmed"])
@@ -116,8 +133,14 @@ def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
                 time.sleep(0.05)
             assert first.number in runs._run_ids
         runs._proc.kill()
-        runs.finish(first.number, [("cv_accuracy", 0.5, 1, 0), ("validation_accuracy", 0.75, 2, 0)], {"C": "1.0"},
-                    "COMPLETE", "FINISHED", int(time.time() * 1000))
+        runs.finish(
+            first.number,
+            [("cv_accuracy", 0.5, 1, 0), ("validation_accuracy", 0.75, 2, 0)],
+            {"C": "1.0"},
+            "COMPLETE",
+            "FINISHED",
+            int(time.time() * 1000),
+        )
         study.tell(first, 0.75)
         time.sleep(0.5)  # the reader notices the exit
         second = study.ask()
@@ -130,19 +153,33 @@ def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
     assert sorted(by_number) == [0, 1]
     assert by_number[0].info.status == "FINISHED" and by_number[0].data.params == {"C": "1.0"}
     assert by_number[0].data.metrics == {"cv_accuracy": 0.5, "validation_accuracy": 0.75}
-    assert by_number[1].info.status == "FINISHED" and by_number[1].data.tags["mlops.trial_state"] == "PRUNED"
+    assert (
+        by_number[1].info.status == "FINISHED"
+        and by_number[1].data.tags["mlops.trial_state"] == "PRUNED"
+    )
     if kill_after == "open confirmed":  # the run the process opened is the one finished
         assert study.trials[0].user_attrs["mlflow_run_id"] == by_number[0].info.run_id
 
 
 def test_a_sigkilled_search_leaves_no_run_running(tmp_path: Path, tracking_uri: str) -> None:
     """Only the tuning process is killed: its writer process ends its runs as FAILED."""
-    extra = ["model.family=keras_mlp", "model.params.epochs=400", "model.params.patience=400",
-             "model.params.hidden_units=[8]", "tuning.pruner=none", "tuning.register_best=false",
-             "tuning.search_space={learning_rate: {type: float, low: 0.0001, high: 0.01, log: true}}"]
+    extra = [
+        "model.family=keras_mlp",
+        "model.params.epochs=400",
+        "model.params.patience=400",
+        "model.params.hidden_units=[8]",
+        "tuning.pruner=none",
+        "tuning.register_best=false",
+        "tuning.search_space={learning_rate: {type: float, low: 0.0001, high: 0.01, log: true}}",
+    ]
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = subprocess.Popen(_tune_cmd(storage, "killed-alone", 3, *extra), env=server_env(tracking_uri), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _tune_cmd(storage, "killed-alone", 3, *extra),
+        env=server_env(tracking_uri),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:  # until a trial's run exists
@@ -167,7 +204,9 @@ def test_a_sigkilled_search_leaves_no_run_running(tmp_path: Path, tracking_uri: 
 
 
 def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
-    config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=8", "registry.model_name=tuned"])
+    config = load_config(
+        overrides=[*SMALL_LOGREG, "tuning.n_trials=8", "registry.model_name=tuned"]
+    )
     result = tune(config, progress=False)
     assert result.n_complete + result.n_pruned == 8
     client = mlflow.MlflowClient()
@@ -179,7 +218,11 @@ def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
     assert parent.data.metrics["best_trial_accuracy"] == pytest.approx(result.best_value)
     assert parent.data.tags["mlops.best_trial"] == str(result.best_trial)
     files = {a.path for a in client.list_artifacts(result.parent_run_id, "study")}
-    assert {"study/trials.csv", "study/optimization_history.png", "study/param_importances.png"} <= files
+    assert {
+        "study/trials.csv",
+        "study/optimization_history.png",
+        "study/param_importances.png",
+    } <= files
     runs = children(result.parent_run_id)
     assert len(runs) == 8
     numbers = sorted(int(r.data.tags["mlops.trial_number"]) for r in runs)
@@ -196,46 +239,89 @@ def test_nested_runs_best_params_artifacts_and_registered_version() -> None:
     assert version.tags["mlops.study_name"] == result.study_name
     assert version.tags["mlops.best_trial"] == str(result.best_trial)
     assert len(version.tags["mlops.checksum"]) == 64
-    assert not client.get_registered_model("tuned").aliases  # promotion belongs to the registry layer
+    assert not client.get_registered_model(
+        "tuned"
+    ).aliases  # promotion belongs to the registry layer
     assert "test_accuracy" in result.test_metrics
 
 
 def test_pruning_happens_for_a_scikit_learn_family() -> None:
-    config = load_config(overrides=[*SMALL_LOGREG, "tuning.n_trials=12", "tuning.register_best=false",
-                                    "tuning.sampler=random"])
+    config = load_config(
+        overrides=[
+            *SMALL_LOGREG,
+            "tuning.n_trials=12",
+            "tuning.register_best=false",
+            "tuning.sampler=random",
+        ]
+    )
     result = tune(config, progress=False)
     assert result.n_pruned >= 1
-    pruned = [r for r in children(result.parent_run_id) if r.data.tags["mlops.trial_state"] == "PRUNED"]
+    pruned = [
+        r for r in children(result.parent_run_id) if r.data.tags["mlops.trial_state"] == "PRUNED"
+    ]
     assert len(pruned) == result.n_pruned
-    assert all(len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "cv_accuracy")) < 3 for r in pruned)
+    assert all(
+        len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "cv_accuracy")) < 3
+        for r in pruned
+    )
 
 
 def test_pruning_happens_for_keras_per_epoch() -> None:
-    config = load_config(overrides=[
-        "model.family=keras_mlp", "model.params.epochs=12", "model.params.patience=50", "model.params.hidden_units=[8]",
-        "tuning.search_space={learning_rate: {type: float, low: 0.00001, high: 0.05, log: true}}",
-        "tuning.n_trials=8", "tuning.sampler=random", "tuning.register_best=false"])
+    config = load_config(
+        overrides=[
+            "model.family=keras_mlp",
+            "model.params.epochs=12",
+            "model.params.patience=50",
+            "model.params.hidden_units=[8]",
+            "tuning.search_space={learning_rate: {type: float, low: 0.00001, high: 0.05, log: "
+            "true}}",
+            "tuning.n_trials=8",
+            "tuning.sampler=random",
+            "tuning.register_best=false",
+        ]
+    )
     result = tune(config, progress=False)
     assert result.n_pruned >= 1
-    pruned = [r for r in children(result.parent_run_id) if r.data.tags["mlops.trial_state"] == "PRUNED"]
-    steps = [len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")) for r in pruned]
+    pruned = [
+        r for r in children(result.parent_run_id) if r.data.tags["mlops.trial_state"] == "PRUNED"
+    ]
+    steps = [
+        len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")) for r in pruned
+    ]
     assert steps and all(s < 12 for s in steps)  # stopped before the last epoch
 
 
-@pytest.mark.parametrize("override,message", [
-    ("tuning.search_space={C: {type: float, low: 5, high: 1}}", r"tuning.search_space.C.*'low' \(5\) must be below 'high' \(1\)"),
-    ("tuning.search_space={C: {type: gaussian, low: 1, high: 2}}", r"tuning.search_space.C.type"),
-    ("tuning.search_space={C: {type: float, low: 0, high: 1, log: true}}", r"log scale needs 'low' > 0"),
-    ("tuning.search_space={depth: {type: int, low: 1, high: 3}}", r"\['depth'\] not parameters of logreg"),
-    ("tuning.search_space={C: {type: categorical, choices: []}}", r"non-empty 'choices'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "tuning.search_space={C: {type: float, low: 5, high: 1}}",
+            r"tuning.search_space.C.*'low' \(5\) must be below 'high' \(1\)",
+        ),
+        (
+            "tuning.search_space={C: {type: gaussian, low: 1, high: 2}}",
+            r"tuning.search_space.C.type",
+        ),
+        (
+            "tuning.search_space={C: {type: float, low: 0, high: 1, log: true}}",
+            r"log scale needs 'low' > 0",
+        ),
+        (
+            "tuning.search_space={depth: {type: int, low: 1, high: 3}}",
+            r"\['depth'\] not parameters of logreg",
+        ),
+        ("tuning.search_space={C: {type: categorical, choices: []}}", r"non-empty 'choices'"),
+    ],
+)
 def test_invalid_search_space_names_the_parameter(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tune(load_config(overrides=["model.family=logreg", override]), progress=False)
 
 
 def test_unreachable_storage_fails_fast_with_the_password_masked() -> None:
-    config = load_config(overrides=[*SMALL_LOGREG, "tuning.storage=postgresql://optuna:s3cret@127.0.0.1:1/optuna"])
+    config = load_config(
+        overrides=[*SMALL_LOGREG, "tuning.storage=postgresql://optuna:s3cret@127.0.0.1:1/optuna"]
+    )
     start = time.monotonic()
     with pytest.raises(ConfigError) as info:
         tune(config, progress=False)
@@ -246,19 +332,36 @@ def test_unreachable_storage_fails_fast_with_the_password_masked() -> None:
 
 def test_rerunning_the_same_study_resumes_it(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    base = [*SMALL_LOGREG, f"tuning.storage={storage}", "tuning.study_name=resumable", "tuning.register_best=false"]
+    base = [
+        *SMALL_LOGREG,
+        f"tuning.storage={storage}",
+        "tuning.study_name=resumable",
+        "tuning.register_best=false",
+    ]
     first = tune(load_config(overrides=[*base, "tuning.n_trials=4"]), progress=False)
     second = tune(load_config(overrides=[*base, "tuning.n_trials=7"]), progress=False)
     study = optuna.load_study(study_name="resumable", storage=storage)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 7
     assert len(children(first.parent_run_id)) == 4 and len(children(second.parent_run_id)) == 3
-    assert len({t.params["C"] for t in finished}) == 7  # the resumed run did not redraw the first ones
+    assert (
+        len({t.params["C"] for t in finished}) == 7
+    )  # the resumed run did not redraw the first ones
 
 
 def _tune_cmd(storage: str, study: str, n: int, *extra: str) -> list[str]:
-    return [str(BIN / "mlops"), "tune", "--storage", storage, "--study-name", study, "--n-trials", str(n),
-            "--no-progress", *[f"--set={e}" for e in extra]]
+    return [
+        str(BIN / "mlops"),
+        "tune",
+        "--storage",
+        storage,
+        "--study-name",
+        study,
+        "--n-trials",
+        str(n),
+        "--no-progress",
+        *[f"--set={e}" for e in extra],
+    ]
 
 
 @pytest.mark.postgres
@@ -268,8 +371,12 @@ def test_two_workers_on_postgresql_share_one_study(postgres_databases, tmp_path:
         mlflow.set_experiment("mlops")
     env = server_env(tracking)
     cmd = _tune_cmd(storage, "shared", 10, *SMALL_LOGREG, "registry.model_name=shared-model")
-    procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     study = optuna.load_study(study_name="shared", storage=storage)
@@ -282,20 +389,39 @@ def test_two_workers_on_postgresql_share_one_study(postgres_databases, tmp_path:
     versions = mlflow.MlflowClient().search_model_versions("name = 'shared-model'")
     assert len(versions) == 1  # exactly one worker retrained and registered the best
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    trial_runs = [r for r in runs if "mlops.trial_number" in r.data.tags and r.data.tags.get("mlops.trial_state") != "FAIL"]
+    trial_runs = [
+        r
+        for r in runs
+        if "mlops.trial_number" in r.data.tags and r.data.tags.get("mlops.trial_state") != "FAIL"
+    ]
     assert len(trial_runs) == 10
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(tmp_path: Path, tracking_uri: str) -> None:
+def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(
+    tmp_path: Path, tracking_uri: str
+) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    extra = ["model.family=keras_mlp", "model.params.epochs=400", "model.params.patience=400",
-             "model.params.hidden_units=[8]", "tuning.pruner=none", "tuning.heartbeat_interval=1",
-             "tuning.grace_period=3", "tuning.register_best=false",
-             "tuning.search_space={learning_rate: {type: float, low: 0.0001, high: 0.01, log: true}}"]
+    extra = [
+        "model.family=keras_mlp",
+        "model.params.epochs=400",
+        "model.params.patience=400",
+        "model.params.hidden_units=[8]",
+        "tuning.pruner=none",
+        "tuning.heartbeat_interval=1",
+        "tuning.grace_period=3",
+        "tuning.register_best=false",
+        "tuning.search_space={learning_rate: {type: float, low: 0.0001, high: 0.01, log: true}}",
+    ]
     cmd = _tune_cmd(storage, "killable", 3, *extra)
-    proc = subprocess.Popen(cmd, env=server_env(tracking_uri), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=server_env(tracking_uri),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:  # wait until a trial is under way
@@ -304,7 +430,10 @@ def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(tmp_path: P
                 study = optuna.load_study(study_name="killable", storage=storage)
             except KeyError:
                 continue
-            if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in study.trials):
+            if any(
+                t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                for t in study.trials
+            ):
                 break  # a trial and its run are under way
         else:
             pytest.fail("no trial run started within 120 s")
@@ -312,8 +441,18 @@ def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(tmp_path: P
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     time.sleep(3.5)  # past the grace period: the heartbeat has gone stale
-    result = tune(load_config(overrides=[*extra, f"tuning.storage={storage}", "tuning.study_name=killable",
-                                         "tuning.n_trials=3", "model.params.epochs=3"]), progress=False)
+    result = tune(
+        load_config(
+            overrides=[
+                *extra,
+                f"tuning.storage={storage}",
+                "tuning.study_name=killable",
+                "tuning.n_trials=3",
+                "model.params.epochs=3",
+            ]
+        ),
+        progress=False,
+    )
     study = optuna.load_study(study_name="killable", storage=storage)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) >= 1
@@ -322,7 +461,9 @@ def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(tmp_path: P
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
     assert retried and retried[0].state == TrialState.COMPLETE
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.status != "RUNNING" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
     killed_run = mlflow.MlflowClient().get_run(failed.user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED"
     assert result.n_complete >= 1

@@ -15,9 +15,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlflow
 import pytest
@@ -54,17 +55,34 @@ def _cli(*args: str) -> None:
 def _mlflow_server(uri: str, log: Path, timeout: float = 120) -> Iterator[str]:
     """`mlflow server` on ``uri``, on a free port, until it answers /health (it has no /ping)."""
     port = free_port()
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=server_env(uri), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            env=server_env(uri),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as resp:
                     if resp.status == 200:
@@ -72,7 +90,10 @@ def _mlflow_server(uri: str, log: Path, timeout: float = 120) -> Iterator[str]:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health in {timeout}s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    "mlflow server did not answer /health in "
+                    f"{timeout}s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.3)
         yield base
     finally:
@@ -94,8 +115,13 @@ def _browser(browser: str, driver: str) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
-                "--disable-dev-shm-usage"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(arg)
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     try:
@@ -105,7 +131,8 @@ def _browser(browser: str, driver: str) -> Iterator[Any]:
 
 
 class Pages:
-    """Opens pages, waits for text, screenshots each; collects what is missing instead of stopping."""
+    """Opens pages, waits for text, screenshots each; collects what is missing instead of
+    stopping."""
 
     def __init__(self, driver: Any, base: str, shots: Path) -> None:
         self.driver, self.base, self.shots = driver, base, shots
@@ -123,8 +150,11 @@ class Pages:
     def open(self, fragment: str) -> None:
         self.driver.get(f"{self.base}/#/{fragment}")
 
-    def wait_for(self, page: str, texts: list[str], until: Callable[[], bool] | None = None) -> bool:
-        """Wait (bounded) until every text is on the page (and ``until()`` holds); record what is not."""
+    def wait_for(
+        self, page: str, texts: list[str], until: Callable[[], bool] | None = None
+    ) -> bool:
+        """Wait (bounded) until every text is on the page (and ``until()`` holds); record what is
+        not."""
         from selenium.common.exceptions import TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -138,8 +168,10 @@ class Pages:
         except TimeoutException:
             body = self.body()
             missing = [text for text in texts if text not in body]
-            self.problems.append(f"{page}: after {WAIT_S}s missing {missing or '(a row-level check)'}; "
-                                 f"page text begins: {body[:1500]!r}")
+            self.problems.append(
+                f"{page}: after {WAIT_S}s missing {missing or '(a row-level check)'}; "
+                f"page text begins: {body[:1500]!r}"
+            )
             return False
 
     def close_assistant(self) -> None:
@@ -184,41 +216,67 @@ def _runs_page(pages: Pages, experiment_id: str, tune_run_id: str, family: str) 
         return
     pages.close_assistant()
     if not all(trial in pages.body() for trial in trials):
-        # Nested runs start collapsed under their parent: the parent's Run Name cell has a +/- button.
+        # Nested runs start collapsed under their parent: the parent's Run Name cell has a +/-
+        # button.
         try:
-            row = pages.driver.find_element(By.CSS_SELECTOR, f"[role='row'][row-id='{tune_run_id}']")
+            row = pages.driver.find_element(
+                By.CSS_SELECTOR, f"[role='row'][row-id='{tune_run_id}']"
+            )
             row.find_element(By.CSS_SELECTOR, "[col-id*='Run Name'] button").click()
         except WebDriverException as exc:
-            pages.problems.append(f"runs page: no expand button on the tune parent row: {exc.__class__.__name__}")
+            pages.problems.append(
+                f"runs page: no expand button on the tune parent row: {exc.__class__.__name__}"
+            )
     pages.wait_for("runs page, tune parent expanded", trials)
     pages.screenshot("runs")
 
 
 def _run_page(pages: Pages, experiment_id: str, run_id: str, family: str) -> None:
     pages.open(f"experiments/{experiment_id}/runs/{run_id}")
-    pages.wait_for("training run page", [f"train-{family}", "validation_accuracy", "test_accuracy",
-                                         "model.family", family, MODEL])
+    pages.wait_for(
+        "training run page",
+        [f"train-{family}", "validation_accuracy", "test_accuracy", "model.family", family, MODEL],
+    )
     pages.close_assistant()
     pages.screenshot("train-run")
 
 
 def _model_page(pages: Pages, family: str) -> None:
     # The version table renders each alias as a tag reading "@ <alias>"; registration writes the
-    # model's description ("<family> for classification, ...") and each version's ("<family> (classification) ...").
+    # model's description ("<family> for classification, ...") and each version's ("<family>
+    # (classification) ...").
     def on_their_versions() -> bool:
-        v1, v2 = pages.row_text("[role='row']", "Version 1"), pages.row_text("[role='row']", "Version 2")
-        return ("@ staging" in v1 and "@ production" in v2
-                and all(f"{family} (classification)" in row for row in (v1, v2)))
+        v1, v2 = (
+            pages.row_text("[role='row']", "Version 1"),
+            pages.row_text("[role='row']", "Version 2"),
+        )
+        return (
+            "@ staging" in v1
+            and "@ production" in v2
+            and all(f"{family} (classification)" in row for row in (v1, v2))
+        )
 
     pages.open(f"models/{MODEL}")
-    pages.wait_for("registered model page", [MODEL, "Version 1", "Version 2", "@ staging", "@ production",
-                                             f"{family} for classification", f"{family} (classification)"],
-                   until=on_their_versions)
+    pages.wait_for(
+        "registered model page",
+        [
+            MODEL,
+            "Version 1",
+            "Version 2",
+            "@ staging",
+            "@ production",
+            f"{family} for classification",
+            f"{family} (classification)",
+        ],
+        until=on_their_versions,
+    )
     pages.close_assistant()
     pages.screenshot("model")
 
 
-def test_mlflow_ui_shows_runs_trials_and_registered_model(tracking_uri: str, tmp_path: Path) -> None:
+def test_mlflow_ui_shows_runs_trials_and_registered_model(
+    tracking_uri: str, tmp_path: Path
+) -> None:
     browser, driver = _chromium()
     try:
         import selenium  # noqa: F401
@@ -227,7 +285,16 @@ def test_mlflow_ui_shows_runs_trials_and_registered_model(tracking_uri: str, tmp
 
     family = "logreg"
     _cli("train", "--model", family, "--register", "--set", f"registry.model_name={MODEL}")
-    _cli("tune", "--model", family, "--n-trials", "3", "--no-progress", "--set", f"registry.model_name={MODEL}")
+    _cli(
+        "tune",
+        "--model",
+        family,
+        "--n-trials",
+        "3",
+        "--no-progress",
+        "--set",
+        f"registry.model_name={MODEL}",
+    )
     _cli("promote", MODEL, "--version", "1", "--to", "staging", "--reason", "ui test")
     _cli("promote", MODEL, "--version", "2", "--to", "production", "--force", "--reason", "ui test")
 
@@ -235,8 +302,11 @@ def test_mlflow_ui_shows_runs_trials_and_registered_model(tracking_uri: str, tmp
     assert experiment is not None
 
     def run_id(name: str) -> str:
-        runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'",
-                                  output_format="list")
+        runs = mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.mlflow.runName = '{name}'",
+            output_format="list",
+        )
         assert len(runs) == 1, f"{len(runs)} runs named {name}"
         return runs[0].info.run_id
 
@@ -244,7 +314,10 @@ def test_mlflow_ui_shows_runs_trials_and_registered_model(tracking_uri: str, tmp
 
     pages: Pages | None = None
     try:
-        with _mlflow_server(tracking_uri, tmp_path / "mlflow-server.log") as base, _browser(browser, driver) as chrome:
+        with (
+            _mlflow_server(tracking_uri, tmp_path / "mlflow-server.log") as base,
+            _browser(browser, driver) as chrome,
+        ):
             pages = Pages(chrome, base, tmp_path)
             _runs_page(pages, experiment.experiment_id, tune_id, family)
             _run_page(pages, experiment.experiment_id, train_id, family)

@@ -22,8 +22,14 @@ def trained(tmp_path: Path):
     frame.loc[::7, "x1"] = np.nan
     frame.loc[::9, "color"] = np.nan
     frame.to_csv(csv, index=False)
-    config = load_config(overrides=[f"data.dataset={csv}", "data.target=label", "data.categorical=[color]",
-                                    "serving.max_rows=100"])
+    config = load_config(
+        overrides=[
+            f"data.dataset={csv}",
+            "data.target=label",
+            "data.categorical=[color]",
+            "serving.max_rows=100",
+        ]
+    )
     result = train(config)
     model = mlflow.pyfunc.load_model(result.model_uri)
     return model, model._model_impl.python_model, frame
@@ -66,7 +72,9 @@ def test_row_limit_and_missing_columns(trained) -> None:
 def test_model_config_overrides_row_limit(trained, tmp_path: Path) -> None:
     model, _, frame = trained
     uri = model.metadata.get_model_info().model_uri
-    relaxed = mlflow.pyfunc.load_model(uri, model_config={"max_rows": 500, "impute_missing": "true"})
+    relaxed = mlflow.pyfunc.load_model(
+        uri, model_config={"max_rows": 500, "impute_missing": "true"}
+    )
     wrapper = relaxed.unwrap_python_model()
     assert wrapper.contract.max_rows == 500
     out = relaxed.predict(frame[["x1", "x2", "color"]].head(150).assign(x2=np.nan))

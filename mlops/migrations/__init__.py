@@ -59,11 +59,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sqlalchemy as sa
 from alembic import command
@@ -86,12 +86,29 @@ class History:
     tables: frozenset[str]  # the tables its head defines
 
 
-HISTORIES: dict[str, History] = {h.name: h for h in (
-    History("audit", "mlops_audit_alembic_version", frozenset({"mlops_audit", "mlops_registry_lock"})),
-    History("log", "mlops_log_alembic_version", frozenset({
-        "mlops_predictions", "mlops_prediction_layouts", "mlops_labels", "mlops_prediction_log_stats",
-        "mlops_alerts"})),
-)}
+HISTORIES: dict[str, History] = {
+    h.name: h
+    for h in (
+        History(
+            "audit",
+            "mlops_audit_alembic_version",
+            frozenset({"mlops_audit", "mlops_registry_lock"}),
+        ),
+        History(
+            "log",
+            "mlops_log_alembic_version",
+            frozenset(
+                {
+                    "mlops_predictions",
+                    "mlops_prediction_layouts",
+                    "mlops_labels",
+                    "mlops_prediction_log_stats",
+                    "mlops_alerts",
+                }
+            ),
+        ),
+    )
+}
 
 
 class SchemaError(Exception):
@@ -104,8 +121,10 @@ def history_of(tables: Iterable[str]) -> History:
     for history in HISTORIES.values():
         if names and names <= history.tables:
             return history
-    raise ValueError(f"no migration history owns all of the tables {sorted(names)}: "
-                     "add a revision that creates them and name them in mlops.migrations.HISTORIES")
+    raise ValueError(
+        f"no migration history owns all of the tables {sorted(names)}: "
+        "add a revision that creates them and name them in mlops.migrations.HISTORIES"
+    )
 
 
 def config(history: str) -> Config:
@@ -120,7 +139,7 @@ def config(history: str) -> Config:
     return cfg
 
 
-@lru_cache(maxsize=None)
+@cache
 def scripts(history: str) -> ScriptDirectory:
     """The revision scripts of ``history`` (read once per process)."""
     return ScriptDirectory.from_config(config(history))
@@ -133,7 +152,9 @@ def heads(history: str) -> frozenset[str]:
 
 def current(conn: sa.Connection, history: str) -> frozenset[str]:
     """The revision(s) ``conn``'s database is at for ``history``; empty: none recorded."""
-    context = MigrationContext.configure(conn, opts={"version_table": HISTORIES[history].version_table})
+    context = MigrationContext.configure(
+        conn, opts={"version_table": HISTORIES[history].version_table}
+    )
     return frozenset(context.get_current_heads())
 
 
@@ -156,8 +177,11 @@ def upgrade(engine: sa.Engine, history: str) -> bool:
             except SQLAlchemyError as exc:
                 if attempt == ATTEMPTS or not _lost_race(exc):
                     raise
-                logger.info("%s schema upgrade met a concurrent one (%s); trying again", history,
-                            str(exc).splitlines()[0])
+                logger.info(
+                    "%s schema upgrade met a concurrent one (%s); trying again",
+                    history,
+                    str(exc).splitlines()[0],
+                )
                 attempt += 1
 
 
@@ -169,11 +193,17 @@ def _upgrade_locked(conn: sa.Connection, history: str) -> bool:
     unknown = at - {rev.revision for rev in scripts(history).walk_revisions()}
     if unknown:
         raise SchemaError(
-            f"the database's {history} tables are at schema revision {', '.join(sorted(unknown))}, which "
-            f"this version of mlops does not know (head: {', '.join(sorted(heads(history)))}): it was "
-            "upgraded by a newer mlops; use that version (or newer) here too")
-    logger.info("upgrading the %s tables from %s to %s", history, ", ".join(sorted(at)) or "nothing",
-                ", ".join(sorted(heads(history))))
+            f"the database's {history} tables are at schema revision "
+            f"{', '.join(sorted(unknown))}, which this version of mlops does not know "
+            f"(head: {', '.join(sorted(heads(history)))}): it was "
+            "upgraded by a newer mlops; use that version (or newer) here too"
+        )
+    logger.info(
+        "upgrading the %s tables from %s to %s",
+        history,
+        ", ".join(sorted(at)) or "nothing",
+        ", ".join(sorted(heads(history))),
+    )
     cfg = config(history)
     cfg.attributes["connection"] = conn
     command.upgrade(cfg, "heads")
@@ -216,6 +246,7 @@ def _escape(path: Path) -> str:
 
 # ---- used by the baseline revisions ----
 
+
 def create_or_adopt(bind: sa.Connection, metadata: sa.MetaData) -> None:
     """Create ``metadata``'s tables that are missing; bring those that exist up to them.
 
@@ -235,9 +266,11 @@ def create_or_adopt(bind: sa.Connection, metadata: sa.MetaData) -> None:
                 continue
             if not column.nullable:
                 raise SchemaError(
-                    f"table {table.name} exists without its NOT NULL column {column.name}: it was made by "
-                    "an mlops older than the first one with schema versions; migrate its rows by hand or "
-                    "drop it")
+                    f"table {table.name} exists without its NOT NULL column {column.name}: "
+                    "it was made by an mlops older than the first one with schema versions; "
+                    "migrate its rows by hand or "
+                    "drop it"
+                )
             logger.info("adopting table %s: adding column %s", table.name, column.name)
             op.add_column(table.name, sa.Column(column.name, column.type, nullable=True))
         indexes = {ix["name"] for ix in inspector.get_indexes(table.name)}

@@ -12,15 +12,17 @@ from alembic import context
 config = context.config
 connection = config.attributes.get("connection")
 if context.is_offline_mode() or connection is None:
-    raise RuntimeError("mlops migrations run from code, on a connection: use mlops.migrations.upgrade("
-                       "engine, history), or mlops.migrations.config(history) with "
-                       "attributes['connection'] set")
+    raise RuntimeError(
+        "mlops migrations run from code, on a connection: use mlops.migrations.upgrade("
+        "engine, history), or mlops.migrations.config(history) with "
+        "attributes['connection'] set"
+    )
 
 context.configure(
     connection=connection,
     version_table=config.get_main_option("version_table"),
     target_metadata=config.attributes.get("target_metadata"),  # only for autogenerate
-    render_as_batch=connection.dialect.name == "sqlite",          # autogenerate writes batch ops for SQLite
+    render_as_batch=connection.dialect.name == "sqlite",  # autogenerate writes batch ops for SQLite
 )
 with context.begin_transaction():
     context.run_migrations()

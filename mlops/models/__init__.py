@@ -9,8 +9,9 @@ serving never branch on the family; estimators that can report per-epoch progres
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,8 @@ class ModelFamily:
         if task not in self.estimators:
             others = [f.name for f in FAMILIES.values() if task in f.estimators]
             raise ConfigError(
-                f"model.family '{self.name}' does not do {task}; for {task} use one of: {', '.join(others)}"
+                f"model.family '{self.name}' does not do {task}; for {task} use one of: "
+                f"{', '.join(others)}"
             )
         return self.estimators[task]
 
@@ -133,11 +135,14 @@ def build_model(
     unknown = sorted(set(params) - valid)
     if unknown:
         raise ConfigError(
-            f"model.params: {unknown} not accepted by {family_name} ({task}); valid parameters: {', '.join(sorted(valid))}"
+            f"model.params: {unknown} not accepted by {family_name} ({task}); valid parameters: "
+            f"{', '.join(sorted(valid))}"
         )
     kwargs = dict(params)
-    if seed is not None and family.seed_param in valid and kwargs.get(family.seed_param) is None:
-        kwargs[family.seed_param] = seed
+    seed_param = family.seed_param
+    if seed is not None and seed_param is not None and seed_param in valid:
+        if kwargs.get(seed_param) is None:
+            kwargs[seed_param] = seed
     try:
         estimator = factory(**kwargs)
         # our own estimators check their values now, before any run work; scikit-learn's check
@@ -147,9 +152,15 @@ def build_model(
             validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(
-            f"model.params for {family_name}: {exc} Fix it in conf/models/{family_name}.yaml or with --set"
+            f"model.params for {family_name}: {exc} Fix it in conf/models/{family_name}.yaml or "
+            "with --set"
         ) from None
-    return Pipeline([("preprocess", build_preprocessor(numeric_columns, categorical_columns)), ("model", estimator)])
+    return Pipeline(
+        [
+            ("preprocess", build_preprocessor(numeric_columns, categorical_columns)),
+            ("model", estimator),
+        ]
+    )
 
 
 def build_preprocessor(
@@ -159,7 +170,13 @@ def build_preprocessor(
     transformers: list[tuple[str, Any, list[str]]] = []
     if numeric_columns:
         transformers.append(
-            ("numeric", Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]), list(numeric_columns))
+            (
+                "numeric",
+                Pipeline(
+                    [("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]
+                ),
+                list(numeric_columns),
+            )
         )
     if categorical_columns:
         transformers.append(
@@ -202,7 +219,9 @@ def fit_model(
         # scikit-learn's InvalidParameterError is both a ValueError and a TypeError: a
         # hyperparameter value it refused, which the user fixes in the config
         if isinstance(exc, TypeError):
-            raise ConfigError(f"model.params for {family}: {exc} "
-                              f"Fix it in conf/models/{family}.yaml or with --set") from None
+            raise ConfigError(
+                f"model.params for {family}: {exc} "
+                f"Fix it in conf/models/{family}.yaml or with --set"
+            ) from None
         raise
     return pipeline

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -52,6 +53,7 @@ class _KerasMLP(BaseEstimator):
         units = self.hidden_units
         if isinstance(units, (int, str)) or not all(isinstance(u, int) and u > 0 for u in units):
             raise ValueError(f"hidden_units must be a list of positive integers, got {units!r}.")
+
         def is_int(v: Any, low: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
@@ -79,7 +81,9 @@ class _KerasMLP(BaseEstimator):
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
         return np.asarray(y)
 
-    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None, on_epoch_end=None) -> "_KerasMLP":
+    def fit(
+        self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None, on_epoch_end=None
+    ) -> _KerasMLP:
         keras = _keras()
         if self.random_state is not None:
             keras.utils.set_random_seed(int(self.random_state))
@@ -89,29 +93,45 @@ class _KerasMLP(BaseEstimator):
         reg = keras.regularizers.L2(self.l2) if self.l2 else None
         layers: list[Any] = [keras.Input(shape=(X.shape[1],))]
         for width in self.hidden_units:
-            layers.append(keras.layers.Dense(int(width), activation=self.activation, kernel_regularizer=reg))
+            layers.append(
+                keras.layers.Dense(int(width), activation=self.activation, kernel_regularizer=reg)
+            )
             if self.dropout:
                 layers.append(keras.layers.Dropout(float(self.dropout)))
         layers.append(keras.layers.Dense(units, activation=out_activation))
         model = keras.Sequential(layers)
-        model.compile(optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss, metrics=metrics)
+        model.compile(
+            optimizer=keras.optimizers.Adam(float(self.learning_rate)), loss=loss, metrics=metrics
+        )
 
         validation_data = None
         if eval_set is not None:
-            validation_data = (np.asarray(eval_set[0], dtype="float32"), self._encode_target(np.asarray(eval_set[1])))
+            validation_data = (
+                np.asarray(eval_set[0], dtype="float32"),
+                self._encode_target(np.asarray(eval_set[1])),
+            )
         monitor = "val_loss" if validation_data is not None else "loss"
         callbacks: list[Any] = [
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=int(self.patience), restore_best_weights=True)
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=int(self.patience), restore_best_weights=True
+            )
         ]
         if on_epoch_end is not None:
             callbacks.append(
                 keras.callbacks.LambdaCallback(
-                    on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, {k: float(v) for k, v in (logs or {}).items()})
+                    on_epoch_end=lambda epoch, logs: on_epoch_end(
+                        epoch, {k: float(v) for k, v in (logs or {}).items()}
+                    )
                 )
             )
         history = model.fit(
-            X, y_enc, validation_data=validation_data, epochs=int(self.epochs),
-            batch_size=int(self.batch_size), callbacks=callbacks, verbose=self.verbose,
+            X,
+            y_enc,
+            validation_data=validation_data,
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            callbacks=callbacks,
+            verbose=self.verbose,
         )
         self.model_ = model
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -15,12 +15,10 @@ import fnmatch
 import json
 import logging
 import math
-import re
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,9 +29,9 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
+from mlops import metrics
 from mlops.config import AlertRule, Config, parse_duration
 from mlops.errors import MlopsError
-from mlops import metrics
 from mlops.monitoring import drift
 from mlops.monitoring.drift import metric_key
 from mlops.monitoring.logger import HASH_PREFIX, MASK
@@ -59,14 +57,21 @@ def load_profile(name: str, version: str) -> dict[str, Any]:
             path = download_model_file(name, version, f"artifacts/{PROFILE_ARTIFACT}.json", tmp)
         except (MlflowException, OSError) as exc:
             raise MlopsError(
-                f"{name} version {version} has no reference profile ({str(exc).splitlines()[0][:200]}); "
+                f"{name} version {version} has no reference profile "
+                f"({str(exc).splitlines()[0][:200]}); "
                 "it was logged before monitoring existed: retrain it with this version of mlops"
             ) from None
         return json.loads(Path(path).read_text())
 
 
-def check(config: Config, name: str, *, window: str | float | None = None, now: float | None = None,
-          store: MonitoringStore | None = None) -> CheckResult:
+def check(
+    config: Config,
+    name: str,
+    *,
+    window: str | float | None = None,
+    now: float | None = None,
+    store: MonitoringStore | None = None,
+) -> CheckResult:
     """Check the production version of ``name`` over the last ``window`` (default from config)."""
     mcfg = config.monitoring
     window_s = parse_duration(window if window is not None else mcfg.window)
@@ -75,13 +80,17 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
     try:
         version = str(client.get_model_version_by_alias(name, PRODUCTION).version)
     except MlflowException:
-        raise MlopsError(f"{name} has no '{PRODUCTION}' version to monitor; promote one first "
-                         f"(mlops promote {name} --version V --to production)") from None
+        raise MlopsError(
+            f"{name} has no '{PRODUCTION}' version to monitor; promote one first "
+            f"(mlops promote {name} --version V --to production)"
+        ) from None
     profile = load_profile(name, version)
     store = store or MonitoringStore(project_store_url(mcfg.log_url, LOG_FILE))
 
     frame = store.predictions(name, version, at - window_s, at)
-    result = CheckResult(model=name, version=version, at=at, window_s=window_s, run_id="", status="ok")
+    result = CheckResult(
+        model=name, version=version, at=at, window_s=window_s, run_id="", status="ok"
+    )
     m = result.metrics
     per_request = frame.drop_duplicates("request_id")
     m["requests"] = float(len(per_request))
@@ -99,15 +108,19 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
     features = store.features(ok) if len(ok) else pd.DataFrame()
     if len(ok) < mcfg.min_rows:
         result.status = "insufficient_data"
-        result.notes.append(f"too little data: {len(ok)} predictions of version {version} in the last "
-                            f"{_human(window_s)}, at least {mcfg.min_rows} needed (monitoring.min_rows); "
-                            "drift not computed")
+        result.notes.append(
+            f"too little data: {len(ok)} predictions of version {version} in the last "
+            f"{_human(window_s)}, at least {mcfg.min_rows} needed (monitoring.min_rows); "
+            "drift not computed"
+        )
     else:
         _drift(profile, features, ok, result)
     _accuracy(profile, ok, store, name, mcfg.min_labels, result)
     if dropped:
-        result.notes.append(f"{dropped} predictions were dropped by the servers' prediction log (its store was "
-                            "slow or down and the buffer was full); they are missing from this check")
+        result.notes.append(
+            f"{dropped} predictions were dropped by the servers' prediction log (its store was "
+            "slow or down and the buffer was full); they are missing from this check"
+        )
 
     result.run_id = _start_run(client, result)
     try:
@@ -124,19 +137,28 @@ def check(config: Config, name: str, *, window: str | float | None = None, now: 
 
 
 # ---- the measurements ----
-def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, result: CheckResult) -> None:
+def _drift(
+    profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, result: CheckResult
+) -> None:
     m = result.metrics
     worst = 0.0
     for col, ref in profile["features"].items():
         if col not in features.columns:
-            result.notes.append(f"feature '{col}' is not in the logged predictions; drift not computed")
+            result.notes.append(
+                f"feature '{col}' is not in the logged predictions; drift not computed"
+            )
             continue
         values = features[col]
         if _masked(values):
-            result.notes.append(f"feature '{col}' is masked in the prediction log (sensitive); drift not computed")
+            result.notes.append(
+                f"feature '{col}' is masked in the prediction log (sensitive); drift not computed"
+            )
             continue
-        stats_ = (drift.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
-                  if ref["kind"] == "numeric" else drift.categorical_drift(ref, values.tolist()))
+        stats_ = (
+            drift.numeric_drift(ref, pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
+            if ref["kind"] == "numeric"
+            else drift.categorical_drift(ref, values.tolist())
+        )
         key = metric_key(col)
         for stat, value in stats_.items():
             m[f"{stat}/{key}"] = value
@@ -144,7 +166,9 @@ def _drift(profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, re
     m["psi_max"] = worst
     pred_ref = profile["prediction"]
     if pred_ref["kind"] == "numeric":
-        pred_stats = drift.numeric_drift(pred_ref, pd.to_numeric(ok["prediction"], errors="coerce").to_numpy(dtype=float))
+        pred_stats = drift.numeric_drift(
+            pred_ref, pd.to_numeric(ok["prediction"], errors="coerce").to_numpy(dtype=float)
+        )
     else:
         pred_stats = drift.categorical_drift(pred_ref, ok["prediction"].tolist())
     for stat, value in pred_stats.items():
@@ -157,30 +181,47 @@ def _masked(values: pd.Series) -> bool:
     return bool(first) and isinstance(first[0], str) and first[0].startswith((HASH_PREFIX, MASK))
 
 
-def _accuracy(profile: dict[str, Any], ok: pd.DataFrame, store: MonitoringStore, name: str, min_labels: int,
-              result: CheckResult) -> None:
+def _accuracy(
+    profile: dict[str, Any],
+    ok: pd.DataFrame,
+    store: MonitoringStore,
+    name: str,
+    min_labels: int,
+    result: CheckResult,
+) -> None:
     m = result.metrics
-    labels = store.labels_for(name, ok["request_id"].unique()) if len(ok) else pd.DataFrame(
-        columns=["request_id", "row", "label"])
-    joined = ok.merge(labels, on=["request_id", "row"]) if len(labels) else ok.iloc[0:0].assign(label=[])
+    labels = (
+        store.labels_for(name, ok["request_id"].unique())
+        if len(ok)
+        else pd.DataFrame(columns=["request_id", "row", "label"])
+    )
+    joined = (
+        ok.merge(labels, on=["request_id", "row"]) if len(labels) else ok.iloc[0:0].assign(label=[])
+    )
     m["labelled"] = float(len(joined))
     if len(joined) < min_labels:
         if len(ok):
-            result.notes.append(f"{len(joined)} labelled predictions in the window, at least {min_labels} needed "
-                                "(monitoring.min_labels); accuracy not computed (feed labels with mlops feedback)")
+            result.notes.append(
+                f"{len(joined)} labelled predictions in the window, at least {min_labels} needed "
+                "(monitoring.min_labels); accuracy not computed (feed labels with mlops feedback)"
+            )
         return
     val = profile.get("validation_metrics", {})
     if profile["task"] == "classification":
         y_true = joined["label"].map(_canonical).to_numpy(dtype=object)
         y_pred = joined["prediction"].map(_canonical).to_numpy(dtype=object)
-        classes = [_canonical(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))]
+        classes = [
+            _canonical(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))
+        ]
         scores = metrics.classification(y_true, y_pred, classes)
         m["accuracy"], m["f1"] = scores["accuracy"], scores["f1"]
         if "accuracy" in val:
             m["accuracy_drop"] = float(val["accuracy"] - m["accuracy"])
     else:
-        scores = metrics.regression(pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=float),
-                                    pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=float))
+        scores = metrics.regression(
+            pd.to_numeric(joined["label"], errors="coerce").to_numpy(dtype=float),
+            pd.to_numeric(joined["prediction"], errors="coerce").to_numpy(dtype=float),
+        )
         m.update({k: scores[k] for k in ("rmse", "mae") if k in scores})
         if val.get("rmse") and "rmse" in scores:
             m["rmse_ratio"] = float(m["rmse"] / val["rmse"])
@@ -201,21 +242,39 @@ def _start_run(client: mlflow.MlflowClient, result: CheckResult) -> str:
     """The check's run in ``<model>-monitoring``, with its metrics stepped by the check time."""
     experiment_id = ensure_experiment(experiment_name(result.model), client)
     when = datetime.fromtimestamp(result.at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    run = client.create_run(experiment_id, run_name=f"check v{result.version} {when}", tags={
-        "mlops.monitor.model": result.model, "mlops.monitor.version": result.version,
-        "mlops.monitor.window_s": str(int(result.window_s)), "mlops.monitor.status": result.status,
-        "mlops.step": "monitor"})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"check v{result.version} {when}",
+        tags={
+            "mlops.monitor.model": result.model,
+            "mlops.monitor.version": result.version,
+            "mlops.monitor.window_s": str(int(result.window_s)),
+            "mlops.monitor.status": result.status,
+            "mlops.step": "monitor",
+        },
+    )
     step, ts = int(result.at), int(result.at * 1000)
-    metrics = [Metric(k, float(v), ts, step) for k, v in result.metrics.items() if v is not None and math.isfinite(v)]
+    metrics = [
+        Metric(k, float(v), ts, step)
+        for k, v in result.metrics.items()
+        if v is not None and math.isfinite(v)
+    ]
     for start in range(0, len(metrics), 900):
-        client.log_batch(run.info.run_id, metrics=metrics[start:start + 900])
+        client.log_batch(run.info.run_id, metrics=metrics[start : start + 900])
     if result.notes:
-        client.log_batch(run.info.run_id, tags=[RunTag("mlops.monitor.notes", "\n".join(result.notes)[:5000])])
+        client.log_batch(
+            run.info.run_id, tags=[RunTag("mlops.monitor.notes", "\n".join(result.notes)[:5000])]
+        )
     return run.info.run_id
 
 
-def _log_report(client: mlflow.MlflowClient, result: CheckResult, profile: dict[str, Any], features: pd.DataFrame,
-                ok: pd.DataFrame) -> None:
+def _log_report(
+    client: mlflow.MlflowClient,
+    result: CheckResult,
+    profile: dict[str, Any],
+    features: pd.DataFrame,
+    ok: pd.DataFrame,
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), result, profile, features, ok)
         client.log_artifacts(result.run_id, tmp, artifact_path="drift_report")
@@ -236,8 +295,13 @@ def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[Fi
     """Every rule broken by ``metrics``, each with its worst metric first."""
     fired = []
     for rule in rules:
-        hits = [(k, v) for k, v in metrics.items() if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v)
-                and (v > rule.above if rule.above is not None else v < rule.below)]
+        hits = [
+            (k, v)
+            for k, v in metrics.items()
+            if fnmatch.fnmatchcase(k, rule.metric)
+            and math.isfinite(v)
+            and (v > rule.above if rule.above is not None else v < rule.below)
+        ]
         if hits:
             hits.sort(key=lambda kv: kv[1], reverse=rule.above is not None)
             fired.append(Fired(rule, *hits[0], _bound(rule), hits))
@@ -255,12 +319,32 @@ def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None
     for rule, metric, value, bound, hits in evaluate_rules(mcfg.rules, result.metrics):
         others = [k for k, _ in hits[1:]]
         side = "above" if rule.above is not None else "below"
-        message = (f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} {bound:g}"
-                   + (f" (also {', '.join(others[:5])}{'...' if len(others) > 5 else ''})" if others else ""))
+        message = (
+            f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} "
+            f"{bound:g}"
+            + (
+                f" (also {', '.join(others[:5])}{'...' if len(others) > 5 else ''})"
+                if others
+                else ""
+            )
+        )
         drifted.update(k.split("/", 1)[1] for k, _ in hits if k.startswith(("psi/", "ks/")))
-        fired.append((rule, Alert(at=result.at, model=result.model, version=result.version, rule=rule.name,
-                                  metric=metric, value=float(value), threshold=bound, message=message,
-                                  check_run_id=result.run_id)))
+        fired.append(
+            (
+                rule,
+                Alert(
+                    at=result.at,
+                    model=result.model,
+                    version=result.version,
+                    rule=rule.name,
+                    metric=metric,
+                    value=float(value),
+                    threshold=bound,
+                    message=message,
+                    check_run_id=result.run_id,
+                ),
+            )
+        )
     result.drifted = sorted(drifted)
     rollback_rules = [rule.name for rule, _ in fired if rule.auto_rollback]
     if rollback_rules:
@@ -288,7 +372,9 @@ def _auto_rollback(config: Config, result: CheckResult, rules: list[str]) -> str
 def post_webhook(url: str, alert: Alert) -> str:
     """POST ``alert`` as JSON to ``url``; the outcome as text (a failure never stops the check)."""
     body = json.dumps({"source": "mlops", **alert.as_dict()}).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return f"delivered (HTTP {response.status})"

@@ -7,7 +7,8 @@ in training), and the Kolmogorov–Smirnov test against the reference quantiles.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,8 @@ def psi(reference_shares: Sequence[float], current_shares: Sequence[float]) -> f
 
 
 def numeric_drift(reference: dict[str, Any], values: np.ndarray) -> dict[str, float]:
-    """PSI over the reference bins and the KS statistic / p-value against the reference quantiles."""
+    """PSI over the reference bins and the KS statistic / p-value against the reference
+    quantiles."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if not len(values) or not reference["quantiles"]:
@@ -45,12 +47,16 @@ def numeric_drift(reference: dict[str, Any], values: np.ndarray) -> dict[str, fl
     last = len(quantiles) - 1 - np.unique(quantiles[::-1], return_index=True)[1]
     ps = probs[last]
     if len(xs) == 1:
+
         def cdf(x: np.ndarray) -> np.ndarray:
             return (np.asarray(x) >= xs[0]).astype(float)
     else:
+
         def cdf(x: np.ndarray) -> np.ndarray:
             return np.interp(x, xs, ps, left=0.0, right=1.0)
-    # the exact p-value costs ~0.1 s per feature at 100,000 rows; the asymptotic one is as good there
+
+    # the exact p-value costs ~0.1 s per feature at 100,000 rows; the asymptotic one is as good
+    # there
     result = stats.kstest(values, cdf, method="auto" if len(values) < 10_000 else "asymp")
     out["ks"] = float(result.statistic)
     out["ks_pvalue"] = float(result.pvalue)
@@ -63,7 +69,9 @@ def categorical_drift(reference: dict[str, Any], values: Sequence[Any]) -> dict[
     return {"psi": psi(ref, cur)} if cur is not None else {}
 
 
-def _category_shares(reference: dict[str, Any], values: Sequence[Any]) -> tuple[list[str], list[float], list[float] | None]:
+def _category_shares(
+    reference: dict[str, Any], values: Sequence[Any]
+) -> tuple[list[str], list[float], list[float] | None]:
     """Category names (+ "(new)"), their reference shares and their shares in ``values``."""
     cats = list(reference["shares"])
     ref = [reference["shares"][c] for c in cats] + [0.0]
@@ -71,11 +79,15 @@ def _category_shares(reference: dict[str, Any], values: Sequence[Any]) -> tuple[
     if series.empty:
         return cats + ["(new)"], ref, None
     counts = series.value_counts(normalize=True)
-    cur = [float(counts.get(c, 0.0)) for c in cats] + [float(counts[~counts.index.isin(cats)].sum())]
+    cur = [float(counts.get(c, 0.0)) for c in cats] + [
+        float(counts[~counts.index.isin(cats)].sum())
+    ]
     return cats + ["(new)"], ref, cur
 
 
-def shares_for_plot(reference: dict[str, Any], values: Sequence[Any]) -> tuple[list[str], list[float], list[float]]:
+def shares_for_plot(
+    reference: dict[str, Any], values: Sequence[Any]
+) -> tuple[list[str], list[float], list[float]]:
     """Bin labels, reference shares and current shares, for the drift report's bar charts."""
     if reference["kind"] != "numeric":
         labels, ref, cur = _category_shares(reference, values)
@@ -84,7 +96,7 @@ def shares_for_plot(reference: dict[str, Any], values: Sequence[Any]) -> tuple[l
     vals = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
     vals = vals[np.isfinite(vals)]
     labels = [f"≤{edges[0]:.3g}"] if len(edges) else ["all"]
-    labels += [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:])]
+    labels += [f"{a:.3g}–{b:.3g}" for a, b in zip(edges[:-1], edges[1:], strict=False)]
     if len(edges):
         labels.append(f">{edges[-1]:.3g}")
     return labels, list(reference["shares"]), numeric_shares(vals, edges).tolist()

@@ -12,7 +12,6 @@ dropped and counted, and the count is written with the next successful batch, so
 from __future__ import annotations
 
 import atexit
-import weakref
 import collections
 import hashlib
 import json
@@ -21,9 +20,11 @@ import os
 import socket
 import threading
 import time
-from itertools import chain, repeat
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import chain, repeat
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -51,26 +52,45 @@ class _Request:
     rows: int
 
 
-COLUMNS = ("request_id", "row", "at", "model", "version", "status", "error", "latency_ms", "layout", "numeric",
-           "features", "prediction", "scores")
+COLUMNS = (
+    "request_id",
+    "row",
+    "at",
+    "model",
+    "version",
+    "status",
+    "error",
+    "latency_ms",
+    "layout",
+    "numeric",
+    "features",
+    "prediction",
+    "scores",
+)
 
 
 def _insert_sql(engine: sa.Engine) -> str:
     """INSERT of one prediction row in the driver's own parameter style."""
     quote = engine.dialect.identifier_preparer.quote
     style = engine.dialect.paramstyle
-    marks = {"qmark": ["?"] * len(COLUMNS), "format": ["%s"] * len(COLUMNS), "pyformat": ["%s"] * len(COLUMNS),
-             "numeric": [f":{i + 1}" for i in range(len(COLUMNS))]}.get(style)
+    marks = {
+        "qmark": ["?"] * len(COLUMNS),
+        "format": ["%s"] * len(COLUMNS),
+        "pyformat": ["%s"] * len(COLUMNS),
+        "numeric": [f":{i + 1}" for i in range(len(COLUMNS))],
+    }.get(style)
     if marks is None:
         raise ValueError(f"unsupported DB-API parameter style {style!r}")
-    return (f"INSERT INTO {quote(PREDICTIONS.name)} ({', '.join(quote(c) for c in COLUMNS)}) "
-            f"VALUES ({', '.join(marks)})")
+    return (
+        f"INSERT INTO {quote(PREDICTIONS.name)} ({', '.join(quote(c) for c in COLUMNS)}) "
+        f"VALUES ({', '.join(marks)})"
+    )
 
 
 class PredictionLogger:
     """Buffers served predictions and writes them to the monitoring store in the background."""
 
-    _live: "weakref.WeakSet[PredictionLogger]" = weakref.WeakSet()
+    _live: weakref.WeakSet[PredictionLogger] = weakref.WeakSet()
 
     @classmethod
     def close_all(cls, timeout: float = 5.0) -> None:
@@ -78,22 +98,39 @@ class PredictionLogger:
         for log in list(cls._live):
             log.close(timeout=timeout)
 
-    def __init__(self, url: str, *, model: str, version: str, numeric: Sequence[str], categorical: Sequence[str],
-                 classes: Sequence[Any] | None = None, sensitive: Sequence[str] = (), sensitive_mode: str = "hash",
-                 capacity: int = 10_000, batch_rows: int = 1_000, flush_interval: float = 0.5,
-                 max_backoff: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str,
+        version: str,
+        numeric: Sequence[str],
+        categorical: Sequence[str],
+        classes: Sequence[Any] | None = None,
+        sensitive: Sequence[str] = (),
+        sensitive_mode: str = "hash",
+        capacity: int = 10_000,
+        batch_rows: int = 1_000,
+        flush_interval: float = 0.5,
+        max_backoff: float = 5.0,
+    ) -> None:
         try:  # a malformed URL stops the server at load; an unreachable one only fills the buffer
             sa.engine.make_url(url)
         except sa.exc.ArgumentError:
-            raise ValueError("monitoring_url is not a SQLAlchemy URL (not shown: it may hold a password); write it like "
-                             "sqlite:///predictions.db or postgresql://user@host/db") from None
+            raise ValueError(
+                "monitoring_url is not a SQLAlchemy URL (not shown: it may hold a password); write "
+                "it like "
+                "sqlite:///predictions.db or postgresql://user@host/db"
+            ) from None
         self.url, self.model, self.version = url, model, version
         self.numeric, self.categorical = list(numeric), list(categorical)
         self.classes = [str(c) for c in classes] if classes is not None else None
         unknown = sorted(set(sensitive) - set(self.numeric) - set(self.categorical))
         if unknown:
-            raise ValueError(f"sensitive column(s) {unknown} are not features of the model; "
-                             f"choose from {self.numeric + self.categorical}")
+            raise ValueError(
+                f"sensitive column(s) {unknown} are not features of the model; "
+                f"choose from {self.numeric + self.categorical}"
+            )
         self.sensitive = frozenset(sensitive)
         self.sensitive_mode = sensitive_mode
         self.capacity, self.batch_rows = int(capacity), int(batch_rows)
@@ -103,8 +140,8 @@ class PredictionLogger:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._buffered = 0      # rows submitted and not yet written
-        self._dropped = 0       # rows dropped since the last stats row
+        self._buffered = 0  # rows submitted and not yet written
+        self._dropped = 0  # rows dropped since the last stats row
         self.dropped_total = 0
         self.failures = 0
         self._engine: sa.Engine | None = None
@@ -115,8 +152,11 @@ class PredictionLogger:
         self.layout_columns = [self.numeric[j] for j in self._plain_idx]
         self.layout = hashlib.sha256(json.dumps(self.layout_columns).encode()).hexdigest()[:16]
         self._layout_stored = False
-        self._scores_template = ("{" + ", ".join(f"{json.dumps(c).replace('%', '%%')}: %r" for c in self.classes) + "}"
-                                 if self.classes else None)
+        self._scores_template = (
+            "{" + ", ".join(f"{json.dumps(c).replace('%', '%%')}: %r" for c in self.classes) + "}"
+            if self.classes
+            else None
+        )
         self._insert_sql: str | None = None
         self._thread = threading.Thread(target=self._run, name="mlops-prediction-log", daemon=True)
         self._thread.start()
@@ -124,9 +164,18 @@ class PredictionLogger:
         PredictionLogger._live.add(self)
 
     # ---- the request path ----
-    def submit(self, request_id: str, *, latency_ms: float, numeric: np.ndarray | None = None,
-               categorical: np.ndarray | None = None, predictions: np.ndarray | None = None,
-               scores: np.ndarray | None = None, status: int = 200, error: str | None = None) -> bool:
+    def submit(
+        self,
+        request_id: str,
+        *,
+        latency_ms: float,
+        numeric: np.ndarray | None = None,
+        categorical: np.ndarray | None = None,
+        predictions: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
+        status: int = 200,
+        error: str | None = None,
+    ) -> bool:
         """Buffer one request's rows; False (and counted as dropped) when the buffer is full."""
         rows = int(numeric.shape[0]) if numeric is not None else 1
         with self._lock:
@@ -135,8 +184,20 @@ class PredictionLogger:
                 self.dropped_total += rows
                 return False
             self._buffered += rows
-        self._items.append(_Request(request_id, time.time(), latency_ms, status, error, numeric, categorical,
-                                    predictions, scores, rows))
+        self._items.append(
+            _Request(
+                request_id,
+                time.time(),
+                latency_ms,
+                status,
+                error,
+                numeric,
+                categorical,
+                predictions,
+                scores,
+                rows,
+            )
+        )
         if self._buffered >= self.batch_rows:
             self._wake.set()
         return True
@@ -172,20 +233,38 @@ class PredictionLogger:
                 self._engine, self._insert_sql = engine, _insert_sql(engine)
             with self._engine.begin() as conn:
                 if not self._layout_stored:
-                    known = conn.execute(sa.select(LAYOUTS.c.id).where(LAYOUTS.c.id == self.layout)).first()
+                    known = conn.execute(
+                        sa.select(LAYOUTS.c.id).where(LAYOUTS.c.id == self.layout)
+                    ).first()
                     if known is None:
-                        conn.execute(sa.insert(LAYOUTS).values(id=self.layout, columns=json.dumps(self.layout_columns)))
+                        conn.execute(
+                            sa.insert(LAYOUTS).values(
+                                id=self.layout, columns=json.dumps(self.layout_columns)
+                            )
+                        )
                 if batch:  # straight to the driver's executemany: no per-row SQLAlchemy work
                     conn.exec_driver_sql(self._insert_sql, batch)
-                conn.execute(sa.insert(WRITER_STATS).values(
-                    at=time.time(), model=self.model, version=self.version, process=self.process,
-                    written=len(batch), dropped=dropped))
+                conn.execute(
+                    sa.insert(WRITER_STATS).values(
+                        at=time.time(),
+                        model=self.model,
+                        version=self.version,
+                        process=self.process,
+                        written=len(batch),
+                        dropped=dropped,
+                    )
+                )
         except Exception as exc:  # noqa: BLE001 - the store is down or slow: keep the rows, try again
             self.failures += 1
             if self.failures == 1 or self.failures % 50 == 0:
-                logger.warning("prediction log %s unavailable (%s: %s); %d rows buffered, %d dropped so far",
-                               mask_url(self.url), exc.__class__.__name__, str(exc).splitlines()[0][:200],
-                               self._buffered, self.dropped_total)
+                logger.warning(
+                    "prediction log %s unavailable (%s: %s); %d rows buffered, %d dropped so far",
+                    mask_url(self.url),
+                    exc.__class__.__name__,
+                    str(exc).splitlines()[0][:200],
+                    self._buffered,
+                    self.dropped_total,
+                )
             return False
         self._layout_stored = True
         del self._pending[: len(batch)]
@@ -203,8 +282,25 @@ class PredictionLogger:
         numeric features, one ``tolist`` per output): the writer's time per row, not per
         request, is what logging costs a busy server.
         """
-        out = [(it.request_id, 0, it.at, self.model, self.version, it.status, it.error, it.latency_ms,
-                None, None, None, None, None) for it in items if it.numeric is None]
+        out = [
+            (
+                it.request_id,
+                0,
+                it.at,
+                self.model,
+                self.version,
+                it.status,
+                it.error,
+                it.latency_ms,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+            for it in items
+            if it.numeric is None
+        ]
         done = [it for it in items if it.numeric is not None]
         if not done:
             return out
@@ -219,41 +315,80 @@ class PredictionLogger:
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
         numeric = stacked([it.numeric for it in done])
-        block = np.ascontiguousarray(numeric if not self._extra_idx else numeric[:, self._plain_idx], dtype="<f8")
+        block = np.ascontiguousarray(
+            numeric if not self._extra_idx else numeric[:, self._plain_idx], dtype="<f8"
+        )
         blob, width = block.tobytes(), block.shape[1] * 8
-        blobs = [blob[k:k + width] for k in range(0, n * width, width)] if width else [b""] * n
+        blobs = [blob[k : k + width] for k in range(0, n * width, width)] if width else [b""] * n
         # a part a request lacks (scores of a model without probabilities, say) is blank on its rows
-        predictions = [None if p is None else str(p) for p in stacked(
-            [it.predictions if it.predictions is not None else np.full(it.rows, None, dtype=object)
-             for it in done]).tolist()]
+        predictions = [
+            None if p is None else str(p)
+            for p in stacked(
+                [
+                    it.predictions
+                    if it.predictions is not None
+                    else np.full(it.rows, None, dtype=object)
+                    for it in done
+                ]
+            ).tolist()
+        ]
         scores: list = [None] * n
         if self._scores_template:
-            values = stacked([it.scores if it.scores is not None else np.full((it.rows, len(self.classes)), np.nan)
-                              for it in done])
+            values = stacked(
+                [
+                    it.scores
+                    if it.scores is not None
+                    else np.full((it.rows, len(self.classes)), np.nan)
+                    for it in done
+                ]
+            )
             finite = np.isfinite(values).all(axis=1).tolist()
             template = self._scores_template
-            scores = [template % tuple(row) if ok else None for row, ok in zip(values.tolist(), finite)]
+            scores = [
+                template % tuple(row) if ok else None
+                for row, ok in zip(values.tolist(), finite, strict=False)
+            ]
         texts: list = [None] * n
         if self._extra_idx or self.categorical:
             masked = numeric[:, self._extra_idx].tolist() if self._extra_idx else None
-            categorical = stacked([it.categorical if it.categorical is not None
-                                   else np.full((it.rows, len(self.categorical)), None, dtype=object)
-                                   for it in done]).tolist() if self.categorical else None
+            categorical = (
+                stacked(
+                    [
+                        it.categorical
+                        if it.categorical is not None
+                        else np.full((it.rows, len(self.categorical)), None, dtype=object)
+                        for it in done
+                    ]
+                ).tolist()
+                if self.categorical
+                else None
+            )
             for i in range(n):
                 extra: dict[str, Any] = {}
                 if masked is not None:
-                    for j, value in zip(self._extra_idx, masked[i]):
+                    for j, value in zip(self._extra_idx, masked[i], strict=False):
                         extra[self.numeric[j]] = self._mask(value) if value == value else None
                 if categorical is not None:
-                    for c, value in zip(self.categorical, categorical[i]):
+                    for c, value in zip(self.categorical, categorical[i], strict=False):
                         value = value if isinstance(value, str) else None
                         extra[c] = self._mask(value) if c in self.sensitive else value
                 texts[i] = json.dumps(extra)
         positions = [0] * n if single else list(chain.from_iterable(map(range, counts)))
-        out += zip(per_row([it.request_id for it in done]), positions, per_row([it.at for it in done]),
-                   repeat(self.model), repeat(self.version), per_row([it.status for it in done]),
-                   per_row([it.error for it in done]), per_row([it.latency_ms for it in done]),
-                   repeat(self.layout), blobs, texts, predictions, scores)
+        out += zip(
+            per_row([it.request_id for it in done]),
+            positions,
+            per_row([it.at for it in done]),
+            repeat(self.model),
+            repeat(self.version),
+            per_row([it.status for it in done]),
+            per_row([it.error for it in done]),
+            per_row([it.latency_ms for it in done]),
+            repeat(self.layout),
+            blobs,
+            texts,
+            predictions,
+            scores,
+        )
         return out
 
     def _mask(self, value: Any) -> str | None:
@@ -284,4 +419,6 @@ class PredictionLogger:
         self._wake.set()
         self._thread.join(timeout=1.0)
         if self._buffered:
-            logger.warning("prediction log: %d buffered rows not written at shutdown", self._buffered)
+            logger.warning(
+                "prediction log: %d buffered rows not written at shutdown", self._buffered
+            )

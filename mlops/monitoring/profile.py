@@ -10,7 +10,8 @@ validation split and the validation metrics. It travels inside the model as
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,11 @@ PROFILE_VERSION = 1
 def numeric_reference(values: np.ndarray, bins: int) -> dict[str, Any]:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
-    inner = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])) if len(values) else np.array([])
+    inner = (
+        np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+        if len(values)
+        else np.array([])
+    )
     return {
         "kind": "numeric",
         "edges": inner.tolist(),  # bins: (-inf, e0], (e0, e1], ..., (e_last, inf)
@@ -69,10 +74,14 @@ def build_profile(pipeline: Any, split: Any, *, bins: int = 10) -> dict[str, Any
         "data_hash": split.content_hash,
         "features": features,
         "prediction": prediction,
-        "validation_metrics": {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)},
+        "validation_metrics": {
+            k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)
+        },
     }
 
 
 def numeric_shares(values: np.ndarray, inner_edges: np.ndarray) -> np.ndarray:
-    counts = np.bincount(np.searchsorted(inner_edges, values, side="left"), minlength=len(inner_edges) + 1)
+    counts = np.bincount(
+        np.searchsorted(inner_edges, values, side="left"), minlength=len(inner_edges) + 1
+    )
     return counts / max(len(values), 1)

@@ -22,6 +22,20 @@ from mlops.registry.promotion import (
 )
 
 __all__ = [
-    "CHECKSUM_TAG", "PRODUCTION", "STAGING", "AuditLog", "AuditRecord", "GateResult", "Promotion", "VersionStatus",
-    "audit_trail", "current_user", "evaluate", "model_checksum", "promote", "register", "rollback", "status",
+    "CHECKSUM_TAG",
+    "PRODUCTION",
+    "STAGING",
+    "AuditLog",
+    "AuditRecord",
+    "GateResult",
+    "Promotion",
+    "VersionStatus",
+    "audit_trail",
+    "current_user",
+    "evaluate",
+    "model_checksum",
+    "promote",
+    "register",
+    "rollback",
+    "status",
 ]

@@ -7,10 +7,11 @@ production. Rows are only ever inserted.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -20,22 +21,24 @@ from mlops.errors import RegistryError
 
 _META = sa.MetaData()
 AUDIT = sa.Table(
-    "mlops_audit", _META,
+    "mlops_audit",
+    _META,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("who", sa.String(200), nullable=False),
-    sa.Column("action", sa.String(20), nullable=False),      # promote | rollback
-    sa.Column("outcome", sa.String(20), nullable=False),     # done | refused
+    sa.Column("action", sa.String(20), nullable=False),  # promote | rollback
+    sa.Column("outcome", sa.String(20), nullable=False),  # done | refused
     sa.Column("model", sa.String(256), nullable=False, index=True),
-    sa.Column("target", sa.String(20), nullable=False),      # staging | production
+    sa.Column("target", sa.String(20), nullable=False),  # staging | production
     sa.Column("from_version", sa.String(20)),
     sa.Column("to_version", sa.String(20), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("forced", sa.Boolean, nullable=False, default=False),
-    sa.Column("gates", sa.Text, nullable=False),             # JSON list of gate results
+    sa.Column("gates", sa.Text, nullable=False),  # JSON list of gate results
 )
 LOCKS = sa.Table(
-    "mlops_registry_lock", _META,
+    "mlops_registry_lock",
+    _META,
     sa.Column("model", sa.String(256), primary_key=True),
     sa.Column("holder", sa.String(200)),
     sa.Column("since", sa.DateTime(timezone=True)),
@@ -64,8 +67,14 @@ class AuditLog:
     def __init__(self, url: str) -> None:
         self.url = url
         # promoters queue on SQLite's write lock while another one re-evaluates its models
-        self.engine = open_tables(url, _META, key="registry.audit_url", what="audit store", error=RegistryError,
-                                  sqlite_timeout=120)
+        self.engine = open_tables(
+            url,
+            _META,
+            key="registry.audit_url",
+            what="audit store",
+            error=RegistryError,
+            sqlite_timeout=120,
+        )
 
     @contextmanager
     def lock(self, model: str, holder: str) -> Iterator[sa.Connection]:
@@ -84,16 +93,40 @@ class AuditLog:
                 # The first write takes the lock: a row lock on PostgreSQL, the database write
                 # lock on SQLite. A second promoter waits here until this one commits.
                 conn.execute(
-                    sa.update(LOCKS).where(LOCKS.c.model == model).values(holder=holder, since=_now())
+                    sa.update(LOCKS)
+                    .where(LOCKS.c.model == model)
+                    .values(holder=holder, since=_now())
                 )
                 yield conn
 
-    def record(self, *, who: str, action: str, outcome: str, model: str, target: str,
-               from_version: str | None, to_version: str, reason: str | None, forced: bool,
-               gates: list[dict[str, Any]], conn: sa.Connection | None = None) -> AuditRecord:
-        values = dict(at=_now(), who=who, action=action, outcome=outcome, model=model, target=target,
-                      from_version=from_version, to_version=to_version, reason=reason, forced=forced,
-                      gates=json.dumps(gates))
+    def record(
+        self,
+        *,
+        who: str,
+        action: str,
+        outcome: str,
+        model: str,
+        target: str,
+        from_version: str | None,
+        to_version: str,
+        reason: str | None,
+        forced: bool,
+        gates: list[dict[str, Any]],
+        conn: sa.Connection | None = None,
+    ) -> AuditRecord:
+        values = dict(
+            at=_now(),
+            who=who,
+            action=action,
+            outcome=outcome,
+            model=model,
+            target=target,
+            from_version=from_version,
+            to_version=to_version,
+            reason=reason,
+            forced=forced,
+            gates=json.dumps(gates),
+        )
         try:
             if conn is not None:
                 row_id = conn.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key[0]
@@ -101,12 +134,18 @@ class AuditLog:
                 with self.engine.begin() as own:
                     row_id = own.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key[0]
         except SQLAlchemyError as exc:
-            raise RegistryError(f"cannot write the audit record to {mask_url(self.url)}: {exc}") from exc
+            raise RegistryError(
+                f"cannot write the audit record to {mask_url(self.url)}: {exc}"
+            ) from exc
         return AuditRecord(id=int(row_id), **{**values, "gates": gates})  # type: ignore[arg-type]
 
     def records(self, model: str) -> list[AuditRecord]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(AUDIT).where(AUDIT.c.model == model).order_by(AUDIT.c.id)).mappings().all()
+            rows = (
+                conn.execute(sa.select(AUDIT).where(AUDIT.c.model == model).order_by(AUDIT.c.id))
+                .mappings()
+                .all()
+            )
         return [AuditRecord(**{**dict(r), "gates": json.loads(r["gates"])}) for r in rows]
 
 

@@ -104,8 +104,15 @@ def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[G
         op = ">=" if t.higher_is_better else "<="
         value = metrics.get(t.metric)
         if value is None:
-            out.append(GateResult(f"threshold {t.metric}", False, "not logged", f"{op} {t.threshold:g}",
-                                  "the training run has no such metric"))
+            out.append(
+                GateResult(
+                    f"threshold {t.metric}",
+                    False,
+                    "not logged",
+                    f"{op} {t.threshold:g}",
+                    "the training run has no such metric",
+                )
+            )
             continue
         ok = value >= t.threshold if t.higher_is_better else value <= t.threshold
         out.append(GateResult(f"threshold {t.metric}", ok, f"{value:.4f}", f"{op} {t.threshold:g}"))
@@ -115,27 +122,46 @@ def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[G
 def signature_gate(candidate: Candidate) -> GateResult:
     has_sig = candidate.mlmodel.signature is not None
     has_example = candidate.mlmodel.saved_input_example_info is not None
-    measured = f"signature {'present' if has_sig else 'missing'}, input example {'present' if has_example else 'missing'}"
-    return GateResult("signature and input example", has_sig and has_example, measured, "both present")
+    measured = (
+        f"signature {'present' if has_sig else 'missing'}, "
+        f"input example {'present' if has_example else 'missing'}"
+    )
+    return GateResult(
+        "signature and input example", has_sig and has_example, measured, "both present"
+    )
 
 
 def checksum_gate(candidate: Candidate) -> GateResult:
     recorded = candidate.version.tags.get(CHECKSUM_TAG)
     if not recorded:
-        return GateResult("artifact checksum", False, "none recorded", "recorded at registration",
-                          "register versions through mlops (train --register) so the checksum is recorded")
+        return GateResult(
+            "artifact checksum",
+            False,
+            "none recorded",
+            "recorded at registration",
+            "register versions through mlops (train --register) so the checksum is recorded",
+        )
     actual = model_checksum(candidate.path)
-    return GateResult("artifact checksum", actual == recorded, actual[:16], f"{recorded[:16]} (recorded)",
-                      "" if actual == recorded else "the model files changed since registration; refusing them")
+    return GateResult(
+        "artifact checksum",
+        actual == recorded,
+        actual[:16],
+        f"{recorded[:16]} (recorded)",
+        "" if actual == recorded else "the model files changed since registration; refusing them",
+    )
 
 
 def schema_gate(challenger: Candidate, champion: Candidate | None) -> GateResult:
     if champion is None:
-        return GateResult("input schema compatible", True, "no champion", "compatible with the champion")
+        return GateResult(
+            "input schema compatible", True, "no champion", "compatible with the champion"
+        )
     new = challenger.mlmodel.get_input_schema()
     old = champion.mlmodel.get_input_schema()
     if new is None or old is None:
-        return GateResult("input schema compatible", False, "schema missing", "both versions have a signature")
+        return GateResult(
+            "input schema compatible", False, "schema missing", "both versions have a signature"
+        )
     new_cols = {c.name: c for c in new.inputs}
     problems = []
     for col in old.inputs:
@@ -146,8 +172,12 @@ def schema_gate(challenger: Candidate, champion: Candidate | None) -> GateResult
         elif str(new_cols[col.name].type) != str(col.type):
             problems.append(f"'{col.name}' retyped {col.type} -> {new_cols[col.name].type}")
     measured = "; ".join(problems) if problems else "all champion columns kept with their types"
-    return GateResult("input schema compatible", not problems, measured,
-                      f"no required column of {champion.name} removed or retyped")
+    return GateResult(
+        "input schema compatible",
+        not problems,
+        measured,
+        f"no required column of {champion.name} removed or retyped",
+    )
 
 
 def smoke_gate(candidate: Candidate) -> GateResult:
@@ -155,20 +185,30 @@ def smoke_gate(candidate: Candidate) -> GateResult:
         example = candidate.mlmodel.load_input_example(str(candidate.path))
         out = candidate.pyfunc.predict(pd.DataFrame(example))
         ok = len(out) == len(example) and "prediction" in out.columns
-        return GateResult("smoke prediction", ok, f"{len(out)} rows for {len(example)} inputs",
-                          "one prediction per input example row")
+        return GateResult(
+            "smoke prediction",
+            ok,
+            f"{len(out)} rows for {len(example)} inputs",
+            "one prediction per input example row",
+        )
     except Exception as exc:  # noqa: BLE001 - the verdict is the point
-        return GateResult("smoke prediction", False, f"error: {str(exc).splitlines()[0][:200]}",
-                          "predicts on its input example")
+        return GateResult(
+            "smoke prediction",
+            False,
+            f"error: {str(exc).splitlines()[0][:200]}",
+            "predicts on its input example",
+        )
 
 
 def held_out_split(candidate: Candidate) -> DatasetSplit:
-    """Re-create the held-out test split the candidate was trained with, from its run's config.yaml."""
+    """Re-create the held-out test split the candidate was trained with, from its run's
+    config.yaml."""
     if candidate.run is None:
         raise RegistryError(f"{candidate.name} has no training run to read its data settings from")
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=candidate.run.info.run_id, artifact_path=CONFIG_ARTIFACT,
-                                                   dst_path=tmp)
+        path = mlflow.artifacts.download_artifacts(
+            run_id=candidate.run.info.run_id, artifact_path=CONFIG_ARTIFACT, dst_path=tmp
+        )
         config = read_resolved_config(path)
     return prepare(config)
 
@@ -178,8 +218,11 @@ def score(candidate: Candidate, split: DatasetSplit, part: str = "test") -> dict
     X, y = split.xy(part)
     out = candidate.pyfunc.predict(X)
     if split.task == "classification":
-        return metrics.classification(y.astype(str).to_numpy(), out["prediction"].astype(str).to_numpy(),
-                                      list(split.classes or ()))
+        return metrics.classification(
+            y.astype(str).to_numpy(),
+            out["prediction"].astype(str).to_numpy(),
+            list(split.classes or ()),
+        )
     return metrics.regression(y.to_numpy(dtype=float), out["prediction"].to_numpy(dtype=float))
 
 
@@ -191,11 +234,21 @@ def champion_gate(challenger: Candidate, champion: Candidate | None, config: Con
     try:
         split = held_out_split(challenger)
     except Exception as exc:  # noqa: BLE001
-        return GateResult("beats champion", False, f"test split unavailable: {exc}", "re-evaluation on the test split")
+        return GateResult(
+            "beats champion",
+            False,
+            f"test split unavailable: {exc}",
+            "re-evaluation on the test split",
+        )
     recorded = challenger.run.data.tags.get("mlops.data_hash") if challenger.run else None
     if recorded and recorded != split.content_hash:
-        return GateResult("beats champion", False, f"data hash {split.content_hash[:12]}",
-                          f"{recorded[:12]} (the data it was trained on)", "the dataset changed since training")
+        return GateResult(
+            "beats champion",
+            False,
+            f"data hash {split.content_hash[:12]}",
+            f"{recorded[:12]} (the data it was trained on)",
+            "the dataset changed since training",
+        )
     n_rows = len(split.test)
     mine = score(challenger, split)[metric]
     if champion is None:
@@ -203,10 +256,21 @@ def champion_gate(challenger: Candidate, champion: Candidate | None, config: Con
     try:
         theirs = score(champion, split)[metric]
     except Exception as exc:  # noqa: BLE001 - e.g. the champion needs a column this data lacks
-        return GateResult("beats champion", False, f"{champion.name} cannot score this test split: "
-                          f"{str(exc).splitlines()[0][:200]}", "both versions scored on the same rows")
+        return GateResult(
+            "beats champion",
+            False,
+            f"{champion.name} cannot score this test split: {str(exc).splitlines()[0][:200]}",
+            "both versions scored on the same rows",
+        )
     delta = (mine - theirs) if higher else (theirs - mine)
     ok = delta >= gates.margin or (gates.tolerance is not None and delta >= -gates.tolerance)
-    required = f"improvement >= {gates.margin:g}" + (f" or loss <= {gates.tolerance:g}" if gates.tolerance is not None else "")
-    return GateResult("beats champion", ok, f"{metric} {mine:.4f} vs {theirs:.4f} ({champion.name}), improvement {delta:+.4f}",
-                      required, f"on {n_rows} held-out test rows")
+    required = f"improvement >= {gates.margin:g}" + (
+        f" or loss <= {gates.tolerance:g}" if gates.tolerance is not None else ""
+    )
+    return GateResult(
+        "beats champion",
+        ok,
+        f"{metric} {mine:.4f} vs {theirs:.4f} ({champion.name}), improvement {delta:+.4f}",
+        required,
+        f"on {n_rows} held-out test rows",
+    )

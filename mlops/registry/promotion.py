@@ -22,10 +22,10 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mlops.registry import gates as v
-from mlops.registry.audit import AuditLog, AuditRecord
 from mlops.config import Config
 from mlops.errors import ConfigError, GateFailed, RegistryError
+from mlops.registry import gates as v
+from mlops.registry.audit import AuditLog, AuditRecord
 from mlops.tracking import project_store_url
 
 logger = logging.getLogger(__name__)
@@ -81,35 +81,62 @@ def register(model_uri: str, name: str) -> ModelVersion:
         warnings.simplefilter("ignore", FutureWarning)
         version = mlflow.register_model(model_uri, name)
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp)
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp
+        )
         checksum = v.model_checksum(Path(path))
     run = client.get_run(version.run_id) if version.run_id else None
     run_tags = run.data.tags if run else {}
     family, task = run_tags.get(FAMILY_TAG, ""), run_tags.get(TASK_TAG, "")
     who = current_user()
-    tags = {v.CHECKSUM_TAG: checksum, CREATOR_TAG: who, FAMILY_TAG: family, TASK_TAG: task,
-            "mlops.data_hash": run_tags.get("mlops.data_hash", "")}
+    tags = {
+        v.CHECKSUM_TAG: checksum,
+        CREATOR_TAG: who,
+        FAMILY_TAG: family,
+        TASK_TAG: task,
+        "mlops.data_hash": run_tags.get("mlops.data_hash", ""),
+    }
     for key, value in tags.items():
         if value:
             client.set_model_version_tag(name, version.version, key, value)
     metrics = run.data.metrics if run else {}
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in sorted(metrics) if k.startswith(("validation_", "test_"))
-                      and k.split("_", 1)[1] in ("accuracy", "f1", "roc_auc", "rmse", "mae", "r2"))
-    description = (f"{family or 'model'} ({task or 'task unknown'}) registered by {who}"
-                   f" from run {version.run_id}; data {run_tags.get('mlops.data_source', '?')} "
-                   f"(hash {run_tags.get('mlops.data_hash', '?')[:12]}); {shown or 'no metrics logged'}.")
+    shown = ", ".join(
+        f"{k} {metrics[k]:.4f}"
+        for k in sorted(metrics)
+        if k.startswith(("validation_", "test_"))
+        and k.split("_", 1)[1] in ("accuracy", "f1", "roc_auc", "rmse", "mae", "r2")
+    )
+    description = (
+        f"{family or 'model'} ({task or 'task unknown'}) registered by {who}"
+        f" from run {version.run_id}; data {run_tags.get('mlops.data_source', '?')} "
+        f"(hash {run_tags.get('mlops.data_hash', '?')[:12]}); {shown or 'no metrics logged'}."
+    )
     client.update_model_version(name, version.version, description=description)
     model = client.get_registered_model(name)
     if not model.description:
-        client.update_registered_model(name, description=(
-            f"{family or 'model'} for {task or 'an unknown task'}, trained and registered by mlops. Aliases: "
-            "'staging' and 'production' are moved only by `mlops promote` / `mlops rollback` (gated, audited)."))
+        client.update_registered_model(
+            name,
+            description=(
+                f"{family or 'model'} for {task or 'an unknown task'}, trained and registered by "
+                "mlops. Aliases: "
+                "'staging' and 'production' are moved only by `mlops promote` / `mlops rollback` "
+                "(gated, audited)."
+            ),
+        )
     logger.info("registered %s version %s (checksum %s)", name, version.version, checksum[:12])
     return client.get_model_version(name, version.version)
 
 
-def promote(config: Config, name: str, version: str, to: str, *, reason: str | None = None,
-            force: bool = False, who: str | None = None) -> Promotion:
+def promote(
+    config: Config,
+    name: str,
+    version: str,
+    to: str,
+    *,
+    reason: str | None = None,
+    force: bool = False,
+    who: str | None = None,
+) -> Promotion:
     """Move alias ``to`` (staging or production) to ``version`` if every gate passes.
 
     Raises:
@@ -126,9 +153,23 @@ def promote(config: Config, name: str, version: str, to: str, *, reason: str | N
     with audit.lock(name, who) as conn, tempfile.TemporaryDirectory() as tmp:
         if _alias_version(client, name, to) == str(version):
             raise RegistryError(f"{name} version {version} is already {to}; nothing to do")
-        current, gates = _promotion_gates(client, config, name, str(version), to, force, reason, Path(tmp))
-        done = _finish(client, audit, conn, action="promote", name=name, target=to, current=current,
-                       version=str(version), who=who, reason=reason, forced=force, gates=gates)
+        current, gates = _promotion_gates(
+            client, config, name, str(version), to, force, reason, Path(tmp)
+        )
+        done = _finish(
+            client,
+            audit,
+            conn,
+            action="promote",
+            name=name,
+            target=to,
+            current=current,
+            version=str(version),
+            who=who,
+            reason=reason,
+            forced=force,
+            gates=gates,
+        )
     return _raise_if_refused(done)
 
 
@@ -138,33 +179,64 @@ def evaluate(config: Config, name: str, version: str, to: str = PRODUCTION) -> l
         raise ConfigError(f"--to: unknown stage '{to}'; use one of {', '.join(TARGETS)}")
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
-        current, gates = _promotion_gates(client, config, name, str(version), to, False, None, Path(tmp))
+        current, gates = _promotion_gates(
+            client, config, name, str(version), to, False, None, Path(tmp)
+        )
     if current == str(version):
         raise RegistryError(f"{name} version {version} is already {to}")
     return gates
 
 
-def _promotion_gates(client, config: Config, name: str, version: str, to: str, force: bool,
-                     reason: str | None, tmp: Path) -> tuple[str | None, list[v.GateResult]]:
+def _promotion_gates(
+    client,
+    config: Config,
+    name: str,
+    version: str,
+    to: str,
+    force: bool,
+    reason: str | None,
+    tmp: Path,
+) -> tuple[str | None, list[v.GateResult]]:
     current = _alias_version(client, name, to)
     if current == version:
         return current, []
     challenger = v.Candidate(client, _get_version(client, name, version), tmp)
     if to == STAGING:
         thresholds = getattr(config.registry.staging, challenger.task)
-        return current, [*v.threshold_gates(challenger, thresholds), v.signature_gate(challenger),
-                         v.checksum_gate(challenger)]
+        return current, [
+            *v.threshold_gates(challenger, thresholds),
+            v.signature_gate(challenger),
+            v.checksum_gate(challenger),
+        ]
     staged = _alias_version(client, name, STAGING) == version
-    measured = "in staging" if staged else (f"not in staging, forced: {reason}" if force else "not in staging")
-    gates = [v.GateResult("in staging", staged or force, measured, "the staging alias (or --force with a reason)")]
+    measured = (
+        "in staging"
+        if staged
+        else (f"not in staging, forced: {reason}" if force else "not in staging")
+    )
+    gates = [
+        v.GateResult(
+            "in staging", staged or force, measured, "the staging alias (or --force with a reason)"
+        )
+    ]
     champion = v.Candidate(client, _get_version(client, name, current), tmp) if current else None
-    gates += [v.checksum_gate(challenger), v.schema_gate(challenger, champion), v.smoke_gate(challenger),
-              v.champion_gate(challenger, champion, config)]
+    gates += [
+        v.checksum_gate(challenger),
+        v.schema_gate(challenger, champion),
+        v.smoke_gate(challenger),
+        v.champion_gate(challenger, champion, config),
+    ]
     return current, gates
 
 
-def rollback(config: Config, name: str, *, to_version: str | None = None, reason: str | None = None,
-             who: str | None = None) -> Promotion:
+def rollback(
+    config: Config,
+    name: str,
+    *,
+    to_version: str | None = None,
+    reason: str | None = None,
+    who: str | None = None,
+) -> Promotion:
     """Move ``production`` back to the version it replaced (or to ``to_version``)."""
     client = mlflow.MlflowClient()
     who = who or current_user()
@@ -176,41 +248,75 @@ def rollback(config: Config, name: str, *, to_version: str | None = None, reason
         current_mv = _get_version(client, name, current)
         target = str(to_version) if to_version else current_mv.tags.get(REPLACED_TAG)
         if not target:
-            raise RegistryError(f"{name} version {current} replaced no earlier version; pass --to VERSION")
+            raise RegistryError(
+                f"{name} version {current} replaced no earlier version; pass --to VERSION"
+            )
         if target == current:
-            raise RegistryError(f"{name} version {target} is already production; nothing to roll back")
+            raise RegistryError(
+                f"{name} version {target} is already production; nothing to roll back"
+            )
         candidate = v.Candidate(client, _get_version(client, name, target), Path(tmp))
-        gates = [v.schema_gate(candidate, v.Candidate(client, current_mv, Path(tmp))), v.checksum_gate(candidate)]
-        done = _finish(client, audit, conn, action="rollback", name=name, target=PRODUCTION, current=current,
-                       version=target, who=who, reason=reason, forced=False, gates=gates)
+        gates = [
+            v.schema_gate(candidate, v.Candidate(client, current_mv, Path(tmp))),
+            v.checksum_gate(candidate),
+        ]
+        done = _finish(
+            client,
+            audit,
+            conn,
+            action="rollback",
+            name=name,
+            target=PRODUCTION,
+            current=current,
+            version=target,
+            who=who,
+            reason=reason,
+            forced=False,
+            gates=gates,
+        )
     return _raise_if_refused(done)
 
 
 def status(name: str) -> list[VersionStatus]:
-    """Every version of ``name`` with its aliases, stage, key metrics, data hash and creation time."""
+    """Every version of ``name`` with its aliases, stage, key metrics, data hash and creation
+    time."""
     client = mlflow.MlflowClient()
     try:
         model = client.get_registered_model(name)
     except MlflowException as exc:
-        raise RegistryError(f"registered model '{name}' not found ({exc.error_code}); check the name") from None
+        raise RegistryError(
+            f"registered model '{name}' not found ({exc.error_code}); check the name"
+        ) from None
     aliases: dict[str, list[str]] = {}
     for alias, ver in (model.aliases or {}).items():
         aliases.setdefault(str(ver), []).append(alias)
     out = []
-    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
+    for mv in sorted(
+        client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)
+    ):
         metrics = {}
         if mv.run_id:
             try:
                 run_metrics = client.get_run(mv.run_id).data.metrics
-                metrics = {k: run_metrics[k] for k in sorted(run_metrics) if k.startswith(("validation_", "test_"))}
+                metrics = {
+                    k: run_metrics[k]
+                    for k in sorted(run_metrics)
+                    if k.startswith(("validation_", "test_"))
+                }
             except MlflowException:
                 pass
-        out.append(VersionStatus(
-            version=str(mv.version), family=mv.tags.get(FAMILY_TAG, "-"), task=mv.tags.get(TASK_TAG, "-"),
-            aliases=tuple(sorted(aliases.get(str(mv.version), []))),
-            stage=mv.current_stage or "None", metrics=metrics, data_hash=mv.tags.get("mlops.data_hash"),
-            created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
-        ))
+        out.append(
+            VersionStatus(
+                version=str(mv.version),
+                family=mv.tags.get(FAMILY_TAG, "-"),
+                task=mv.tags.get(TASK_TAG, "-"),
+                aliases=tuple(sorted(aliases.get(str(mv.version), []))),
+                stage=mv.current_stage or "None",
+                metrics=metrics,
+                data_hash=mv.tags.get("mlops.data_hash"),
+                created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
+            )
+        )
     return out
 
 
@@ -219,20 +325,57 @@ def audit_trail(config: Config, name: str) -> list[AuditRecord]:
     return AuditLog(project_store_url(config.registry.audit_url, AUDIT_FILE)).records(name)
 
 
-def _finish(client, audit: AuditLog, conn, *, action: str, name: str, target: str, current: str | None,
-            version: str, who: str, reason: str | None, forced: bool, gates: list[v.GateResult]) -> Promotion:
+def _finish(
+    client,
+    audit: AuditLog,
+    conn,
+    *,
+    action: str,
+    name: str,
+    target: str,
+    current: str | None,
+    version: str,
+    who: str,
+    reason: str | None,
+    forced: bool,
+    gates: list[v.GateResult],
+) -> Promotion:
     failed = [g for g in gates if not g.passed]
     outcome = "refused" if failed else "done"
     if not failed:
         _move(client, name, target, version, current, rollback=action == "rollback")
-    record = audit.record(who=who, action=action, outcome=outcome, model=name, target=target,
-                          from_version=current, to_version=version, reason=reason, forced=forced,
-                          gates=[g.as_dict() for g in gates], conn=conn)
-    client.set_model_version_tag(name, version, LAST_CHANGE_TAG,
-                                 f"{action} to {target} {outcome} by {who} at {record.at:%Y-%m-%d %H:%M:%S} UTC "
-                                 f"(audit #{record.id})")
-    promotion = Promotion(model=name, action=action, target=target, from_version=current, to_version=version,
-                          who=who, reason=reason, forced=forced, gates=tuple(gates), audit_id=record.id)
+    record = audit.record(
+        who=who,
+        action=action,
+        outcome=outcome,
+        model=name,
+        target=target,
+        from_version=current,
+        to_version=version,
+        reason=reason,
+        forced=forced,
+        gates=[g.as_dict() for g in gates],
+        conn=conn,
+    )
+    client.set_model_version_tag(
+        name,
+        version,
+        LAST_CHANGE_TAG,
+        f"{action} to {target} {outcome} by {who} at {record.at:%Y-%m-%d %H:%M:%S} UTC "
+        f"(audit #{record.id})",
+    )
+    promotion = Promotion(
+        model=name,
+        action=action,
+        target=target,
+        from_version=current,
+        to_version=version,
+        who=who,
+        reason=reason,
+        forced=forced,
+        gates=tuple(gates),
+        audit_id=record.id,
+    )
     return promotion
 
 
@@ -241,14 +384,17 @@ def _raise_if_refused(promotion: Promotion) -> Promotion:
     failed = [g for g in promotion.gates if not g.passed]
     if failed:
         raise GateFailed(
-            f"{promotion.action} of {promotion.model} version {promotion.to_version} to {promotion.target} "
+            f"{promotion.action} of {promotion.model} version {promotion.to_version} to "
+            f"{promotion.target} "
             f"refused by {len(failed)} gate(s): " + "; ".join(g.line() for g in failed),
             list(promotion.gates),
         )
     return promotion
 
 
-def _move(client, name: str, alias: str, version: str, previous: str | None, *, rollback: bool) -> None:
+def _move(
+    client, name: str, alias: str, version: str, previous: str | None, *, rollback: bool
+) -> None:
     """Point ``alias`` at ``version``, mirror legacy stages, mark what was replaced.
 
     Any failure after the alias moved puts the alias back, so a failed move changes nothing.
@@ -290,7 +436,10 @@ def _get_version(client, name: str, version: str | int | None) -> ModelVersion:
     except MlflowException:
         versions = [str(m.version) for m in client.search_model_versions(f"name = '{name}'")]
         if not versions:
-            raise RegistryError(f"registered model '{name}' not found; register one with `mlops train --register`") from None
+            raise RegistryError(
+                f"registered model '{name}' not found; register one with `mlops train --register`"
+            ) from None
         raise RegistryError(
-            f"{name} has no version {version}; existing versions: {', '.join(sorted(versions, key=int))}"
+            f"{name} has no version {version}; existing versions: "
+            f"{', '.join(sorted(versions, key=int))}"
         ) from None

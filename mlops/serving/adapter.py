@@ -24,9 +24,11 @@ from mlflow.pyfunc import scoring_server
 
 
 class Responder(Protocol):
-    """What the fast path needs of a model: the JSON answer to a raw body (``MlopsModel.respond``)."""
+    """What the fast path needs of a model: the JSON answer to a raw body
+    (``MlopsModel.respond``)."""
 
     def respond(self, data: bytes | str, mime: str) -> str: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +50,25 @@ def check_mlflow() -> None:
     if not callable(function):
         problems.append("mlflow.pyfunc.scoring_server.invocations is gone")
     else:
-        found = tuple(inspect.signature(getattr(function, "__wrapped_original__", function)).parameters)
+        found = tuple(
+            inspect.signature(getattr(function, "__wrapped_original__", function)).parameters
+        )
         if found != INVOCATIONS_PARAMETERS:
             problems.append(f"invocations{found} no longer takes {INVOCATIONS_PARAMETERS}")
     response = getattr(scoring_server, "InvocationsResponse", None)
     if getattr(response, "_fields", None) != RESPONSE_FIELDS:
-        problems.append(f"InvocationsResponse fields are {getattr(response, '_fields', None)}, not {RESPONSE_FIELDS}")
+        problems.append(
+            f"InvocationsResponse fields are {getattr(response, '_fields', None)}, not "
+            f"{RESPONSE_FIELDS}"
+        )
     if not isinstance(SERVER_MODEL_PATH_ENV, str) or not SERVER_MODEL_PATH_ENV:
-        problems.append("scoring_server._SERVER_MODEL_PATH is no longer an environment variable name")
+        problems.append(
+            "scoring_server._SERVER_MODEL_PATH is no longer an environment variable name"
+        )
     if problems:
-        raise AdapterMismatch("mlops.serving.adapter does not fit this MLflow: " + "; ".join(problems))
+        raise AdapterMismatch(
+            "mlops.serving.adapter does not fit this MLflow: " + "; ".join(problems)
+        )
 
 
 def in_scoring_server() -> bool:
@@ -72,7 +83,9 @@ def install_fast_path(wrapper: Responder) -> bool:
     except AdapterMismatch as exc:
         logger.error("%s; serving through MLflow's own path (slower, same answers)", exc)
         return False
-    original = getattr(scoring_server.invocations, "__wrapped_original__", scoring_server.invocations)
+    original = getattr(
+        scoring_server.invocations, "__wrapped_original__", scoring_server.invocations
+    )
     response_type = scoring_server.InvocationsResponse
 
     def invocations(data: Any, content_type: str | None, model: Any, input_schema: Any) -> Any:
@@ -101,4 +114,3 @@ def _python_model(model: Any) -> Any:
         return model.unwrap_python_model()
     except (AttributeError, MlflowException):
         return None
-

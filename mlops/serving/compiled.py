@@ -22,8 +22,15 @@ logger = logging.getLogger(__name__)
 class CompiledPreprocess:
     """Median imputation + standard scaling, and most-frequent imputation + one-hot."""
 
-    def __init__(self, fill: np.ndarray, mean: np.ndarray, scale: np.ndarray,
-                 cat_fill: list[Any], categories: list[dict[Any, int]], width: int) -> None:
+    def __init__(
+        self,
+        fill: np.ndarray,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        cat_fill: list[Any],
+        categories: list[dict[Any, int]],
+        width: int,
+    ) -> None:
         self.fill = fill
         self.mean = mean
         self.scale = scale
@@ -42,9 +49,10 @@ class CompiledPreprocess:
                 num = np.where(nan, self.fill, num)
             out[:, : self.n_numeric] = (num - self.mean) / self.scale
         if self.categories:
-            onehot = out[:, self.n_numeric:]
+            onehot = out[:, self.n_numeric :]
             onehot.fill(0.0)
             offset = 0
+            assert categorical is not None  # a model with categorical columns always gets them
             for j, mapping in enumerate(self.categories):
                 column = categorical[:, j]
                 for i in range(n):
@@ -52,14 +60,17 @@ class CompiledPreprocess:
                     if value is None or (isinstance(value, float) and np.isnan(value)):
                         value = self.cat_fill[j]
                     k = mapping.get(value)
-                    if k is not None:  # unknown categories encode as all zeros, as handle_unknown="ignore"
+                    if (
+                        k is not None
+                    ):  # unknown categories encode as all zeros, as handle_unknown="ignore"
                         onehot[i, offset + k] = 1.0
                 offset += len(mapping)
         return out
 
 
-def compile_pipeline(pipeline: Any, numeric: list[str], categorical: list[str],
-                     sample: pd.DataFrame | None) -> CompiledPreprocess | None:
+def compile_pipeline(
+    pipeline: Any, numeric: list[str], categorical: list[str], sample: pd.DataFrame | None
+) -> CompiledPreprocess | None:
     """The NumPy form of ``pipeline``'s preprocessing, or ``None`` if it cannot be trusted."""
     try:
         ct = pipeline.steps[0][1]
@@ -69,8 +80,12 @@ def compile_pipeline(pipeline: Any, numeric: list[str], categorical: list[str],
             num_pipe = named["numeric"]
             imputer, scaler = num_pipe.named_steps["impute"], num_pipe.named_steps["scale"]
             fill = np.asarray(imputer.statistics_, dtype=float)
-            mean = np.asarray(scaler.mean_ if scaler.mean_ is not None else np.zeros(len(numeric)), dtype=float)
-            scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(len(numeric)), dtype=float)
+            mean = np.asarray(
+                scaler.mean_ if scaler.mean_ is not None else np.zeros(len(numeric)), dtype=float
+            )
+            scale = np.asarray(
+                scaler.scale_ if scaler.scale_ is not None else np.ones(len(numeric)), dtype=float
+            )
             if len(fill) != len(numeric):
                 return None
         cat_fill: list[Any] = []
@@ -80,7 +95,10 @@ def compile_pipeline(pipeline: Any, numeric: list[str], categorical: list[str],
             cat_fill = list(cat_pipe.named_steps["impute"].statistics_)
             encoder = cat_pipe.named_steps["onehot"]
             categories = [{v: k for k, v in enumerate(cats)} for cats in encoder.categories_]
-            if len(categories) != len(categorical) or getattr(encoder, "drop_idx_", None) is not None:
+            if (
+                len(categories) != len(categorical)
+                or getattr(encoder, "drop_idx_", None) is not None
+            ):
                 return None
         width = len(numeric) + sum(len(m) for m in categories)
         compiled = CompiledPreprocess(fill, mean, scale, cat_fill, categories, width)
@@ -94,7 +112,11 @@ def compile_pipeline(pipeline: Any, numeric: list[str], categorical: list[str],
         num = sample[numeric].to_numpy(dtype=float) if numeric else np.zeros((len(sample), 0))
         cat = sample[categorical].to_numpy(dtype=object) if categorical else None
         got = compiled.transform(num, cat)
-        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-9, atol=1e-12, equal_nan=True):
-            logger.warning("compiled preprocessing differs from the pipeline's; serving through scikit-learn")
+        if got.shape != expected.shape or not np.allclose(
+            got, expected, rtol=1e-9, atol=1e-12, equal_nan=True
+        ):
+            logger.warning(
+                "compiled preprocessing differs from the pipeline's; serving through scikit-learn"
+            )
             return None
     return compiled

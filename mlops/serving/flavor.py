@@ -1,4 +1,5 @@
-"""Logging the project's pyfunc model (see :mod:`mlops.serving.wrapper`): signature, example, artifacts."""
+"""Logging the project's pyfunc model (see :mod:`mlops.serving.wrapper`): signature, example,
+artifacts."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from mlops.data import DatasetSplit
 from mlops.errors import ConfigError
 from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
 from mlops.monitoring.store import LOG_FILE
-from mlops.tracking import project_store_url
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
+from mlops.tracking import project_store_url
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,9 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
     features = list(split.feature_columns)
     train = split.train[features]
     head = train.head(20).reset_index(drop=True)
-    sample = head.reindex(range(len(head) + 1))  # the added last row is all missing: checks imputation
+    sample = head.reindex(
+        range(len(head) + 1)
+    )  # the added last row is all missing: checks imputation
     return {
         "task": split.task,
         "family": config.model.family,
@@ -50,13 +53,26 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
             "sensitive_mode": config.monitoring.sensitive_mode,
             "monitoring_queue_rows": config.monitoring.queue_rows,
         },
-        "sample": {c: [None if isinstance(v, float) and math.isnan(v) else v for v in sample[c].tolist()] for c in features},
+        "sample": {
+            c: [None if isinstance(v, float) and math.isnan(v) else v for v in sample[c].tolist()]
+            for c in features
+        },
     }
 
 
 def requirements_for(family: str) -> list[str]:
     """Pinned pip requirements of a served model of ``family``."""
-    names = ["mlflow", "scikit-learn", "pandas", "numpy", "scipy", "joblib", "cloudpickle", "pyyaml", "pydantic"]
+    names = [
+        "mlflow",
+        "scikit-learn",
+        "pandas",
+        "numpy",
+        "scipy",
+        "joblib",
+        "cloudpickle",
+        "pyyaml",
+        "pydantic",
+    ]
     if family == "keras_mlp":
         names += ["tensorflow", "keras"]
     pins = []
@@ -85,11 +101,15 @@ def log_model(
 
     unknown = sorted(set(config.monitoring.sensitive_columns) - set(split.feature_columns))
     if unknown:
-        raise ConfigError(f"monitoring.sensitive_columns: {unknown} are not feature columns of the data; "
-                          f"choose from {list(split.feature_columns)}")
+        raise ConfigError(
+            f"monitoring.sensitive_columns: {unknown} are not feature columns of the data; "
+            f"choose from {list(split.feature_columns)}"
+        )
     meta = model_metadata(split, config)
     X_example = split.train[list(split.feature_columns)].head(5)
-    wrapper = MlopsModel()  # configured, not loaded: the caller's pipeline is used as it is, never changed
+    wrapper = (
+        MlopsModel()
+    )  # configured, not loaded: the caller's pipeline is used as it is, never changed
     wrapper._configure(pipeline, meta, model_name=config.registry.model_name, model_version="1")
     signature = infer_signature(X_example, wrapper.predict(None, X_example))
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,19 +118,32 @@ def log_model(
         joblib.dump(pipeline, pipe_path)
         meta_path.write_text(json.dumps(meta, indent=2))
         profile_path = Path(tmp) / f"{PROFILE_ARTIFACT}.json"
-        profile_path.write_text(json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins)))
+        profile_path.write_text(
+            json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins))
+        )
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("model_code.py")),
-            artifacts={PIPELINE_ARTIFACT: str(pipe_path), METADATA_ARTIFACT: str(meta_path),
-                       PROFILE_ARTIFACT: str(profile_path)},
+            artifacts={
+                PIPELINE_ARTIFACT: str(pipe_path),
+                METADATA_ARTIFACT: str(meta_path),
+                PROFILE_ARTIFACT: str(profile_path),
+            },
             code_paths=[str(_PACKAGE_DIR)],
             signature=signature,
             input_example=X_example,
             pip_requirements=requirements_for(config.model.family),
             # the keys a server may override (MLflow accepts only logged keys, and logs them as
             # params); the prediction log's URL stays in metadata.json, out of the run's params
-            model_config={**{k: v for k, v in meta["serving"].items()}, "monitoring_url": "",
-                          "model_name": "", "model_version": ""},
-            metadata={"mlops_family": config.model.family, "mlops_task": split.task, "mlops_data_hash": split.content_hash},
+            model_config={
+                **{k: v for k, v in meta["serving"].items()},
+                "monitoring_url": "",
+                "model_name": "",
+                "model_version": "",
+            },
+            metadata={
+                "mlops_family": config.model.family,
+                "mlops_task": split.task,
+                "mlops_data_hash": split.content_hash,
+            },
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import mlflow
 from mlflow.pyfunc import scoring_server
@@ -62,7 +63,9 @@ def create_app() -> GracefulShutdown:
     """The ASGI app of one worker, serving the model named by ``$MLOPS_SERVE_MODEL_URI``."""
     uri = os.environ[MODEL_URI_ENV]
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    os.environ[SERVER_MODEL_PATH_ENV] = local  # as `mlflow models serve` does: the wrapper knows it serves
+    os.environ[SERVER_MODEL_PATH_ENV] = (
+        local  # as `mlflow models serve` does: the wrapper knows it serves
+    )
     model = scoring_server.load_model_with_mlflow_config(local)
     return GracefulShutdown(scoring_server.init(model), close_prediction_logs)
 
@@ -72,5 +75,12 @@ def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 5000, workers:
     import uvicorn
 
     os.environ[MODEL_URI_ENV] = model_uri
-    uvicorn.run("mlops.serving.server:create_app", factory=True, host=host, port=port, workers=workers,
-                timeout_graceful_shutdown=30, log_level="info")
+    uvicorn.run(
+        "mlops.serving.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        timeout_graceful_shutdown=30,
+        log_level="info",
+    )

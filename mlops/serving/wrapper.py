@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -38,8 +39,15 @@ PROBA_KEY = "__proba__"
 # serving options: logged in metadata.json; a server may override each through its model
 # config (SERVING_MODEL_CONFIG, or load_model(model_config=...))
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "max_rows": 10_000, "impute_missing": False, "model_name": "", "model_version": "", "monitoring": False,
-    "monitoring_url": "", "sensitive_columns": [], "sensitive_mode": "hash", "monitoring_queue_rows": 10_000,
+    "max_rows": 10_000,
+    "impute_missing": False,
+    "model_name": "",
+    "model_version": "",
+    "monitoring": False,
+    "monitoring_url": "",
+    "sensitive_columns": [],
+    "sensitive_mode": "hash",
+    "monitoring_queue_rows": 10_000,
 }
 
 
@@ -51,13 +59,18 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
 
         from mlops.serving import adapter
 
-        missing = [a for a in (PIPELINE_ARTIFACT, METADATA_ARTIFACT) if a not in (context.artifacts or {})]
+        missing = [
+            a for a in (PIPELINE_ARTIFACT, METADATA_ARTIFACT) if a not in (context.artifacts or {})
+        ]
         if missing:
-            raise MlflowException(f"model artifacts {missing} are missing; re-log the model with "
-                                  "mlops.serving.log_model")
+            raise MlflowException(
+                f"model artifacts {missing} are missing; re-log the model with "
+                "mlops.serving.log_model"
+            )
         with open(context.artifacts[METADATA_ARTIFACT]) as fh:
             meta = json.load(fh)
-        # logged defaults (metadata.json), then what a server passed; an empty value keeps the default
+        # logged defaults (metadata.json), then what a server passed; an empty value keeps the
+        # default
         given = {k: v for k, v in (context.model_config or {}).items() if v not in (None, "")}
         options = {**DEFAULT_OPTIONS, **(meta.get("serving") or {}), **given}
         serving = adapter.in_scoring_server()
@@ -67,24 +80,45 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             name, version = _identify(model_dir, meta, serving=serving)
         pipeline = joblib.load(context.artifacts[PIPELINE_ARTIFACT])
         estimator = pipeline.steps[-1][1]
-        if "n_jobs" in estimator.get_params(deep=False):  # one request is small: thread fan-out only adds latency
+        if "n_jobs" in estimator.get_params(
+            deep=False
+        ):  # one request is small: thread fan-out only adds latency
             estimator.set_params(n_jobs=1)
-        self._configure(pipeline, meta, max_rows=options["max_rows"], impute_missing=options["impute_missing"],
-                        model_name=str(name), model_version=str(version))
+        self._configure(
+            pipeline,
+            meta,
+            max_rows=options["max_rows"],
+            impute_missing=options["impute_missing"],
+            model_name=str(name),
+            model_version=str(version),
+        )
         if _truthy(options["monitoring"]) and serving:
             if not options["monitoring_url"]:
-                raise MlflowException("monitoring is on but no monitoring_url is set; pass one in the model config "
-                                      '(SERVING_MODEL_CONFIG=\'{"monitoring_url": "sqlite:///predictions.db"}\')')
+                raise MlflowException(
+                    "monitoring is on but no monitoring_url is set; pass one in the model config "
+                    '(SERVING_MODEL_CONFIG=\'{"monitoring_url": "sqlite:///predictions.db"}\')'
+                )
             self.enable_monitoring(
-                options["monitoring_url"], sensitive=options["sensitive_columns"] or (),
+                options["monitoring_url"],
+                sensitive=options["sensitive_columns"] or (),
                 sensitive_mode=options["sensitive_mode"] or "hash",
-                capacity=int(options["monitoring_queue_rows"] or DEFAULT_OPTIONS["monitoring_queue_rows"]),
+                capacity=int(
+                    options["monitoring_queue_rows"] or DEFAULT_OPTIONS["monitoring_queue_rows"]
+                ),
             )
         if serving and os.environ.get("MLOPS_FAST_SERVING", "1") != "0":
             adapter.install_fast_path(self)
 
-    def _configure(self, pipeline: Any, meta: dict[str, Any], *, max_rows: int | None = None,
-                   impute_missing: bool | None = None, model_name: str = "", model_version: str = "") -> None:
+    def _configure(
+        self,
+        pipeline: Any,
+        meta: dict[str, Any],
+        *,
+        max_rows: int | None = None,
+        impute_missing: bool | None = None,
+        model_name: str = "",
+        model_version: str = "",
+    ) -> None:
         self.pipeline = pipeline
         self.meta = meta
         self.task: str = meta["task"]
@@ -92,8 +126,12 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self.categorical: list[str] = list(meta["categorical_columns"])
         self.features: list[str] = self.numeric + self.categorical
         nullable = self.features if _truthy(impute_missing) else meta.get("nullable_columns", [])
-        self.contract = InputContract(self.numeric, self.categorical, nullable=nullable,
-                                      max_rows=int(max_rows) if max_rows is not None else 10_000)
+        self.contract = InputContract(
+            self.numeric,
+            self.categorical,
+            nullable=nullable,
+            max_rows=int(max_rows) if max_rows is not None else 10_000,
+        )
         self.monitor: Any = None
         self.classes = np.asarray(meta["classes"], dtype=object) if meta.get("classes") else None
         self.model_name, self.model_version = model_name, model_version
@@ -106,8 +144,15 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         sample = pd.DataFrame(meta["sample"]) if meta.get("sample") else None
         self.compiled = compile_pipeline(pipeline, self.numeric, self.categorical, sample)
 
-    def enable_monitoring(self, url: str, *, sensitive: Any = (), sensitive_mode: str = "hash",
-                          capacity: int = 10_000, **options: Any) -> None:
+    def enable_monitoring(
+        self,
+        url: str,
+        *,
+        sensitive: Any = (),
+        sensitive_mode: str = "hash",
+        capacity: int = 10_000,
+        **options: Any,
+    ) -> None:
         """Log every request from now on to the monitoring store at ``url`` (in the background).
 
         Done by ``load_context`` in a scoring server when the serving options say
@@ -117,17 +162,34 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         from mlops.monitoring.logger import PredictionLogger
 
         self.monitor = PredictionLogger(
-            url, model=self.model_name, version=self.model_version, numeric=self.numeric,
-            categorical=self.categorical, classes=list(self.classes) if self.has_proba else None,
-            sensitive=list(sensitive), sensitive_mode=sensitive_mode, capacity=capacity, **options)
+            url,
+            model=self.model_name,
+            version=self.model_version,
+            numeric=self.numeric,
+            categorical=self.categorical,
+            classes=list(self.classes) if self.has_proba else None,
+            sensitive=list(sensitive),
+            sensitive_mode=sensitive_mode,
+            capacity=capacity,
+            **options,
+        )
         if REQUEST_ID_COLUMN not in self.output_columns:
             self.output_columns.append(REQUEST_ID_COLUMN)
-        logger.info("prediction log on: %s as %s version %s", mask_url(url), self.model_name, self.model_version)
+        logger.info(
+            "prediction log on: %s as %s version %s",
+            mask_url(url),
+            self.model_name,
+            self.model_version,
+        )
 
     # A DataFrame hint is one MLflow does not turn into a schema: the logged signature stays
     # the one inferred from the training data.
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return pd.DataFrame(self.answer(lambda: self.contract.from_frame(model_input)), columns=self.output_columns)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        return pd.DataFrame(
+            self.answer(lambda: self.contract.from_frame(model_input)), columns=self.output_columns
+        )
 
     def respond(self, data: bytes | str, mime: str) -> str:
         """The scoring server's JSON body for a raw request body (``{"predictions": [...]}``)."""
@@ -140,10 +202,13 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"prediction failed: {exc!r}", error_code=INTERNAL_ERROR) from exc
         columns = [(name, _jsonable(result[name])) for name in self.output_columns]
         n = len(columns[0][1])
-        return json.dumps({"predictions": [{name: values[i] for name, values in columns} for i in range(n)]})
+        return json.dumps(
+            {"predictions": [{name: values[i] for name, values in columns} for i in range(n)]}
+        )
 
     def answer(self, parse: Callable[[], Arrays]) -> dict[str, Any]:
-        """Parse, validate and score one request; with monitoring on, also log it (and its failure)."""
+        """Parse, validate and score one request; with monitoring on, also log it (and its
+        failure)."""
         monitor = self.monitor
         if monitor is None:
             return self.score(*parse())
@@ -153,16 +218,30 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             numeric, categorical = parse()
             result = self.score(numeric, categorical)
         except MlflowException as exc:
-            monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000,
-                           status=exc.get_http_status_code(), error=exc.message[:1000])
+            monitor.submit(
+                request_id,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                status=exc.get_http_status_code(),
+                error=exc.message[:1000],
+            )
             raise
         except Exception as exc:
-            monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000, status=500,
-                           error=repr(exc)[:1000])
+            monitor.submit(
+                request_id,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                status=500,
+                error=repr(exc)[:1000],
+            )
             raise
         result[REQUEST_ID_COLUMN] = np.full(numeric.shape[0], request_id, dtype=object)
-        monitor.submit(request_id, latency_ms=(time.perf_counter() - started) * 1000, numeric=numeric,
-                       categorical=categorical, predictions=result[PREDICTION_COLUMN], scores=result.get(PROBA_KEY))
+        monitor.submit(
+            request_id,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            numeric=numeric,
+            categorical=categorical,
+            predictions=result[PREDICTION_COLUMN],
+            scores=result.get(PROBA_KEY),
+        )
         return result
 
     # ---- model ----
@@ -183,7 +262,7 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
                 proba = np.asarray(model.predict_proba(X))
                 out[PROBA_KEY] = proba
                 out[PREDICTION_COLUMN] = self.classes[np.argmax(proba, axis=1)]
-                for i, col in enumerate(self.output_columns[1:1 + proba.shape[1]]):
+                for i, col in enumerate(self.output_columns[1 : 1 + proba.shape[1]]):
                     out[col] = proba[:, i]
             else:
                 out[PREDICTION_COLUMN] = self.classes[np.asarray(model.predict(X), dtype=int)]
@@ -214,17 +293,25 @@ def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[
     from mlflow.models import Model
 
     mlmodel = Model.load(str(model_dir / "MLmodel"))
-    fallback = (meta.get("registered_model_name") or "unregistered", mlmodel.model_id or mlmodel.run_id or "unknown")
+    fallback = (
+        meta.get("registered_model_name") or "unregistered",
+        mlmodel.model_id or mlmodel.run_id or "unknown",
+    )
     if not serving or not mlmodel.run_id:
         return fallback
     try:
         client = mlflow.MlflowClient()
         versions = [
-            v for v in client.search_model_versions(f"run_id = '{mlmodel.run_id}'")
+            v
+            for v in client.search_model_versions(f"run_id = '{mlmodel.run_id}'")
             if not mlmodel.model_id or getattr(v, "model_id", None) in (None, mlmodel.model_id)
         ]
     except Exception as exc:  # the store may be unreachable from the server: serve anyway
-        logger.warning("could not look up the registered version of this model (%s); answering as %s", exc, fallback)
+        logger.warning(
+            "could not look up the registered version of this model (%s); answering as %s",
+            exc,
+            fallback,
+        )
         return fallback
     if not versions:
         return fallback

@@ -15,23 +15,22 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import numpy as np
 import optuna
-import pandas as pd
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from mlops import data as data_step
 from mlops.config import CONFIG_ARTIFACT, Config
 from mlops.data import DatasetSplit, encode_target
-from mlops.metrics import evaluate
 from mlops.errors import ConfigError
+from mlops.metrics import evaluate
 from mlops.models import build_model, fit_model, get_family
 from mlops.tracking import log_config, step_run
 from mlops.tuning.storage import advisory_lock, open_storage
@@ -70,7 +69,9 @@ class StudyResult:
     history: tuple[tuple[int, str, float | None, float], ...] = ()
 
 
-def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = None) -> StudyResult:
+def tune(
+    config: Config, *, progress: bool = True, split: DatasetSplit | None = None
+) -> StudyResult:
     """Search ``tuning.search_space`` for the configured family; see the module docstring.
 
     Example:
@@ -91,31 +92,52 @@ def tune(config: Config, *, progress: bool = True, split: DatasetSplit | None = 
             runs.close()
 
 
-def _search(config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns | None, progress: bool) -> StudyResult:
+def _search(
+    config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns | None, progress: bool
+) -> StudyResult:
     tcfg, family = config.tuning, config.model.family
     metric, direction = OBJECTIVES[split.task]
     study_name = tcfg.study_name or f"{config.experiment}-{family}"
     # A stored study is resumed or shared: a worker seeded like the others (or like the run it
     # resumes) would draw the same configurations again, so each process gets its own seed.
-    seed = config.seed if storage is None else (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
+    seed = (
+        config.seed
+        if storage is None
+        else (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
+    )
     # constant liar: workers sharing a study do not all pick the point the others are running
-    sampler = (optuna.samplers.TPESampler(seed=seed, constant_liar=storage is not None) if tcfg.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-              "hyperband": optuna.pruners.HyperbandPruner(),
-              "none": optuna.pruners.NopPruner()}[tcfg.pruner]
+    sampler = (
+        optuna.samplers.TPESampler(seed=seed, constant_liar=storage is not None)
+        if tcfg.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
+    )
+    pruner = {
+        "median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        "hyperband": optuna.pruners.HyperbandPruner(),
+        "none": optuna.pruners.NopPruner(),
+    }[tcfg.pruner]
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=direction, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction=direction,
+            load_if_exists=True,
+        )
     except ValueError as exc:  # e.g. an existing study with the other direction
-        raise ConfigError(f"tuning.study_name '{study_name}': {exc}; pick another study name") from None
+        raise ConfigError(
+            f"tuning.study_name '{study_name}': {exc}; pick another study name"
+        ) from None
 
     started = time.time()
     with step_run(config, run_name=f"tune-{family}") as parent:
         parent_id = parent.info.run_id
         # the model's params are logged once the best is known: those of the model this run holds
         log_config(config, tuning=True, model_params=False)
-        mlflow.set_tags({"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"})
+        mlflow.set_tags(
+            {"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"}
+        )
         data_step.log_split(split)
         if runs is not None:
             runs.start(parent.info.experiment_id, parent_id, study_name)
@@ -124,8 +146,14 @@ def _search(config: Config, storage: Any, split: DatasetSplit, runs: TrialRuns |
         bar = _progress(tcfg.n_trials, done, enabled=progress)
         try:
             study.optimize(
-                objective, n_trials=None, timeout=tcfg.timeout, catch=(_SurplusTrial,),
-                callbacks=[optuna.study.MaxTrialsCallback(tcfg.n_trials, states=FINISHED), bar.callback],
+                objective,
+                n_trials=None,
+                timeout=tcfg.timeout,
+                catch=(_SurplusTrial,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(tcfg.n_trials, states=FINISHED),
+                    bar.callback,
+                ],
                 gc_after_trial=False,
             )
         finally:
@@ -153,29 +181,43 @@ def check_search_space(config: Config) -> None:
     space = config.tuning.search_space
     family = config.model.family
     if not space:
-        raise ConfigError(f"tuning.search_space is empty for {family}; declare one in conf/search_spaces/{family}.yaml")
+        raise ConfigError(
+            f"tuning.search_space is empty for {family}; declare one in "
+            f"conf/search_spaces/{family}.yaml"
+        )
     estimators = get_family(family).estimators.values()
     valid = set().union(*(set(factory().get_params(deep=False)) for factory in estimators))
     unknown = sorted(set(space) - valid)
     if unknown:
-        raise ConfigError(f"tuning.search_space: {unknown} not parameters of {family}; valid: {', '.join(sorted(valid))}")
+        raise ConfigError(
+            f"tuning.search_space: {unknown} not parameters of {family}; valid: "
+            f"{', '.join(sorted(valid))}"
+        )
 
 
 class _Objective:
     """One trial: a nested MLflow run, a fit with pruning, the validation metric."""
 
-    def __init__(self, config: Config, split: DatasetSplit, metric: str, runs: TrialRuns | None) -> None:
+    def __init__(
+        self, config: Config, split: DatasetSplit, metric: str, runs: TrialRuns | None
+    ) -> None:
         self.config, self.split, self.metric, self.runs = config, split, metric, runs
         self.steps: list[tuple[str, float, int, int]] = []
         self.space = config.tuning.search_space
         self.n_trials = config.tuning.n_trials
 
     def __call__(self, trial: optuna.Trial) -> float:
-        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=_COUNTED) if t.number < trial.number]
+        ahead = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=_COUNTED)
+            if t.number < trial.number
+        ]
         if len(ahead) >= self.n_trials:  # other workers already hold every trial asked for
             trial.set_user_attr("mlops.surplus", True)
             trial.study.stop()
-            raise _SurplusTrial(f"trial {trial.number} not needed: the study has its {self.n_trials} trials")
+            raise _SurplusTrial(
+                f"trial {trial.number} not needed: the study has its {self.n_trials} trials"
+            )
         params = {name: _suggest(trial, name, spec) for name, spec in self.space.items()}
         self.steps = []
         if self.runs is None:
@@ -189,27 +231,45 @@ class _Objective:
             state, status = "COMPLETE", "FINISHED"
             return value
         except optuna.TrialPruned:
-            state, status = "PRUNED", "FINISHED"  # stopped on purpose, not failed: the state tag says PRUNED
+            state, status = (
+                "PRUNED",
+                "FINISHED",
+            )  # stopped on purpose, not failed: the state tag says PRUNED
             raise
         finally:
             now = int(time.time() * 1000)
-            metrics = [*self.steps, *([(f"validation_{self.metric}", value, now, 0)] if value is not None else [])]
-            self.runs.finish(trial.number, metrics, {k: str(v) for k, v in params.items()}, state, status, now)
+            metrics = [
+                *self.steps,
+                *([(f"validation_{self.metric}", value, now, 0)] if value is not None else []),
+            ]
+            self.runs.finish(
+                trial.number, metrics, {k: str(v) for k, v in params.items()}, state, status, now
+            )
 
     def _log_step(self, key: str, value: float, step: int) -> None:
         self.steps.append((key, float(value), int(time.time() * 1000), step))
 
     def _fit(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
         split, config = self.split, self.config
-        pipeline = build_model(config.model.family, split.task, params, numeric_columns=split.numeric_columns,
-                               categorical_columns=split.categorical_columns, seed=config.seed)
+        pipeline = build_model(
+            config.model.family,
+            split.task,
+            params,
+            numeric_columns=split.numeric_columns,
+            categorical_columns=split.categorical_columns,
+            seed=config.seed,
+        )
         X_train, y_train = split.xy("train")
         if "on_epoch_end" in inspect.signature(pipeline.steps[-1][1].fit).parameters:
             # per-epoch validation metric: the pruner sees each epoch
             X_val, y_val = split.xy("validation")
 
             def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
-                value = logs.get("val_accuracy") if split.task == "classification" else np.sqrt(logs.get("val_loss", np.nan))
+                value = (
+                    logs.get("val_accuracy")
+                    if split.task == "classification"
+                    else np.sqrt(logs.get("val_loss", np.nan))
+                )
                 if value is None or not np.isfinite(value):
                     return
                 self._log_step(f"val_{self.metric}", float(value), epoch)
@@ -217,21 +277,31 @@ class _Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            fit_model(pipeline, X_train, encode_target(split, y_train), X_val, encode_target(split, y_val),
-                      on_epoch_end=on_epoch_end, family=config.model.family)
+            fit_model(
+                pipeline,
+                X_train,
+                encode_target(split, y_train),
+                X_val,
+                encode_target(split, y_val),
+                on_epoch_end=on_epoch_end,
+                family=config.model.family,
+            )
             return evaluate(pipeline, split, X_val, y_val)[self.metric]
         # scikit-learn families: k-fold scores on the training part, one step per fold
         from sklearn.base import clone
         from sklearn.model_selection import KFold, StratifiedKFold
 
         folds = (StratifiedKFold if split.task == "classification" else KFold)(
-            n_splits=config.tuning.cv_folds, shuffle=True, random_state=config.seed)
+            n_splits=config.tuning.cv_folds, shuffle=True, random_state=config.seed
+        )
         y_codes = encode_target(split, y_train)
         scores = []
         for step, (fit_idx, val_idx) in enumerate(folds.split(X_train, y_codes)):
             model = clone(pipeline)
             fit_model(model, X_train.iloc[fit_idx], y_codes[fit_idx], family=config.model.family)
-            score = evaluate(model, split, X_train.iloc[val_idx], y_train.iloc[val_idx])[self.metric]
+            score = evaluate(model, split, X_train.iloc[val_idx], y_train.iloc[val_idx])[
+                self.metric
+            ]
             scores.append(score)
             mean = float(np.mean(scores))
             self._log_step(f"cv_{self.metric}", mean, step)
@@ -245,30 +315,61 @@ def _suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
     if spec.type == "categorical":
         return trial.suggest_categorical(name, spec.choices)
     if spec.type == "int":
-        return trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        return trial.suggest_int(
+            name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log
+        )
     return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
 
 
-def _summarize(config: Config, study: optuna.Study, split: DatasetSplit, metric: str, direction: str,
-               parent_id: str, storage: Any) -> StudyResult:
+def _summarize(
+    config: Config,
+    study: optuna.Study,
+    split: DatasetSplit,
+    metric: str,
+    direction: str,
+    parent_id: str,
+    storage: Any,
+) -> StudyResult:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    mlflow.log_metrics({"trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
-                        "trials_failed": counts[TrialState.FAIL]})
+    counts = {
+        s: sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    mlflow.log_metrics(
+        {
+            "trials_complete": counts[TrialState.COMPLETE],
+            "trials_pruned": counts[TrialState.PRUNED],
+            "trials_failed": counts[TrialState.FAIL],
+        }
+    )
     _log_study_artifacts(study)
-    result = StudyResult(study.study_name, metric, direction, None, {}, None, counts[TrialState.COMPLETE],
-                         counts[TrialState.PRUNED], counts[TrialState.FAIL], parent_id)
+    result = StudyResult(
+        study.study_name,
+        metric,
+        direction,
+        None,
+        {},
+        None,
+        counts[TrialState.COMPLETE],
+        counts[TrialState.PRUNED],
+        counts[TrialState.FAIL],
+        parent_id,
+    )
     if not complete:
         logger.warning("no trial completed; nothing to retrain")
         return result
     best = study.best_trial
     mlflow.log_metric(f"best_trial_{metric}", best.value)
     mlflow.set_tag("mlops.best_trial", best.number)
-    result = dataclasses.replace(result, best_value=best.value, best_params=dict(best.params), best_trial=best.number)
+    result = dataclasses.replace(
+        result, best_value=best.value, best_params=dict(best.params), best_trial=best.number
+    )
     with _claim(study, storage) as mine:
         if not mine:
-            logger.info("another worker retrains and registers the best model of %s", study.study_name)
+            logger.info(
+                "another worker retrains and registers the best model of %s", study.study_name
+            )
             return result
         return _retrain_best(config, study, split, best, result)
 
@@ -283,18 +384,26 @@ def _claim(study: optuna.Study, storage: Any) -> Iterator[bool]:
         if study.user_attrs.get("mlops.best_registered_by") or running:
             yield False
             return
-        study.set_user_attr("mlops.best_registered_by", f"{os.uname().nodename}:{os.getpid()}:{time.time():.0f}")
+        study.set_user_attr(
+            "mlops.best_registered_by", f"{os.uname().nodename}:{os.getpid()}:{time.time():.0f}"
+        )
     yield True
 
 
-def _retrain_best(config: Config, study: optuna.Study, split: DatasetSplit, best: Any,
-                  result: StudyResult) -> StudyResult:
+def _retrain_best(
+    config: Config, study: optuna.Study, split: DatasetSplit, best: Any, result: StudyResult
+) -> StudyResult:
     from mlops.registry import register
     from mlops.serving import log_model
     from mlops.training import fit_and_evaluate
 
-    best_config = config.model_copy(update={"model": config.model.model_copy(
-        update={"params": {**config.model.params, **best.params}})})
+    best_config = config.model_copy(
+        update={
+            "model": config.model.model_copy(
+                update={"params": {**config.model.params, **best.params}}
+            )
+        }
+    )
     mlflow.log_params({f"model.params.{k}": v for k, v in sorted(best_config.model.params.items())})
     mlflow.log_text(best_config.to_yaml(), CONFIG_ARTIFACT)
     # retrained as `mlops train` trains: on the training part alone, so its validation metrics,
@@ -309,7 +418,9 @@ def _retrain_best(config: Config, study: optuna.Study, split: DatasetSplit, best
         client.set_model_version_tag(mv.name, mv.version, "mlops.study_name", study.study_name)
         client.set_model_version_tag(mv.name, mv.version, "mlops.best_trial", str(best.number))
         version = str(mv.version)
-    return dataclasses.replace(result, model_uri=info.model_uri, registered_version=version, test_metrics=test_metrics)
+    return dataclasses.replace(
+        result, model_uri=info.model_uri, registered_version=version, test_metrics=test_metrics
+    )
 
 
 def _log_study_artifacts(study: optuna.Study) -> None:
@@ -323,10 +434,11 @@ def _log_study_artifacts(study: optuna.Study) -> None:
         frame = study.trials_dataframe()
         frame.to_csv(Path(tmp) / "trials.csv", index=False)
         mlflow.log_artifact(str(Path(tmp) / "trials.csv"), artifact_path="study")
-    import warnings
 
-    for name, plot in (("optimization_history", ovm.plot_optimization_history),
-                       ("param_importances", ovm.plot_param_importances)):
+    for name, plot in (
+        ("optimization_history", ovm.plot_optimization_history),
+        ("param_importances", ovm.plot_param_importances),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
@@ -344,15 +456,23 @@ class _progress:
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=min(initial, total), desc="trials", unit="trial", disable=not enabled)
+        self.bar = tqdm(
+            total=total,
+            initial=min(initial, total),
+            desc="trials",
+            unit="trial",
+            disable=not enabled,
+        )
 
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
-            best = study.best_value if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) else None
+            best = (
+                study.best_value
+                if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+                else None
+            )
             self.bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
-
-

@@ -1,4 +1,5 @@
-"""Where a study lives: Optuna storage opened from a URL, stale trials cleaned up, a study-wide lock.
+"""Where a study lives: Optuna storage opened from a URL, stale trials cleaned up, a study-wide
+lock.
 
 In memory (no URL), SQLite for one process, PostgreSQL for many workers. A worker that stops
 sending heartbeats has its trial failed and retried, and its MLflow runs ended as FAILED.
@@ -10,8 +11,9 @@ import inspect
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import optuna
@@ -38,21 +40,32 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
         kwargs["connect_args"] = {"connect_timeout": 10}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2) \
-            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
+        retry = (
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
             else optuna.storages.RetryFailedTrialCallback(max_retry=2)
+        )
 
     def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         end_orphan_runs(study.study_name, trial)
         retry(study, trial)
 
-    callback_kw = ("heartbeat_stale_trial_callback"
-                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
-                   else "failed_trial_callback")
+    callback_kw = (
+        "heartbeat_stale_trial_callback"
+        if "heartbeat_stale_trial_callback"
+        in inspect.signature(optuna.storages.RDBStorage).parameters
+        else "failed_trial_callback"
+    )
+
+    callback: dict[str, Any] = {callback_kw: on_stale}
+
     def connect() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=config.tuning.heartbeat_interval,
-            grace_period=config.tuning.grace_period, **{callback_kw: on_stale},
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=config.tuning.heartbeat_interval,
+            grace_period=config.tuning.grace_period,
+            **callback,
         )
 
     try:
@@ -65,8 +78,10 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
             return connect()
     except Exception as exc:  # noqa: BLE001 - any driver or connection error ends here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ConfigError(f"tuning.storage: cannot open study storage {masked} ({first[:200]}); "
-                          "check the URL and that the database is reachable") from None
+        raise ConfigError(
+            f"tuning.storage: cannot open study storage {masked} ({first[:200]}); "
+            "check the URL and that the database is reachable"
+        ) from None
 
 
 def end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
@@ -76,12 +91,21 @@ def end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
     (the run of a worker killed early may exist before its trial got the attribute).
     """
     client = mlflow.MlflowClient()
-    run_ids = {trial.user_attrs.get("mlflow_run_id"), trial.user_attrs.get("mlflow_parent_run_id")} - {None}
+    run_ids = {
+        trial.user_attrs.get("mlflow_run_id"),
+        trial.user_attrs.get("mlflow_parent_run_id"),
+    } - {None}
     name = study_name.replace("'", "\\'")
     try:
-        found = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
-            f"tags.`mlops.study_name` = '{name}' and tags.`mlops.trial_number` = '{trial.number}' "
-            "and attributes.status = 'RUNNING'"))
+        found = mlflow.search_runs(
+            search_all_experiments=True,
+            output_format="list",
+            filter_string=(
+                f"tags.`mlops.study_name` = '{name}' and tags.`mlops.trial_number` = "
+                f"'{trial.number}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+        )
     except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the study
         logger.warning("could not look for the runs of stale trial %d: %s", trial.number, exc)
         found = []

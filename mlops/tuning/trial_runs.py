@@ -36,20 +36,41 @@ logger = logging.getLogger(__name__)
 MetricRow = tuple[str, float, int, int]
 
 
-def _open_run(client: Any, experiment_id: str, parent_id: str, study_name: str, number: int, start_ms: int) -> str:
+def _open_run(
+    client: Any, experiment_id: str, parent_id: str, study_name: str, number: int, start_ms: int
+) -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    run = client.create_run(experiment_id, start_time=start_ms, run_name=f"trial-{number}", tags={
-        MLFLOW_PARENT_RUN_ID: parent_id, "mlops.trial_number": str(number), "mlops.study_name": study_name})
+    run = client.create_run(
+        experiment_id,
+        start_time=start_ms,
+        run_name=f"trial-{number}",
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            "mlops.trial_number": str(number),
+            "mlops.study_name": study_name,
+        },
+    )
     return run.info.run_id
 
 
-def _finish_run(client: Any, run_id: str, metrics: list[MetricRow], params: dict[str, str], state: str,
-                status: str, end_ms: int) -> None:
+def _finish_run(
+    client: Any,
+    run_id: str,
+    metrics: list[MetricRow],
+    params: dict[str, str],
+    state: str,
+    status: str,
+    end_ms: int,
+) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
-    client.log_batch(run_id, metrics=[Metric(k, float(v), int(t), int(s)) for k, v, t, s in metrics],
-                     params=[Param(k, v) for k, v in params.items()], tags=[RunTag("mlops.trial_state", state)])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), int(t), int(s)) for k, v, t, s in metrics],
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag("mlops.trial_state", state)],
+    )
     client.set_terminated(run_id, status, end_time=end_ms)
 
 
@@ -57,12 +78,15 @@ class TrialRuns:
     """Opens and finishes the trial runs of one search; :meth:`close` waits for all of them."""
 
     def __init__(self, *, use_process: bool = True) -> None:
-        """Start the writer process: it imports MLflow while the search gets ready (see :meth:`start`)."""
+        """Start the writer process: it imports MLflow while the search gets ready (see
+        :meth:`start`)."""
         self.experiment_id = self.parent_id = self.study_name = ""
         self._lock = threading.Lock()
-        self._live: dict[int, Any] = {}          # trial number -> optuna.Trial, until it ends
-        self._run_ids: dict[int, str] = {}       # runs the child confirmed opening
-        self._unconfirmed: dict[int, dict] = {}  # trial number -> its messages the child has not confirmed
+        self._live: dict[int, Any] = {}  # trial number -> optuna.Trial, until it ends
+        self._run_ids: dict[int, str] = {}  # runs the child confirmed opening
+        self._unconfirmed: dict[
+            int, dict
+        ] = {}  # trial number -> its messages the child has not confirmed
         self.errors: list[str] = []
         self._thread_writer: ThreadPoolExecutor | None = None
         self._thread_futures: list = []
@@ -73,7 +97,9 @@ class TrialRuns:
             try:
                 self._start_child()
             except OSError as exc:
-                logger.warning("trial runs are written in-process: the writer process did not start (%s)", exc)
+                logger.warning(
+                    "trial runs are written in-process: the writer process did not start (%s)", exc
+                )
                 self._proc = None
 
     def start(self, experiment_id: str, parent_id: str, study_name: str) -> None:
@@ -83,17 +109,31 @@ class TrialRuns:
         self.experiment_id, self.parent_id, self.study_name = experiment_id, parent_id, study_name
         if self._proc is not None:
             # the tracking URI goes over the pipe, not the command line (it may hold a password)
-            self._outbox.put({"op": "init", "tracking_uri": mlflow.get_tracking_uri(), "parent_id": parent_id})
+            self._outbox.put(
+                {"op": "init", "tracking_uri": mlflow.get_tracking_uri(), "parent_id": parent_id}
+            )
 
     # ---- the tuning process's side ----
     def _start_child(self) -> None:
         root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self._proc = subprocess.Popen([sys.executable, "-m", "mlops.tuning.trial_runs"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        )
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mlops.tuning.trial_runs"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send, name="mlops-trial-runs-send", daemon=True)
-        self._reader = threading.Thread(target=self._read, name="mlops-trial-runs-read", daemon=True)
+        self._sender = threading.Thread(
+            target=self._send, name="mlops-trial-runs-send", daemon=True
+        )
+        self._reader = threading.Thread(
+            target=self._read, name="mlops-trial-runs-read", daemon=True
+        )
         self._sender.start()
         self._reader.start()
 
@@ -106,18 +146,38 @@ class TrialRuns:
         with self._lock:
             self._live[number] = trial
             if self._proc is not None:
-                message = {"op": "open", "trial": number, "experiment_id": self.experiment_id,
-                           "study_name": self.study_name, "start": start_ms}
+                message = {
+                    "op": "open",
+                    "trial": number,
+                    "experiment_id": self.experiment_id,
+                    "study_name": self.study_name,
+                    "start": start_ms,
+                }
                 self._unconfirmed[number] = {"open": message}
                 self._outbox.put(message)
                 return
         self._in_thread(number, {"open": {"start": start_ms}})
 
-    def finish(self, number: int, metrics: list[MetricRow], params: dict[str, str], state: str, status: str,
-               end_ms: int) -> None:
-        """Fill and close the trial's run (in the background); the trial no longer takes attributes."""
-        message = {"op": "finish", "trial": number, "metrics": metrics, "params": params, "state": state,
-                   "status": status, "end": end_ms}
+    def finish(
+        self,
+        number: int,
+        metrics: list[MetricRow],
+        params: dict[str, str],
+        state: str,
+        status: str,
+        end_ms: int,
+    ) -> None:
+        """Fill and close the trial's run (in the background); the trial no longer takes
+        attributes."""
+        message = {
+            "op": "finish",
+            "trial": number,
+            "metrics": metrics,
+            "params": params,
+            "state": state,
+            "status": status,
+            "end": end_ms,
+        }
         with self._lock:
             self._live.pop(number, None)
             if self._proc is not None:
@@ -137,13 +197,18 @@ class TrialRuns:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("the trial-run writer did not finish within %.0f s; stopping it", timeout)
+                logger.warning(
+                    "the trial-run writer did not finish within %.0f s; stopping it", timeout
+                )
                 proc.kill()
                 proc.wait()
             self._reader.join(timeout=10)
             self._sender.join(timeout=10)
-            if proc.returncode or self._unconfirmed:  # not everything confirmed: write the rest here
-                self._take_over(f"exit code {proc.returncode}" if proc.returncode else "runs left unwritten")
+            # not everything confirmed: write the rest here
+            if proc.returncode or self._unconfirmed:
+                self._take_over(
+                    f"exit code {proc.returncode}" if proc.returncode else "runs left unwritten"
+                )
         if self._thread_writer is not None:
             self._thread_writer.shutdown(wait=True)
             for future in self._thread_futures:
@@ -188,7 +253,8 @@ class TrialRuns:
                     self._unconfirmed.pop(number, None)
             if trial is not None:
                 # the trial → run link for trials.csv and for ending a killed worker's runs; a trial
-                # that ended meanwhile cannot take it (its run carries the study and trial number tags)
+                # that ended meanwhile cannot take it (its run carries the study and trial number
+                # tags)
                 try:
                     trial.set_user_attr("mlflow_run_id", reply["run_id"])
                 except Exception:  # noqa: BLE001 - optuna's "trial already finished"
@@ -207,8 +273,13 @@ class TrialRuns:
             self._proc = None
             left = dict(self._unconfirmed)
             self._unconfirmed.clear()
-        logger.warning("the trial-run writer process stopped (%s); %d trial run(s) it had not confirmed and all "
-                       "later ones are written in-process", why, len(left))
+        logger.warning(
+            "the trial-run writer process stopped (%s); %d trial run(s) it had not confirmed and "
+            "all "
+            "later ones are written in-process",
+            why,
+            len(left),
+        )
         for number, messages in sorted(left.items()):
             self._in_thread(number, messages)
 
@@ -216,8 +287,12 @@ class TrialRuns:
         """The in-process writer: one thread, open before finish for each trial."""
         with self._lock:
             if self._thread_writer is None:
-                self._thread_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlops-trial-runs")
-            self._thread_futures.append(self._thread_writer.submit(self._write_here, number, messages))
+                self._thread_writer = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="mlops-trial-runs"
+                )
+            self._thread_futures.append(
+                self._thread_writer.submit(self._write_here, number, messages)
+            )
 
     def _write_here(self, number: int, messages: dict) -> None:
         import mlflow
@@ -225,8 +300,14 @@ class TrialRuns:
         if self._client is None:
             self._client = mlflow.MlflowClient()
         if "open" in messages:
-            run_id = _open_run(self._client, self.experiment_id, self.parent_id, self.study_name, number,
-                               messages["open"]["start"])
+            run_id = _open_run(
+                self._client,
+                self.experiment_id,
+                self.parent_id,
+                self.study_name,
+                number,
+                messages["open"]["start"],
+            )
             with self._lock:
                 self._run_ids[number] = run_id
                 trial = self._live.get(number)
@@ -241,16 +322,21 @@ class TrialRuns:
                 run_id = self._run_ids.get(number)
             if run_id is None:
                 raise RuntimeError(f"trial {number}: its run was never opened")
-            _finish_run(self._client, run_id, m["metrics"], m["params"], m["state"], m["status"], m["end"])
+            _finish_run(
+                self._client, run_id, m["metrics"], m["params"], m["state"], m["status"], m["end"]
+            )
 
 
 # ---- the child process ----
 def _serve() -> int:
     """Read JSON lines from stdin and make the MLflow calls; answer JSON lines on stdout."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the search; the search then closes us
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C stops the search; the search then closes us
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints goes to stderr, not into the answers
-    import mlflow  # while the search gets ready: started early, the process is ready for the first trial
+    # while the search gets ready: started early, the process is ready for the first trial
+    import mlflow
 
     first = sys.stdin.readline()
     init = json.loads(first) if first else {"op": "close"}
@@ -270,22 +356,46 @@ def _serve() -> int:
         try:
             if op == "open":
                 failed_open[number] = message
-                opened[number] = _open_run(client, message["experiment_id"], init["parent_id"],
-                                           message["study_name"], number, message["start"])
+                opened[number] = _open_run(
+                    client,
+                    message["experiment_id"],
+                    init["parent_id"],
+                    message["study_name"],
+                    number,
+                    message["start"],
+                )
                 del failed_open[number]
                 out.write(json.dumps({"trial": number, "run_id": opened[number]}) + "\n")
             elif op == "finish":
                 if number in failed_open:
                     first = failed_open[number]
-                    opened[number] = _open_run(client, first["experiment_id"], init["parent_id"],
-                                               first["study_name"], number, first["start"])
+                    opened[number] = _open_run(
+                        client,
+                        first["experiment_id"],
+                        init["parent_id"],
+                        first["study_name"],
+                        number,
+                        first["start"],
+                    )
                     del failed_open[number]
                 run_id = opened.pop(number)
-                _finish_run(client, run_id, message["metrics"], message["params"], message["state"],
-                            message["status"], message["end"])
+                _finish_run(
+                    client,
+                    run_id,
+                    message["metrics"],
+                    message["params"],
+                    message["state"],
+                    message["status"],
+                    message["end"],
+                )
                 out.write(json.dumps({"trial": number, "finished": True}) + "\n")
         except Exception as exc:  # noqa: BLE001 - one trial's failed write must not stop the others
-            out.write(json.dumps({"trial": number, "op": op, "error": f"{exc.__class__.__name__}: {exc}"[:500]}) + "\n")
+            out.write(
+                json.dumps(
+                    {"trial": number, "op": op, "error": f"{exc.__class__.__name__}: {exc}"[:500]}
+                )
+                + "\n"
+            )
     if not closed:
         # end-of-file without "close": the tuning process died; leave no run RUNNING
         from mlops.tracking import end_runs

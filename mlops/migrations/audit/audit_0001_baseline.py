@@ -25,7 +25,8 @@ depends_on = None
 def tables(metadata: sa.MetaData) -> None:
     """Define the baseline tables in ``metadata``."""
     sa.Table(
-        "mlops_audit", metadata,
+        "mlops_audit",
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("who", sa.String(200), nullable=False),
@@ -40,7 +41,8 @@ def tables(metadata: sa.MetaData) -> None:
         sa.Column("gates", sa.Text, nullable=False),
     )
     sa.Table(
-        "mlops_registry_lock", metadata,
+        "mlops_registry_lock",
+        metadata,
         sa.Column("model", sa.String(256), primary_key=True),
         sa.Column("holder", sa.String(200)),
         sa.Column("since", sa.DateTime(timezone=True)),

@@ -22,12 +22,18 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+
 def tables(metadata: sa.MetaData) -> None:
     """Define the baseline tables in ``metadata``."""
     sa.Table(
-        "mlops_predictions", metadata,
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-                  autoincrement=True),
+        "mlops_predictions",
+        metadata,
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("request_id", sa.String(32), nullable=False, index=True),
         sa.Column("row", sa.Integer, nullable=False),
         sa.Column("at", sa.Float, nullable=False),
@@ -44,12 +50,14 @@ def tables(metadata: sa.MetaData) -> None:
         sa.Index("ix_mlops_predictions_model_at", "model", "at"),
     )
     sa.Table(
-        "mlops_prediction_layouts", metadata,
+        "mlops_prediction_layouts",
+        metadata,
         sa.Column("id", sa.String(16), primary_key=True),
         sa.Column("columns", sa.Text, nullable=False),
     )
     sa.Table(
-        "mlops_labels", metadata,
+        "mlops_labels",
+        metadata,
         sa.Column("request_id", sa.String(32), primary_key=True),
         sa.Column("row", sa.Integer, primary_key=True),
         sa.Column("model", sa.String(256), nullable=False),
@@ -57,7 +65,8 @@ def tables(metadata: sa.MetaData) -> None:
         sa.Column("at", sa.Float, nullable=False),
     )
     sa.Table(
-        "mlops_prediction_log_stats", metadata,
+        "mlops_prediction_log_stats",
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("model", sa.String(256), nullable=False),
@@ -68,7 +77,8 @@ def tables(metadata: sa.MetaData) -> None:
         sa.Index("ix_mlops_prediction_log_stats_model_at", "model", "at"),
     )
     sa.Table(
-        "mlops_alerts", metadata,
+        "mlops_alerts",
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("at", sa.Float, nullable=False),
         sa.Column("model", sa.String(256), nullable=False, index=True),
@@ -91,6 +101,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for name in ("mlops_alerts", "mlops_prediction_log_stats", "mlops_labels", "mlops_prediction_layouts",
-                 "mlops_predictions"):
+    for name in (
+        "mlops_alerts",
+        "mlops_prediction_log_stats",
+        "mlops_labels",
+        "mlops_prediction_layouts",
+        "mlops_predictions",
+    ):
         op.drop_table(name)  # their indexes go with them
