@@ -7,12 +7,13 @@ is opened (:mod:`mlops.migrations`).
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 import sqlalchemy as sa
-from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
 from mlops.errors import MlopsError
-from mlops.migrations import SchemaError, history_of, upgrade
 
 
 def mask_url(url: str) -> str:
@@ -30,7 +31,9 @@ def create_engine(
 
     ``wal``: a SQLite file is put in write-ahead-log mode (it stays so), where readers and the
     writer do not block each other: a long ``mlops monitor`` read does not stall the servers'
-    prediction writers, and a commit costs less.
+    prediction writers, and a commit costs less. The switch needs a moment when no other
+    connection writes (SQLite answers "locked" at once rather than waiting): it is tried
+    again for up to ``sqlite_timeout`` seconds.
     """
     args = (
         {"timeout": sqlite_timeout}
@@ -46,9 +49,28 @@ def create_engine(
 
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection, _record) -> None:  # noqa: ANN001 - a DB-API connection
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(dbapi_connection, sqlite_timeout)
 
     return engine
+
+
+def _switch_to_wal(dbapi_connection: sqlite3.Connection, timeout: float) -> None:
+    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return  # the usual case: switched by an earlier connection
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            mode = dbapi_connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            # e.g. another store's upgrade holds the write lock of a file in rollback mode
+            if "locked" not in str(exc):
+                raise
+            mode = "locked"
+        if mode.lower() == "wal":
+            return
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"cannot switch to WAL mode ({mode})")
+        time.sleep(0.05)
 
 
 def open_tables(
@@ -69,6 +91,12 @@ def open_tables(
     the migration history that owns them (:mod:`mlops.migrations`); an open that finds them at
     the head costs one query.
     """
+    # here, not at the top: the served model's prediction logger imports this module too and
+    # should not pay for Alembic's import
+    from alembic.util import CommandError
+
+    from mlops.migrations import SchemaError, history_of, upgrade
+
     history = history_of(metadata.tables).name
     engine = None
     try:

@@ -433,21 +433,8 @@ def test_log_database_stopped_mid_traffic_loses_no_request_and_reports_drops(
             {"monitoring": True, "monitoring_url": url, "monitoring_queue_rows": capacity}
         ),
     )
-    cmd = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}/{store['v1']}",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    # `mlops serve`: its graceful stop flushes the prediction log (checked at the end)
+    cmd = [str(BIN / "mlops"), "serve", NAME, "--version", store["v1"], "--port", str(port)]
     one = records(synthetic(1, seed=3))
     with running(cmd, env, port, store["root"] / "pg-server.log") as base:
         before = [post(base, one) for _ in range(20)]

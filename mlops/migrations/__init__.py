@@ -21,9 +21,11 @@ Opening a store: :func:`upgrade`
    lock for minutes).
 2. Otherwise openers are serialised: on PostgreSQL by a transaction-level advisory lock keyed on
    the version table's name, on SQLite by ``BEGIN IMMEDIATE`` (the file's write lock, waited for
-   up to the engine's timeout). Under the lock the version is read again (a racer may have
-   upgraded meanwhile) and the revisions run in that same transaction. Both databases have
-   transactional DDL: an upgrade lands whole or not at all, and a waiting opener sees it whole.
+   up to the engine's timeout), and within a process by a lock of its own (Alembic keeps its
+   running migration in module globals, so two threads must not run one each at once). Under
+   the lock the version is read again (a racer may have upgraded meanwhile) and the revisions
+   run in that same transaction. Both databases have transactional DDL: an upgrade lands whole
+   or not at all, and a waiting opener sees it whole.
 3. Other dialects get no lock; there, as everywhere, an attempt that fails on an object a racer
    created just before ("already exists") is tried again, and then finds the work done.
 
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +78,8 @@ from sqlalchemy.exc import SQLAlchemyError
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ATTEMPTS = 3  # tries of an upgrade that lost a race on a dialect without a lock
+# Alembic's ``context`` and ``op`` are module globals: one upgrade at a time in a process
+_IN_PROCESS = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ def upgrade(engine: sa.Engine, history: str) -> bool:
         attempt = 1
         while True:
             try:
-                with _locked(conn, history):
+                with _IN_PROCESS, _locked(conn, history):
                     return _upgrade_locked(conn, history)
             except SQLAlchemyError as exc:
                 if attempt == ATTEMPTS or not _lost_race(exc):
@@ -268,8 +273,7 @@ def create_or_adopt(bind: sa.Connection, metadata: sa.MetaData) -> None:
                 raise SchemaError(
                     f"table {table.name} exists without its NOT NULL column {column.name}: "
                     "it was made by an mlops older than the first one with schema versions; "
-                    "migrate its rows by hand or "
-                    "drop it"
+                    "migrate its rows by hand or drop it"
                 )
             logger.info("adopting table %s: adding column %s", table.name, column.name)
             op.add_column(table.name, sa.Column(column.name, column.type, nullable=True))
