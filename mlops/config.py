@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -265,8 +266,34 @@ class Config(_Strict):
         return {k: ("" if v is None else v) for k, v in out.items()}
 
     def to_yaml(self) -> str:
-        """The whole resolved config as YAML (what ``read_resolved_config`` reads back)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The whole resolved config as YAML, credentials in its URLs hidden (for a run artifact).
+
+        ``read_resolved_config`` reads it back; the store URLs it carries are for a person to
+        read, not to connect with.
+        """
+        tree = self.model_dump(mode="json")
+        for section, key in _URL_KEYS:
+            if tree[section].get(key):
+                tree[section][key] = redact_url(tree[section][key])
+        return yaml.safe_dump(tree, sort_keys=False)
+
+
+_URL_KEYS = (
+    ("registry", "audit_url"),
+    ("monitoring", "log_url"),
+    ("monitoring", "webhook"),
+    ("tuning", "storage"),
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and query string (tokens live there) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    if parts.query:
+        url = url.replace(f"?{parts.query}", "?***", 1)
+    return url
 
 
 def conf_dir() -> Path:

@@ -313,12 +313,17 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             mlflow.log_artifacts(tmp, artifact_path="data")
 
 
+_CONFLICT_CODES = frozenset({"BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"})
+
+
 def _log_input(dataset: object, context: str, data_hash: str, attempts: int = 3) -> None:
     """``mlflow.log_input``, retried when another process logged the same dataset meanwhile.
 
     MLflow's SQL store looks the dataset up and then inserts it: two workers of one tuning
-    study starting together both miss it and one insert fails on the unique key. On a retry
-    the dataset is there and is only linked to this run.
+    study starting together both miss it and one insert fails on the unique key, which the
+    store reports as ``BAD_REQUEST`` (a tracking server: ``RESOURCE_ALREADY_EXISTS``). On a
+    retry the dataset is there and is only linked to this run; any other error is raised at
+    once, and a conflict that outlives the retries too.
     """
     import time
 
@@ -330,8 +335,7 @@ def _log_input(dataset: object, context: str, data_hash: str, attempts: int = 3)
             mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": data_hash})
             return
         except MlflowException as exc:
-            text = str(exc).lower()
-            if attempt == attempts - 1 or not ("unique" in text or "duplicate" in text):
+            if attempt == attempts - 1 or exc.error_code not in _CONFLICT_CODES:
                 raise
             time.sleep(0.2 * (attempt + 1))
 

@@ -31,9 +31,17 @@ def server_env(tracking_uri: str, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def running(
-    command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 180
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    timeout: float = 180,
+    health: str = "/ping",
 ) -> Iterator[str]:
-    """Run ``command`` until it answers GET /ping on ``port``; yield its base URL; stop it."""
+    """Run ``command`` until it answers GET ``health`` on ``port``; yield its base URL; stop it.
+
+    A scoring server answers ``/ping``; ``mlflow server`` (tracking) only ``/health``.
+    """
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -47,14 +55,14 @@ def running(
                     f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
                 )
             try:
-                with urllib.request.urlopen(base + "/ping", timeout=2) as resp:
+                with urllib.request.urlopen(base + health, timeout=2) as resp:
                     if resp.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"server did not answer /ping in {timeout}s:\n{log.read_text()[-3000:]}"
+                    f"server did not answer {health} in {timeout}s:\n{log.read_text()[-3000:]}"
                 )
             time.sleep(0.3)
         yield base

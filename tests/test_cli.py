@@ -107,17 +107,25 @@ def _env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_mlflow_run_main_end_to_end(tracking_uri: str, tmp_path: Path) -> None:
-    """`mlflow run . --env-manager local` with no parameter: prepare + train on the default."""
+def mlflow_run(tracking_uri: str, cwd: Path, *args: str, timeout: int = 300):
+    """`mlflow run <this project> --env-manager local ARGS` in ``cwd`` on ``tracking_uri``."""
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run(
-        [mlflow_bin, "run", str(REPO), "--env-manager", "local"],
-        cwd=tmp_path,
+    return subprocess.run(
+        [mlflow_bin, "run", str(REPO), "--env-manager", "local", *args],
+        cwd=cwd,
         env=_env(tracking_uri),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_end_to_end(tracking_uri: str, tmp_path: Path) -> None:
+    """`mlflow run . --env-manager local` with no parameter: prepare + train on the default."""
+    proc = mlflow_run(
+        tracking_uri,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -136,25 +144,7 @@ def test_mlflow_run_main_end_to_end(tracking_uri: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_mlflow_run_entry_point_failure_is_marked_failed(tracking_uri: str, tmp_path: Path) -> None:
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run(
-        [
-            mlflow_bin,
-            "run",
-            str(REPO),
-            "-e",
-            "train",
-            "--env-manager",
-            "local",
-            "-P",
-            "model=bogus",
-        ],
-        cwd=tmp_path,
-        env=_env(tracking_uri),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = mlflow_run(tracking_uri, tmp_path, "-e", "train", "-P", "model=bogus")
     assert proc.returncode != 0
     assert "error: model.family: unknown model family 'bogus'" in proc.stderr
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -166,35 +156,25 @@ def test_mlflow_run_main_names_its_run_and_keeps_params_readable(
     tracking_uri: str, tmp_path: Path
 ) -> None:
     """What a person sees in the UI: a named run, few params, the whole config as an artifact."""
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run(
-        [
-            mlflow_bin,
-            "run",
-            str(REPO),
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "mlops",
-            "-P",
-            "overrides=seed=3 'model.params.max_iter=300'",
-        ],
-        cwd=tmp_path,
-        env=_env(tracking_uri),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = mlflow_run(
+        tracking_uri,
+        tmp_path,
+        "--experiment-name",
+        "mlops",
+        "-P",
+        "overrides=seed=3 'model.params.max_iter=300'",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.run_name == "train-logreg"
     assert run.data.params["model.params.max_iter"] == "300" and run.data.params["seed"] == "3"
     assert len(run.data.params) <= 40, sorted(run.data.params)
+    # no config section but model, data and split settings; the serving options MLflow logs from
+    # the model config appear once, and the prediction log's URL is not among them
     assert not [
-        k
-        for k in run.data.params
-        if k.startswith(("monitoring", "registry", "serving", "max_rows"))
+        k for k in run.data.params if k.startswith(("monitoring.", "registry.", "serving."))
     ]
+    assert run.data.params["max_rows"] == "10000" and run.data.params["monitoring_url"] == ""
     path = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="config.yaml", dst_path=str(tmp_path / "cfg")
     )
@@ -209,25 +189,15 @@ def test_mlflow_run_tune_then_promote_to_staging_passes_the_default_gates(
     tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The flow across commands: `mlflow run . -e tune`, then `mlops promote ... --to staging`."""
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.run(
-        [
-            mlflow_bin,
-            "run",
-            str(REPO),
-            "-e",
-            "tune",
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "mlops",
-            "-P",
-            "n_trials=4",
-        ],
-        cwd=tmp_path,
-        env=_env(tracking_uri),
-        capture_output=True,
-        text=True,
+    proc = mlflow_run(
+        tracking_uri,
+        tmp_path,
+        "-e",
+        "tune",
+        "--experiment-name",
+        "mlops",
+        "-P",
+        "n_trials=4",
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -96,3 +96,24 @@ def test_config_is_frozen() -> None:
     cfg = load_config()
     with pytest.raises(ValidationError):
         cfg.seed = 5  # type: ignore[misc]
+
+
+def test_config_artifact_hides_credentials() -> None:
+    """The config.yaml logged on every run keeps URLs readable and their secrets out."""
+    cfg = load_config(
+        overrides=[
+            "registry.audit_url=postgresql+psycopg://mlops:AUDITPW@db/audit",
+            "monitoring.log_url=postgresql+psycopg://mon:LOGPW@db/log",
+            "monitoring.webhook=https://hooks.example/x?token=HOOKTOKEN",
+            "tuning.storage=postgresql+psycopg://optuna:STUDYPW@db/optuna",
+        ]
+    )
+    text = cfg.to_yaml()
+    for secret in ("AUDITPW", "LOGPW", "HOOKTOKEN", "STUDYPW"):
+        assert secret not in text
+    assert (
+        "postgresql+psycopg://mlops:***@db/audit" in text and "https://hooks.example/x?***" in text
+    )
+    assert "sqlite:////tmp/x.db" == __import__("mlops.config").config.redact_url(
+        "sqlite:////tmp/x.db"
+    )

@@ -219,3 +219,35 @@ def test_workers_logging_the_same_split_at_once_all_succeed(postgres_url: str) -
                 {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs
             )
             assert contexts == ["test", "train", "validation"]
+
+
+def test_a_dataset_logged_by_another_worker_meanwhile_is_retried_other_errors_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow's store reports the unique-key race as BAD_REQUEST: retried; anything else raised."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST
+
+    from mlops import data
+
+    calls: list[str] = []
+
+    def conflict_once(dataset: object, context: str, tags: dict) -> None:
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException("UNIQUE constraint failed: datasets", error_code=BAD_REQUEST)
+
+    monkeypatch.setattr(mlflow, "log_input", conflict_once)
+    data._log_input(object(), "train", "h")
+    assert calls == ["train", "train"]
+
+    def refused(dataset: object, context: str, tags: dict) -> None:
+        calls.append(context)
+        raise MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    calls.clear()
+    monkeypatch.setattr(mlflow, "log_input", refused)
+    with pytest.raises(MlflowException, match="no such run"):
+        data._log_input(object(), "train", "h")
+    assert calls == ["train"]

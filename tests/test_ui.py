@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +20,7 @@ import mlflow
 import pytest
 
 from tests.conftest import free_port, skip_or_fail
-from tests.servers import BIN, server_env
+from tests.servers import BIN, running, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -67,45 +63,8 @@ def _mlflow_server(uri: str, log: Path, timeout: float = 120) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            env=server_env(uri),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    "mlflow server did not answer /health in "
-                    f"{timeout}s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.3)
+    with running(command, server_env(uri), port, log, timeout=timeout, health="/health") as base:
         yield base
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=5)
 
 
 @contextmanager
