@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,13 +22,18 @@ from sklearn.model_selection import train_test_split
 from mlops.config import Config, DataConfig
 from mlops.errors import DataValidationError
 
+if TYPE_CHECKING:
+    from mlflow.data.dataset import Dataset
+    from mlflow.data.dataset_source import DatasetSource
+    from sklearn.utils import Bunch
+
 logger = logging.getLogger(__name__)
 
 SKLEARN_PREFIX = "sklearn:"
 SKLEARN_TARGET = "target"
 
 
-def _sklearn_loader(name: str) -> Callable[..., object]:
+def _sklearn_loader(name: str) -> Callable[..., Bunch]:
     from sklearn import datasets
 
     return getattr(datasets, f"load_{name}")
@@ -266,9 +272,10 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
 
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
 
     if split.source.startswith(SKLEARN_PREFIX):
-        source: object = CodeDatasetSource(tags={"dataset": split.source})
+        source: str | DatasetSource = CodeDatasetSource(tags={"dataset": split.source})
     else:
         source = split.source
     base = (
@@ -284,7 +291,7 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             warnings.filterwarnings(
                 "ignore", message="The specified dataset source can be interpreted"
             )
-            dataset = mlflow.data.from_pandas(
+            dataset = from_pandas(
                 frame, source=source, targets=split.target, name=f"{base}-{context}"
             )
         _log_input(dataset, context, split.content_hash)
@@ -316,7 +323,7 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
 _CONFLICT_CODES = frozenset({"BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"})
 
 
-def _log_input(dataset: object, context: str, data_hash: str, attempts: int = 3) -> None:
+def _log_input(dataset: Dataset, context: str, data_hash: str, attempts: int = 3) -> None:
     """``mlflow.log_input``, retried when another process logged the same dataset meanwhile.
 
     MLflow's SQL store looks the dataset up and then inserts it: two workers of one tuning

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
 from mlops.data import DatasetSplit, encode_target
@@ -24,8 +25,8 @@ LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 
 
 def classification(
-    y_true: Sequence[Any],
-    y_pred: Sequence[Any],
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
     classes: Sequence[Any],
     proba: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -61,7 +62,7 @@ def classification(
     return out
 
 
-def regression(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
+def regression(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """RMSE, MAE and R² over the rows where both values are finite."""
     truth, pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
     keep = np.isfinite(truth) & np.isfinite(pred)
@@ -91,7 +92,7 @@ def higher_is_better(metric: str) -> bool:
     return not any(metric == m or metric.endswith("_" + m) for m in LOWER_IS_BETTER)
 
 
-def _labels(values: Sequence[Any]) -> np.ndarray:
+def _labels(values: ArrayLike) -> np.ndarray:
     """Labels as an array scikit-learn reads as classes: text as str, codes as int."""
     array = np.asarray(values)
     if array.dtype == object:

@@ -298,9 +298,7 @@ def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[Fi
         hits = [
             (k, v)
             for k, v in metrics.items()
-            if fnmatch.fnmatchcase(k, rule.metric)
-            and math.isfinite(v)
-            and (v > rule.above if rule.above is not None else v < rule.below)
+            if fnmatch.fnmatchcase(k, rule.metric) and math.isfinite(v) and _breaks(rule, v)
         ]
         if hits:
             hits.sort(key=lambda kv: kv[1], reverse=rule.above is not None)
@@ -308,8 +306,17 @@ def evaluate_rules(rules: list[AlertRule], metrics: dict[str, float]) -> list[Fi
     return fired
 
 
+def _breaks(rule: AlertRule, value: float) -> bool:
+    if rule.above is not None:
+        return value > rule.above
+    assert rule.below is not None  # AlertRule's validator requires exactly one bound
+    return value < rule.below
+
+
 def _bound(rule: AlertRule) -> float:
-    return float(rule.above if rule.above is not None else rule.below)
+    bound = rule.above if rule.above is not None else rule.below
+    assert bound is not None  # AlertRule's validator requires exactly one bound
+    return float(bound)
 
 
 def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from mlops.monitoring.profile import numeric_shares
@@ -24,7 +25,7 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", str(name))
 
 
-def psi(reference_shares: Sequence[float], current_shares: Sequence[float]) -> float:
+def psi(reference_shares: ArrayLike, current_shares: ArrayLike) -> float:
     """Population stability index of two share vectors over the same bins."""
     ref = np.clip(np.asarray(reference_shares, dtype=float), _EPS, None)
     cur = np.clip(np.asarray(current_shares, dtype=float), _EPS, None)

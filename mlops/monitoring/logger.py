@@ -145,7 +145,7 @@ class PredictionLogger:
         self.dropped_total = 0
         self.failures = 0
         self._engine: sa.Engine | None = None
-        self._pending: list[dict[str, Any]] = []  # rows built, waiting for the store
+        self._pending: list[tuple[Any, ...]] = []  # rows built, waiting for the store
         # unmasked numeric features are written as float64 bytes in this layout; the rest as JSON
         self._plain_idx = [j for j, c in enumerate(self.numeric) if c not in self.sensitive]
         self._extra_idx = [j for j, c in enumerate(self.numeric) if c in self.sensitive]
@@ -231,6 +231,8 @@ class PredictionLogger:
                 engine = create_engine(self.url, connect_timeout=3, wal=True)
                 META.create_all(engine)
                 self._engine, self._insert_sql = engine, _insert_sql(engine)
+            insert_sql = self._insert_sql
+            assert insert_sql is not None  # set together with the engine
             with self._engine.begin() as conn:
                 if not self._layout_stored:
                     known = conn.execute(
@@ -243,7 +245,7 @@ class PredictionLogger:
                             )
                         )
                 if batch:  # straight to the driver's executemany: no per-row SQLAlchemy work
-                    conn.exec_driver_sql(self._insert_sql, batch)
+                    conn.exec_driver_sql(insert_sql, batch)
                 conn.execute(
                     sa.insert(WRITER_STATS).values(
                         at=time.time(),
@@ -314,7 +316,7 @@ class PredictionLogger:
         def stacked(arrays: list[np.ndarray]) -> np.ndarray:
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
-        numeric = stacked([it.numeric for it in done])
+        numeric = stacked([it.numeric for it in done if it.numeric is not None])
         block = np.ascontiguousarray(
             numeric if not self._extra_idx else numeric[:, self._plain_idx], dtype="<f8"
         )
@@ -334,11 +336,11 @@ class PredictionLogger:
         ]
         scores: list = [None] * n
         if self._scores_template:
+            assert self.classes is not None  # the template is built from the classes
+            n_classes = len(self.classes)
             values = stacked(
                 [
-                    it.scores
-                    if it.scores is not None
-                    else np.full((it.rows, len(self.classes)), np.nan)
+                    it.scores if it.scores is not None else np.full((it.rows, n_classes), np.nan)
                     for it in done
                 ]
             )

@@ -37,7 +37,7 @@ def write_report(
         rows.append(
             (col, ref["kind"], m.get(f"psi/{key}"), m.get(f"ks/{key}"), m.get(f"ks_pvalue/{key}"))
         )
-    computed = [r for r in rows if r[2] is not None]
+    computed = [(col, kind, psi, ks, p) for col, kind, psi, ks, p in rows if psi is not None]
     images: list[tuple[str, str]] = []
     if computed:
         ordered = sorted(computed, key=lambda r: r[2], reverse=True)

@@ -261,8 +261,8 @@ class MonitoringStore:
 
 def loads_features(texts: Iterable[str | None]) -> list[dict[str, Any]]:
     """Feature JSON objects of many rows, parsed in one call."""
-    texts = [t if t else "{}" for t in texts]
-    return json.loads("[" + ",".join(texts) + "]") if texts else []
+    objects = [t if t else "{}" for t in texts]
+    return json.loads("[" + ",".join(objects) + "]") if objects else []
 
 
 @dataclass

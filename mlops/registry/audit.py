@@ -129,10 +129,10 @@ class AuditLog:
         )
         try:
             if conn is not None:
-                row_id = conn.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key[0]
+                row_id = _insert_row(conn, values)
             else:
                 with self.engine.begin() as own:
-                    row_id = own.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key[0]
+                    row_id = _insert_row(own, values)
         except SQLAlchemyError as exc:
             raise RegistryError(
                 f"cannot write the audit record to {mask_url(self.url)}: {exc}"
@@ -151,3 +151,10 @@ class AuditLog:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _insert_row(conn: sa.Connection, values: dict[str, Any]) -> Any:
+    """Insert one audit row and return its generated id."""
+    key = conn.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key
+    assert key is not None  # a single-row INSERT always reports its primary key
+    return key[0]

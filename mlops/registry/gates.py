@@ -183,6 +183,13 @@ def schema_gate(challenger: Candidate, champion: Candidate | None) -> GateResult
 def smoke_gate(candidate: Candidate) -> GateResult:
     try:
         example = candidate.mlmodel.load_input_example(str(candidate.path))
+        if example is None:  # logged without an input example: nothing to predict on
+            return GateResult(
+                "smoke prediction",
+                False,
+                "no input example saved with the model",
+                "predicts on its input example",
+            )
         out = candidate.pyfunc.predict(pd.DataFrame(example))
         ok = len(out) == len(example) and "prediction" in out.columns
         return GateResult(

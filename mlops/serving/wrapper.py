@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from mlops.serving.compiled import compile_pipeline
 from mlops.serving.inputs import Arrays, InputContract
@@ -51,10 +52,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
 }
 
 
-class MlopsModel(mlflow.pyfunc.PythonModel):
+class MlopsModel(PythonModel):
     """Preprocessing, model and label decoding as one MLflow pyfunc model."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         import joblib
 
         from mlops.serving import adapter
@@ -138,7 +139,7 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
         self.estimator = pipeline.steps[-1][1]
         self.has_proba = self.classes is not None and hasattr(pipeline, "predict_proba")
         self.output_columns = [PREDICTION_COLUMN]
-        if self.has_proba:
+        if self.has_proba and self.classes is not None:
             self.output_columns += [f"{PROBA_PREFIX}{c}" for c in self.classes]
         self.output_columns += [NAME_COLUMN, VERSION_COLUMN]
         sample = pd.DataFrame(meta["sample"]) if meta.get("sample") else None
@@ -167,7 +168,7 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             version=self.model_version,
             numeric=self.numeric,
             categorical=self.categorical,
-            classes=list(self.classes) if self.has_proba else None,
+            classes=list(self.classes) if self.has_proba and self.classes is not None else None,
             sensitive=list(sensitive),
             sensitive_mode=sensitive_mode,
             capacity=capacity,
@@ -252,20 +253,24 @@ class MlopsModel(mlflow.pyfunc.PythonModel):
             model = self.estimator
         else:
             X = pd.DataFrame(numeric, columns=self.numeric)
-            for j, col in enumerate(self.categorical):
-                X[col] = categorical[:, j]
+            if self.categorical:
+                assert categorical is not None  # parsed whenever the model has categorical columns
+                for j, col in enumerate(self.categorical):
+                    X[col] = categorical[:, j]
             model = self.pipeline
         n = numeric.shape[0]
         out: dict[str, Any] = {}
         if self.task == "classification":
+            classes = self.classes
+            assert classes is not None  # a classifier's metadata lists its classes
             if self.has_proba:
                 proba = np.asarray(model.predict_proba(X))
                 out[PROBA_KEY] = proba
-                out[PREDICTION_COLUMN] = self.classes[np.argmax(proba, axis=1)]
+                out[PREDICTION_COLUMN] = classes[np.argmax(proba, axis=1)]
                 for i, col in enumerate(self.output_columns[1 : 1 + proba.shape[1]]):
                     out[col] = proba[:, i]
             else:
-                out[PREDICTION_COLUMN] = self.classes[np.asarray(model.predict(X), dtype=int)]
+                out[PREDICTION_COLUMN] = classes[np.asarray(model.predict(X), dtype=int)]
         else:
             out[PREDICTION_COLUMN] = np.asarray(model.predict(X), dtype=float).reshape(-1)
         out[NAME_COLUMN] = np.full(n, self.model_name, dtype=object)

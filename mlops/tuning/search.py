@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -41,7 +41,10 @@ logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 # metric optimized per task, and its direction
-OBJECTIVES = {"classification": ("accuracy", "maximize"), "regression": ("rmse", "minimize")}
+OBJECTIVES: dict[str, tuple[str, Literal["minimize", "maximize"]]] = {
+    "classification": ("accuracy", "maximize"),
+    "regression": ("rmse", "minimize"),
+}
 
 
 class _SurplusTrial(Exception):
@@ -360,6 +363,7 @@ def _summarize(
         logger.warning("no trial completed; nothing to retrain")
         return result
     best = study.best_trial
+    assert best.value is not None  # a complete trial of a single-objective study has a value
     mlflow.log_metric(f"best_trial_{metric}", best.value)
     mlflow.set_tag("mlops.best_trial", best.number)
     result = dataclasses.replace(
@@ -428,6 +432,7 @@ def _log_study_artifacts(study: optuna.Study) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.visualization import matplotlib as ovm
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -443,7 +448,8 @@ def _log_study_artifacts(study: optuna.Study) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
                 ax = plot(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax
+            fig = ax.figure
+            assert isinstance(fig, Figure)  # optuna draws each plot on a figure of its own
             fig.set_size_inches(8, 5)
             fig.tight_layout()
             mlflow.log_figure(fig, f"study/{name}.png")

@@ -91,10 +91,14 @@ def end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
     (the run of a worker killed early may exist before its trial got the attribute).
     """
     client = mlflow.MlflowClient()
-    run_ids = {
-        trial.user_attrs.get("mlflow_run_id"),
-        trial.user_attrs.get("mlflow_parent_run_id"),
-    } - {None}
+    run_ids: set[str] = {
+        run_id
+        for run_id in (
+            trial.user_attrs.get("mlflow_run_id"),
+            trial.user_attrs.get("mlflow_parent_run_id"),
+        )
+        if run_id is not None
+    }
     name = study_name.replace("'", "\\'")
     try:
         found = mlflow.search_runs(

@@ -91,7 +91,7 @@ class TrialRuns:
         self._thread_writer: ThreadPoolExecutor | None = None
         self._thread_futures: list = []
         self._client: Any = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._closing = False
         if use_process:
             try:
@@ -120,19 +120,20 @@ class TrialRuns:
             os.environ,
             PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
         )
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "mlops.tuning.trial_runs"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
             close_fds=True,
         )
+        self._proc = proc
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(
-            target=self._send, name="mlops-trial-runs-send", daemon=True
+            target=self._send, args=(proc,), name="mlops-trial-runs-send", daemon=True
         )
         self._reader = threading.Thread(
-            target=self._read, name="mlops-trial-runs-read", daemon=True
+            target=self._read, args=(proc,), name="mlops-trial-runs-read", daemon=True
         )
         self._sender.start()
         self._reader.start()
@@ -217,25 +218,27 @@ class TrialRuns:
         for error in self.errors:
             logger.warning("could not write a trial's MLflow run: %s", error)
 
-    def _send(self) -> None:
-        proc = self._proc
+    def _send(self, proc: subprocess.Popen[bytes]) -> None:
+        stdin = proc.stdin
+        assert stdin is not None  # opened with stdin=PIPE
         while True:
             message = self._outbox.get()
             if message is None:
                 break
             try:
-                proc.stdin.write(json.dumps(message).encode() + b"\n")
-                proc.stdin.flush()
+                stdin.write(json.dumps(message).encode() + b"\n")
+                stdin.flush()
             except (BrokenPipeError, OSError, ValueError):
                 break  # the child is gone: the reader sees it and takes over
         try:
-            proc.stdin.close()
+            stdin.close()
         except (BrokenPipeError, OSError):
             pass
 
-    def _read(self) -> None:
-        proc = self._proc
-        for line in proc.stdout:
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        stdout = proc.stdout
+        assert stdout is not None  # opened with stdout=PIPE
+        for line in stdout:
             try:
                 reply = json.loads(line)
             except ValueError:
@@ -319,11 +322,11 @@ class TrialRuns:
         if "finish" in messages:
             m = messages["finish"]
             with self._lock:
-                run_id = self._run_ids.get(number)
-            if run_id is None:
+                opened = self._run_ids.get(number)
+            if opened is None:
                 raise RuntimeError(f"trial {number}: its run was never opened")
             _finish_run(
-                self._client, run_id, m["metrics"], m["params"], m["state"], m["status"], m["end"]
+                self._client, opened, m["metrics"], m["params"], m["state"], m["status"], m["end"]
             )
 
 
