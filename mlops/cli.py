@@ -375,7 +375,9 @@ def evaluate(name: str | None, version: str, to: str, config_path: str | None) -
 
     config = _registry_config(config_path)
     name = name or config.registry.model_name
-    _name_project_run(f"evaluate-{name}-v{version}")
+    from mlops.tracking import name_project_run
+
+    name_project_run(f"evaluate-{name}-v{version}")
     gates = run_gates(config, name, version, to)
     click.echo(f"gates for {name} version {version} -> {to}:")
     _print_gates(gates)
@@ -417,7 +419,9 @@ def promote(
 
     config = _registry_config(config_path)
     name = name or config.registry.model_name
-    _name_project_run(f"promote-{name}-v{version}")
+    from mlops.tracking import name_project_run
+
+    name_project_run(f"promote-{name}-v{version}")
     try:
         result = run_promotion(config, name, version, to, reason=reason, force=force)
     except GateFailed as exc:
@@ -429,15 +433,6 @@ def promote(
         f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
         f"audit #{result.audit_id} by {result.who}"
     )
-
-
-def _name_project_run(run_name: str) -> None:
-    """Under `mlflow run`, give the run MLflow made for this step a readable name."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        import mlflow
-
-        mlflow.MlflowClient().update_run(run_id, name=run_name)
 
 
 @cli.command()
@@ -492,6 +487,7 @@ def status(name: str | None, config_path: str | None) -> None:
 
     name = name or _registry_config(config_path).registry.model_name
     rows = read_status(name)
+    click.echo(f"{name}: {len(rows)} version(s)")
     click.echo(
         f"{'version':>7}  {'family':<14} {'task':<14} {'aliases':<20} {'stage':<10} "
         f"{'created (UTC)':<19}  "
@@ -574,7 +570,9 @@ def monitor(
 
     config = build_config(config_path, overrides)
     name = name or config.registry.model_name
-    _name_project_run(f"monitor-{name}")
+    from mlops.tracking import name_project_run
+
+    name_project_run(f"monitor-{name}")
     interval = parse_duration(every, "--every") if every else None
     done = 0
     while True:

@@ -24,6 +24,27 @@ def mask_url(url: str) -> str:
         return "<invalid URL>"
 
 
+def without_password(url: str) -> str:
+    """``url`` with no password at all (the driver then reads it from its own sources, such as
+    PostgreSQL's ``PGPASSWORD`` or ``~/.pgpass``); a URL SQLAlchemy cannot read is kept as is."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    if parsed.password is None:
+        return url
+    bare = sa.engine.URL.create(  # URL.set() reads password=None as "keep it"
+        parsed.drivername,
+        parsed.username,
+        None,
+        parsed.host,
+        parsed.port,
+        parsed.database,
+        parsed.query,
+    )
+    return bare.render_as_string(hide_password=False)
+
+
 def create_engine(
     url: str, *, connect_timeout: int = 10, sqlite_timeout: int = 30, wal: bool = False
 ) -> sa.Engine:

@@ -66,7 +66,7 @@ def step_run(config: Config, run_name: str) -> Iterator[Run]:
         run_id=resumed or None, experiment_id=experiment_id, run_name=run_name
     ) as run:
         if resumed:
-            mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
+            name_project_run(run_name)
         commit = git_commit()
         tags = {STEP_TAG: run_name.split("-")[0]}
         if commit:
@@ -80,6 +80,17 @@ def log_config(config: Config, *, tuning: bool = False, model_params: bool = Tru
     mlflow.log_params(config.params(tuning=tuning, model_params=model_params))
     mlflow.set_tag("mlops.family", config.model.family)
     mlflow.log_text(config.to_yaml(), CONFIG_ARTIFACT)
+
+
+def name_project_run(run_name: str) -> None:
+    """Under `mlflow run`, give the run MLflow made for this step a readable name.
+
+    MLflow names a project's run at random (``masked-shoat-30``); outside `mlflow run` there is
+    no such run and nothing happens.
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        mlflow.MlflowClient().update_run(run_id, name=run_name)
 
 
 def end_runs(

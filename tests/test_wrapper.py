@@ -79,3 +79,38 @@ def test_model_config_overrides_row_limit(trained, tmp_path: Path) -> None:
     assert wrapper.contract.max_rows == 500
     out = relaxed.predict(frame[["x1", "x2", "color"]].head(150).assign(x2=np.nan))
     assert len(out) == 150
+
+
+def test_the_log_url_password_stays_out_of_the_model_and_the_default_log_follows_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No password in the model's files; with no URL, a server logs beside its tracking store."""
+    import json
+
+    from mlops.serving import adapter
+
+    csv = make_csv(tmp_path / "d.csv", n=120)
+    base = [f"data.dataset={csv}", "data.target=label", "data.categorical=[color]"]
+    secret = load_config(
+        overrides=[*base, "monitoring.log_url=postgresql+psycopg://mon:LOGPW@db.invalid/log"]
+    )
+    result = train(secret)
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(tmp_path / "m"))
+    )
+    for file in model_dir.rglob("*"):
+        if file.is_file() and file.suffix in (".json", ".yaml", ".txt", ""):
+            assert "LOGPW" not in file.read_text(errors="ignore"), file
+    meta = json.loads((model_dir / "artifacts" / "metadata.json").read_text())
+    assert meta["serving"]["monitoring_url"] == "postgresql+psycopg://mon@db.invalid/log"
+
+    plain = train(load_config(overrides=base))
+    monkeypatch.setenv(adapter.SERVER_MODEL_PATH_ENV, "in a server")
+    monkeypatch.setenv("MLOPS_FAST_SERVING", "0")
+    served = mlflow.pyfunc.load_model(plain.model_uri, model_config={"monitoring": True})
+    wrapper = served.unwrap_python_model()
+    try:
+        tracking_folder = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent
+        assert wrapper.monitor.url == f"sqlite:///{tracking_folder / 'predictions.db'}"
+    finally:
+        wrapper.monitor.close()

@@ -30,7 +30,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from mlops.db import create_engine, mask_url
-from mlops.monitoring.store import LAYOUTS, META, PREDICTIONS, WRITER_STATS
+from mlops.monitoring.store import LAYOUTS, PREDICTIONS, WRITER_STATS
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,11 @@ class PredictionLogger:
         try:
             if self._engine is None:
                 engine = create_engine(self.url, connect_timeout=3, wal=True)
-                META.create_all(engine)
+                # versioned tables, safe with workers starting together; Alembic is imported here,
+                # on the writer thread, not at model load
+                from mlops.migrations import upgrade
+
+                upgrade(engine, "log")
                 self._engine, self._insert_sql = engine, _insert_sql(engine)
             insert_sql = self._insert_sql
             assert insert_sql is not None  # set together with the engine

@@ -88,9 +88,19 @@ def install_fast_path(wrapper: Responder) -> bool:
     )
     response_type = scoring_server.InvocationsResponse
 
+    served: list[Any] = []  # the PyFuncModel found to wrap `wrapper`, looked up on first use
+
+    def ours(model: Any) -> bool:
+        if served and model is served[0]:
+            return True
+        if _python_model(model) is wrapper:
+            served[:] = [model]
+            return True
+        return False
+
     def invocations(data: Any, content_type: str | None, model: Any, input_schema: Any) -> Any:
         mime, charset = parse_content_type(content_type)
-        if mime not in (_JSON, _CSV) or charset != "utf-8" or _python_model(model) is not wrapper:
+        if mime not in (_JSON, _CSV) or charset != "utf-8" or not ours(model):
             return original(data, content_type, model, input_schema)
         return response_type(response=wrapper.respond(data, mime), status=200, mimetype=_JSON)
 

@@ -4,6 +4,7 @@ artifacts."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from importlib import metadata as importlib_metadata
@@ -16,13 +17,15 @@ from mlflow.models.model import ModelInfo
 
 from mlops.config import Config
 from mlops.data import DatasetSplit
+from mlops.db import without_password
 from mlops.errors import ConfigError
 from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
-from mlops.monitoring.store import LOG_FILE
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
-from mlops.tracking import project_store_url
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+logger = logging.getLogger(__name__)
 
 
 def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
@@ -48,7 +51,9 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
             "max_rows": config.serving.max_rows,
             "impute_missing": config.serving.impute_missing,
             "monitoring": config.monitoring.enabled,
-            "monitoring_url": project_store_url(config.monitoring.log_url, LOG_FILE),
+            # None: beside the serving process's tracking store, resolved at load; a password is
+            # never stored with the model (see log_model)
+            "monitoring_url": without_password(config.monitoring.log_url or ""),
             "sensitive_columns": list(config.monitoring.sensitive_columns),
             "sensitive_mode": config.monitoring.sensitive_mode,
             "monitoring_queue_rows": config.monitoring.queue_rows,
@@ -106,6 +111,11 @@ def log_model(
             f"choose from {list(split.feature_columns)}"
         )
     meta = model_metadata(split, config)
+    if config.monitoring.log_url and meta["serving"]["monitoring_url"] != config.monitoring.log_url:
+        logger.warning(
+            "monitoring.log_url: its password is not stored with the model; give it to the "
+            "serving process (PGPASSWORD or ~/.pgpass for PostgreSQL, or the model config)"
+        )
     X_example = split.train[list(split.feature_columns)].head(5)
     wrapper = (
         MlopsModel()

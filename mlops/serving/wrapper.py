@@ -94,13 +94,13 @@ class MlopsModel(PythonModel):
             model_version=str(version),
         )
         if _truthy(options["monitoring"]) and serving:
-            if not options["monitoring_url"]:
-                raise MlflowException(
-                    "monitoring is on but no monitoring_url is set; pass one in the model config "
-                    '(SERVING_MODEL_CONFIG=\'{"monitoring_url": "sqlite:///predictions.db"}\')'
-                )
+            from mlops.monitoring.store import LOG_FILE
+            from mlops.tracking import project_store_url
+
+            # no URL given: the prediction log lives with this server's tracking store, where
+            # `mlops monitor` on the same store looks for it
             self.enable_monitoring(
-                options["monitoring_url"],
+                project_store_url(options["monitoring_url"] or None, LOG_FILE),
                 sensitive=options["sensitive_columns"] or (),
                 sensitive_mode=options["sensitive_mode"] or "hash",
                 capacity=int(

@@ -6,7 +6,7 @@ SQLAlchemy store spends about 20 ms of Python on those calls per trial (one ``lo
 alone issues dozens of statements). Made by a thread of the tuning process they would hold
 the GIL while the trial trains, and a search of short trials would pay for its logging in
 wall time. So :class:`TrialRuns` hands them, as JSON lines over a pipe, to a child process
-(``python -m mlops.tuning.trial_runs``) that makes the MLflow calls; a trial pays for encoding a
+(:func:`main` in ``python -c``) that makes the MLflow calls; a trial pays for encoding a
 line. Trials never wait for their runs.
 
 The child answers each opened run's id, which is stored on the trial (user attribute
@@ -121,7 +121,8 @@ class TrialRuns:
             PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlops.tuning.trial_runs"],
+            # -c, not -m: the package mlops.tuning imports this module first, which -m warns about
+            [sys.executable, "-c", "from mlops.tuning.trial_runs import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -407,9 +408,14 @@ def _serve() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The writer process: serve the pipe, then exit at once."""
     code = _serve()
     sys.stderr.flush()
     # every call is committed and every answer written (line-buffered): skip the interpreter's
     # teardown of MLflow's modules, over half a second the search would wait for
     os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
