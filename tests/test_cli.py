@@ -162,7 +162,9 @@ def test_mlflow_run_main_names_its_run_and_keeps_params_readable(
         "--experiment-name",
         "mlops",
         "-P",
-        "overrides=seed=3 'model.params.max_iter=300'",
+        "seed=3",
+        "-P",
+        "overrides='model.params.max_iter=300' data.task=classification",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
