@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # the lowest MLflow the pin in setup.cfg allows (a CI job runs the tests on it too)
-MLFLOW_LOWEST ?= 3.11.1
+MLFLOW_LOWEST ?= 3.16.0
 LOWEST  = .venv-lowest
 
 .PHONY: run test lint test-lowest install install-test services clean
