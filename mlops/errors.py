@@ -19,14 +19,6 @@ class DataValidationError(MlopsError, ValueError):
     """The input data does not satisfy the schema a model needs."""
 
 
-class TrainingError(MlopsError, RuntimeError):
-    """Training could not produce a model."""
-
-
-class InvalidRequest(MlopsError, ValueError):
-    """A scoring request is malformed (turned into an HTTP 400 by the serving layer)."""
-
-
 class RegistryError(MlopsError, RuntimeError):
     """A registry operation could not be carried out (unknown model, version, store)."""
 

@@ -264,3 +264,19 @@ def test_wheel_ships_the_default_config(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(target / "mlops" / "conf"), "1000"]
+
+
+def test_the_dead_names_the_review_found_are_gone() -> None:
+    import mlops.errors
+    import mlops.monitoring.logger
+    import mlops.registry.gates
+
+    assert not hasattr(mlops.errors, "InvalidRequest") and not hasattr(
+        mlops.errors, "TrainingError"
+    )
+    assert not hasattr(mlops.registry.gates, "describe")
+    logger_class = mlops.monitoring.logger.PredictionLogger
+    assert (
+        not hasattr(logger_class, "buffered")
+        and "written_total" not in logger_class.__init__.__code__.co_names
+    )
