@@ -53,6 +53,7 @@ class DataConfig(_Strict):
     task: Literal["auto", "classification", "regression"] = "auto"
     categorical: list[str] = Field(default_factory=list)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    max_columns: int = Field(10_000, gt=0)  # a file with more columns is refused before it is read
 
 
 class ModelConfig(_Strict):
@@ -96,6 +97,8 @@ class RegistryConfig(_Strict):
 class ServingConfig(_Strict):
     max_rows: int = Field(10_000, gt=0)
     impute_missing: bool = False
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)  # larger request bodies get a 413
+    coerce_numbers: bool = False  # true: numeric strings ("1.5") and booleans accepted as numbers
 
 
 class ParamSpace(_Strict):
@@ -156,6 +159,7 @@ class AlertRule(_Strict):
     above: float | None = None
     below: float | None = None
     auto_rollback: bool = False  # also move production back to the version it replaced
+    min_requests: int = Field(100, ge=0)  # fewer requests in the window: the rule does not fire
 
     @model_validator(mode="after")
     def _one_bound(self) -> AlertRule:

@@ -50,6 +50,8 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
         "serving": {
             "max_rows": config.serving.max_rows,
             "impute_missing": config.serving.impute_missing,
+            "max_body_bytes": config.serving.max_body_bytes,
+            "coerce_numbers": config.serving.coerce_numbers,
             "monitoring": config.monitoring.enabled,
             # None: beside the serving process's tracking store, resolved at load; a password is
             # never stored with the model (see log_model)

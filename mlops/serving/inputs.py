@@ -44,11 +44,13 @@ class InputContract:
         *,
         nullable: Sequence[str] = (),
         max_rows: int = 10_000,
+        coerce_numbers: bool = False,
     ) -> None:
         self.numeric, self.categorical = list(numeric), list(categorical)
         self.features = self.numeric + self.categorical
         self.feature_set = frozenset(self.features)
         self.max_rows = int(max_rows)
+        self.coerce_numbers = bool(coerce_numbers)  # numeric strings and booleans taken as numbers
         self.required_numeric = np.array([c not in nullable for c in self.numeric], dtype=bool)
         self.required_categorical = [c not in nullable for c in self.categorical]
 

@@ -42,6 +42,8 @@ PROBA_KEY = "__proba__"
 DEFAULT_OPTIONS: dict[str, Any] = {
     "max_rows": 10_000,
     "impute_missing": False,
+    "max_body_bytes": 10 * 1024 * 1024,
+    "coerce_numbers": False,
     "model_name": "",
     "model_version": "",
     "monitoring": False,
@@ -90,6 +92,8 @@ class MlopsModel(PythonModel):
             meta,
             max_rows=options["max_rows"],
             impute_missing=options["impute_missing"],
+            max_body_bytes=options["max_body_bytes"],
+            coerce_numbers=options["coerce_numbers"],
             model_name=str(name),
             model_version=str(version),
         )
@@ -117,6 +121,8 @@ class MlopsModel(PythonModel):
         *,
         max_rows: int | None = None,
         impute_missing: bool | None = None,
+        max_body_bytes: int | None = None,
+        coerce_numbers: bool | None = None,
         model_name: str = "",
         model_version: str = "",
     ) -> None:
@@ -132,7 +138,9 @@ class MlopsModel(PythonModel):
             self.categorical,
             nullable=nullable,
             max_rows=int(max_rows) if max_rows is not None else 10_000,
+            coerce_numbers=_truthy(coerce_numbers),
         )
+        self.max_body_bytes = int(max_body_bytes or DEFAULT_OPTIONS["max_body_bytes"])
         self.monitor: Any = None
         self.classes = np.asarray(meta["classes"], dtype=object) if meta.get("classes") else None
         self.model_name, self.model_version = model_name, model_version
