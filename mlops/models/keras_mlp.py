@@ -1,7 +1,8 @@
 """A TensorFlow/Keras multilayer perceptron behind the scikit-learn estimator contract.
 
-The estimators pickle (the Keras model travels as ``.keras`` bytes), so a fitted pipeline
-saves and loads like any scikit-learn one. TensorFlow is imported only when one is built.
+The estimators persist like any scikit-learn one (with skops, see :mod:`mlops.artifacts`); the
+Keras network travels inside as Keras's native ``.keras`` bytes, loaded in Keras's safe mode.
+TensorFlow is imported only when one is built.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class _KerasMLP(BaseEstimator):
                 path = os.path.join(tmp, "model.keras")
                 with open(path, "wb") as fh:
                     fh.write(blob)
-                self.model_ = keras.saving.load_model(path, compile=False)
+                self.model_ = keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 class KerasMLPClassifier(ClassifierMixin, _KerasMLP):

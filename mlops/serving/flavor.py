@@ -15,6 +15,7 @@ import mlflow
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
 
+from mlops.artifacts import file_sha256, save_pipeline
 from mlops.config import Config
 from mlops.data import DatasetSplit
 from mlops.db import without_password
@@ -32,7 +33,7 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
     """What the wrapper needs at load time, derived from the data split and the config."""
     features = list(split.feature_columns)
     train = split.train[features]
-    head = train.head(20).reset_index(drop=True)
+    head = masked(train.head(20).reset_index(drop=True), train, config)
     sample = head.reindex(
         range(len(head) + 1)
     )  # the added last row is all missing: checks imputation
@@ -67,6 +68,28 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
     }
 
 
+def masked(frame: Any, train: Any, config: Config) -> Any:
+    """``frame`` with no real value of a sensitive column: the column's training mean for a
+    number, ``***`` for a category. The example and sample a model carries are for checking
+    shape and types, and are read by anyone who can read the model."""
+    sensitive = [c for c in config.monitoring.sensitive_columns if c in frame.columns]
+    if not sensitive:
+        return frame
+    frame = frame.copy()
+    for col in sensitive:
+        if col in config.data.categorical or not _numeric(train[col]):
+            frame[col] = "***"
+        else:
+            frame[col] = float(train[col].mean())
+    return frame
+
+
+def _numeric(column: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column))
+
+
 def requirements_for(family: str) -> list[str]:
     """Pinned pip requirements of a served model of ``family``."""
     names = [
@@ -75,8 +98,7 @@ def requirements_for(family: str) -> list[str]:
         "pandas",
         "numpy",
         "scipy",
-        "joblib",
-        "cloudpickle",
+        "skops",
         "pyyaml",
         "pydantic",
     ]
@@ -104,8 +126,6 @@ def log_model(
     ``mlops`` package as code, and pinned requirements, so it serves on its own. Register it
     with :func:`mlops.registry.register`, which also records its checksum.
     """
-    import joblib
-
     unknown = sorted(set(config.monitoring.sensitive_columns) - set(split.feature_columns))
     if unknown:
         raise ConfigError(
@@ -118,16 +138,18 @@ def log_model(
             "monitoring.log_url: its password is not stored with the model; give it to the "
             "serving process (PGPASSWORD or ~/.pgpass for PostgreSQL, or the model config)"
         )
-    X_example = split.train[list(split.feature_columns)].head(5)
+    X_example = masked(
+        split.train[list(split.feature_columns)].head(5), split.train, config
+    ).reset_index(drop=True)
     wrapper = (
         MlopsModel()
     )  # configured, not loaded: the caller's pipeline is used as it is, never changed
     wrapper._configure(pipeline, meta, model_name=config.registry.model_name, model_version="1")
     signature = infer_signature(X_example, wrapper.predict(None, X_example))
     with tempfile.TemporaryDirectory() as tmp:
-        pipe_path = Path(tmp) / "pipeline.joblib"
+        pipe_path = save_pipeline(pipeline, tmp)
+        meta["pipeline_sha256"] = file_sha256(pipe_path)  # checked before the file is read
         meta_path = Path(tmp) / "metadata.json"
-        joblib.dump(pipeline, pipe_path)
         meta_path.write_text(json.dumps(meta, indent=2))
         profile_path = Path(tmp) / f"{PROFILE_ARTIFACT}.json"
         profile_path.write_text(

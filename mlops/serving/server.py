@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -63,6 +65,7 @@ def create_app() -> GracefulShutdown:
     """The ASGI app of one worker, serving the model named by ``$MLOPS_SERVE_MODEL_URI``."""
     uri = os.environ[MODEL_URI_ENV]
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    verify_registered(uri, Path(local))  # before MLflow imports any of the model's code
     os.environ[SERVER_MODEL_PATH_ENV] = (
         local  # as `mlflow models serve` does: the wrapper knows it serves
     )
@@ -70,10 +73,62 @@ def create_app() -> GracefulShutdown:
     return GracefulShutdown(scoring_server.init(model), close_prediction_logs)
 
 
+_MODELS_URI = re.compile(r"models:/([^/@]+)(?:/(\d+)|@(.+))")
+
+
+def pinned(uri: str) -> str:
+    """``models:/NAME@ALIAS`` as ``models:/NAME/VERSION`` (the version the alias names now)."""
+    match = _MODELS_URI.fullmatch(uri)
+    if not match or not match.group(3):
+        return uri
+    name, _, alias = match.groups()
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    return f"models:/{name}/{version.version}"
+
+
+def verify_registered(uri: str, local: Path) -> None:
+    """Refuse a registered version whose files differ from what was registered (its checksum
+    tag), before anything of it is imported or deserialised."""
+    from mlops.artifacts import CHECKSUM_TAG, UntrustedArtifact, model_checksum, verify_checksum
+
+    match = _MODELS_URI.fullmatch(uri)
+    if not match:
+        return
+    name, number, alias = match.groups()
+    client = mlflow.MlflowClient()
+    version = (
+        client.get_model_version(name, number)
+        if number
+        else client.get_model_version_by_alias(name, alias)
+    )
+    recorded = (version.tags or {}).get(CHECKSUM_TAG)
+    if not recorded:
+        logger.warning(
+            "%s version %s has no recorded checksum (registered outside mlops): its files "
+            "cannot be verified",
+            name,
+            version.version,
+        )
+        return
+    try:
+        verify_checksum(model_checksum(local), recorded, f"{name} version {version.version}")
+    except UntrustedArtifact as exc:
+        logger.error("%s", exc)
+        raise SystemExit(f"mlops serve: {exc}") from None
+
+
 def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> None:
     """Serve ``model_uri`` until stopped (each of ``workers`` processes loads it once)."""
+    import tempfile
+
     import uvicorn
 
+    model_uri = pinned(model_uri)  # every worker loads the same version, even if the alias moves
+    with tempfile.TemporaryDirectory() as tmp:  # refuse tampered files before any worker starts
+        verify_registered(
+            model_uri,
+            Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)),
+        )
     os.environ[MODEL_URI_ENV] = model_uri
     uvicorn.run(
         "mlops.serving.server:create_app",

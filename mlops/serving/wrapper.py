@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from mlops.artifacts import CHECKSUM_TAG
 from mlops.serving.compiled import compile_pipeline
 from mlops.serving.inputs import Arrays, InputContract
 
@@ -58,8 +60,7 @@ class MlopsModel(PythonModel):
     """Preprocessing, model and label decoding as one MLflow pyfunc model."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        import joblib
-
+        from mlops.artifacts import UntrustedArtifact, load_pipeline
         from mlops.serving import adapter
 
         missing = [
@@ -79,9 +80,19 @@ class MlopsModel(PythonModel):
         serving = adapter.in_scoring_server()
         model_dir = Path(context.artifacts[METADATA_ARTIFACT]).resolve().parent.parent
         name, version = options.get("model_name"), options.get("model_version")
+        recorded = None
         if not (name and version):
-            name, version = _identify(model_dir, meta, serving=serving)
-        pipeline = joblib.load(context.artifacts[PIPELINE_ARTIFACT])
+            name, version, recorded = _identify(model_dir, meta, serving=serving)
+        elif serving:
+            recorded = _recorded_checksum(str(name), str(version))
+        try:
+            if recorded:  # a registered version: every file as registered, before any is read
+                verify_model_dir(model_dir, recorded, f"{name} version {version}")
+            pipeline = load_pipeline(
+                context.artifacts[PIPELINE_ARTIFACT], sha256=meta.get("pipeline_sha256")
+            )
+        except UntrustedArtifact as exc:
+            raise MlflowException(str(exc)) from None
         estimator = pipeline.steps[-1][1]
         if "n_jobs" in estimator.get_params(
             deep=False
@@ -297,11 +308,34 @@ def _jsonable(values: np.ndarray) -> list[Any]:
     return out
 
 
-def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[str, str]:
-    """The registered name and version this model was loaded as, looked up once at load.
+def verify_model_dir(model_dir: Path, recorded: str, what: str) -> None:
+    """Every file of ``model_dir`` as registered (:data:`CHECKSUM_TAG`), or
+    :class:`~mlops.artifacts.UntrustedArtifact`.
+
+    Files MLflow itself adds to a downloaded model (none today) would show as a mismatch.
+    """
+    from mlops.artifacts import model_checksum, verify_checksum
+
+    verify_checksum(model_checksum(model_dir), recorded, what)
+
+
+def _recorded_checksum(name: str, version: str) -> str | None:
+    try:
+        tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
+    except Exception as exc:  # the store may be unreachable from the server
+        logger.warning("could not read the recorded checksum of %s v%s: %s", name, version, exc)
+        return None
+    return tags.get(CHECKSUM_TAG)
+
+
+def _identify(
+    model_dir: Path, meta: dict[str, Any], *, serving: bool
+) -> tuple[str, str, str | None]:
+    """The registered name and version this model was loaded as, and its recorded checksum,
+    looked up once at load.
 
     Outside a scoring server (a notebook, batch scoring) no store is contacted: the logged
-    model id stands in for the version.
+    model id stands in for the version, and only the pipeline file's own checksum is checked.
     """
     from mlflow.models import Model
 
@@ -309,8 +343,10 @@ def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[
     fallback = (
         meta.get("registered_model_name") or "unregistered",
         mlmodel.model_id or mlmodel.run_id or "unknown",
+        None,
     )
-    if not serving or not mlmodel.run_id:
+    # a run id is hexadecimal: anything else in the MLmodel file is not put into a filter
+    if not serving or not mlmodel.run_id or not _HEX.fullmatch(str(mlmodel.run_id)):
         return fallback
     try:
         client = mlflow.MlflowClient()
@@ -323,11 +359,14 @@ def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[
         logger.warning(
             "could not look up the registered version of this model (%s); answering as %s",
             exc,
-            fallback,
+            fallback[:2],
         )
         return fallback
     if not versions:
         return fallback
     preferred = [v for v in versions if v.name == meta.get("registered_model_name")] or versions
     best = max(preferred, key=lambda v: int(v.version))
-    return best.name, str(best.version)
+    return best.name, str(best.version), (best.tags or {}).get(CHECKSUM_TAG)
+
+
+_HEX = re.compile(r"[0-9a-f]{1,64}")

@@ -1,0 +1,139 @@
+"""Model files that are verified before they are read, and read without running code.
+
+A fitted pipeline is persisted with skops (``pipeline.skops``), whose loader rebuilds objects
+from a description instead of unpickling them, and accepts only types on a trusted list:
+scikit-learn's own, the project's estimators (``mlops.models``) and NumPy's dtype. A Keras
+network inside the project's estimator travels in Keras's native ``.keras`` format, loaded
+with Keras's safe mode. A pickle (``pipeline.joblib``, written by earlier releases) is loaded
+only with the explicit opt-in ``MLOPS_ALLOW_PICKLE=1``, because unpickling runs whatever code
+the file names.
+
+Every read is preceded by a checksum: :func:`model_checksum` over a whole model directory
+(recorded on the registered version by :func:`mlops.registry.register`) and :func:`file_sha256`
+over the pipeline file (recorded in the model's ``metadata.json`` when it is logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mlops.errors import MlopsError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.skops"
+CHECKSUM_TAG = "mlops.checksum"  # on a registered version: model_checksum of its files
+PICKLE_OPT_IN_ENV = "MLOPS_ALLOW_PICKLE"
+# types outside skops's defaults that a project pipeline is made of
+TRUSTED_PREFIXES = ("sklearn.",)
+TRUSTED_EXACT = frozenset(
+    {
+        "numpy.dtype",
+        "mlops.models.keras_mlp.KerasMLPClassifier",
+        "mlops.models.keras_mlp.KerasMLPRegressor",
+    }
+)
+
+
+class UntrustedArtifact(MlopsError):
+    """A model file failed its checksum, or would need code execution (or an unknown type) to
+    load."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_checksum(path: str | Path) -> str:
+    """SHA-256 over every file of a model directory: relative paths and contents."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def verify_checksum(actual: str, recorded: str, what: str) -> None:
+    """Raise :class:`UntrustedArtifact` unless ``actual`` equals ``recorded``."""
+    if not hmac.compare_digest(actual, recorded):
+        raise UntrustedArtifact(
+            f"{what}: checksum {actual[:16]} does not match the recorded {recorded[:16]}; the "
+            "files changed after they were recorded, so they are not loaded. Re-register the "
+            "model from its training run, or find out who changed the files"
+        )
+
+
+def save_pipeline(pipeline: Any, directory: str | Path) -> Path:
+    """Write ``pipeline`` as ``directory/pipeline.skops``; refuses types the loader would not
+    trust."""
+    import skops.io as sio
+
+    path = Path(directory) / PIPELINE_FILE
+    data = sio.dumps(pipeline)
+    untrusted = [t for t in sio.get_untrusted_types(data=data) if not _trusted(t)]
+    if untrusted:
+        raise UntrustedArtifact(
+            f"the pipeline holds types {untrusted} that a served model would refuse to load; "
+            "use scikit-learn estimators or the project's model families"
+        )
+    path.write_bytes(data)
+    return path
+
+
+def load_pipeline(path: str | Path, *, sha256: str | None = None) -> Any:
+    """The pipeline at ``path``, after its checksum (when recorded) matched.
+
+    skops files load with only the trusted types; a pickle needs ``MLOPS_ALLOW_PICKLE=1``.
+    """
+    path = Path(path)
+    if sha256:
+        verify_checksum(file_sha256(path), sha256, f"model file {path.name}")
+    if path.suffix == ".skops":
+        import skops.io as sio
+
+        data = path.read_bytes()
+        try:
+            named = sio.get_untrusted_types(data=data)
+        except Exception as exc:  # not a skops archive at all: say so, without its contents
+            raise UntrustedArtifact(
+                f"model file {path.name} is not a readable skops file ({type(exc).__name__})"
+            ) from None
+        untrusted = [t for t in named if not _trusted(t)]
+        if untrusted:
+            raise UntrustedArtifact(
+                f"model file {path.name} names types {untrusted[:5]} outside the trusted list "
+                "(scikit-learn, mlops.models); refusing to load it"
+            )
+        try:
+            return sio.loads(data, trusted=named)
+        except Exception as exc:  # a malformed file: say so, without its contents
+            raise UntrustedArtifact(
+                f"model file {path.name} is not a readable skops file ({type(exc).__name__})"
+            ) from None
+    if os.environ.get(PICKLE_OPT_IN_ENV, "") != "1":
+        raise UntrustedArtifact(
+            f"model file {path.name} is a pickle, and loading a pickle runs any code it holds; "
+            f"re-log the model (pipelines are now saved as {PIPELINE_FILE}), or, for a file you "
+            f"trust, set {PICKLE_OPT_IN_ENV}=1"
+        )
+    import joblib
+
+    logger.warning("loading pickle %s because %s=1", path.name, PICKLE_OPT_IN_ENV)
+    return joblib.load(path)
+
+
+def _trusted(type_name: str) -> bool:
+    return type_name in TRUSTED_EXACT or type_name.startswith(TRUSTED_PREFIXES)
