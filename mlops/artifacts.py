@@ -53,17 +53,48 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_checksum(path: str | Path) -> str:
-    """SHA-256 over every file of a model directory: relative paths and contents."""
+# written by MLflow into each download of a models:/ URI, naming how it was asked for (a version
+# or an alias): not part of the model
+DOWNLOAD_NOTE = "registered_model_meta"
+
+
+def model_checksum(path: str | Path, *, legacy: bool = False) -> str:
+    """SHA-256 over every file of a model directory: relative paths and contents.
+
+    MLflow's download note (:data:`DOWNLOAD_NOTE`) is left out, so the files of one version give
+    one checksum however they were downloaded; ``legacy`` includes it, as checksums recorded
+    before that rule did.
+    """
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (
+        p
+        for p in root.rglob("*")
+        if p.is_file() and (legacy or p.relative_to(root).as_posix() != DOWNLOAD_NOTE)
+    )
+    for file in sorted(files):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def checksum_matches(path: str | Path, recorded: str) -> bool:
+    """Whether the model directory at ``path`` has the ``recorded`` checksum (in either form)."""
+    if hmac.compare_digest(model_checksum(path), recorded):
+        return True
+    return (Path(path) / DOWNLOAD_NOTE).exists() and hmac.compare_digest(
+        model_checksum(path, legacy=True), recorded
+    )
+
+
+def verify_model_dir(path: str | Path, recorded: str, what: str) -> None:
+    """Raise :class:`UntrustedArtifact` unless the model directory has the ``recorded``
+    checksum."""
+    if not checksum_matches(path, recorded):
+        verify_checksum(model_checksum(path), recorded, what)
 
 
 def verify_checksum(actual: str, recorded: str, what: str) -> None:

@@ -217,8 +217,10 @@ def serve(
 ) -> None:
     """Serve a registered model over REST: MLflow's scoring protocol, stopped gracefully.
 
-    The same routes, input formats and errors as `mlflow models serve`; a graceful stop
-    (SIGTERM, Ctrl-C) flushes the prediction log after the last answer.
+    The same routes, input formats and errors as `mlflow models serve`, every request held
+    to the model's input contract (bodies over serving.max_body_bytes get a 413 unread); a
+    graceful stop (SIGTERM, Ctrl-C) flushes the prediction log after the last answer, and
+    nothing the server started outlives this command.
 
     \b
     Example:
@@ -227,9 +229,11 @@ def serve(
              -d '{"dataframe_records": [{"x1": 0.3, "x2": 1.2}]}'
     """
     import json
+    import signal
+    import subprocess
+    import time
 
     from mlops.config import load_config
-    from mlops.serving.server import serve as run_server
 
     name = name or load_config().registry.model_name
     uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
@@ -253,7 +257,62 @@ def serve(
     )
     if dry_run:
         return
-    run_server(uri, host=host, port=port, workers=workers)
+    # The server (uvicorn and its workers) runs in a child process in a process group of its
+    # own, so a terminal's Ctrl-C reaches it once, through here. This process forwards SIGTERM
+    # and SIGINT to it, exits with its status, and not before everything the server started
+    # has exited: on Linux it is its descendants' subreaper, so what the server leaves behind
+    # (multiprocessing's resource tracker, a worker) comes back here, not to PID 1, and is
+    # waited for (killed if it outlives the server by 30 s). Killed itself, it takes the
+    # server down with it (SIGTERM, a graceful stop).
+    linux = sys.platform.startswith("linux")
+    prctl: Any = None
+    if linux:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+    def die_with_parent() -> None:  # in the child, before the server starts
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mlops.serving.server import main; main(sys.argv[1:])",
+            uri,
+            *("--host", host, "--port", str(port), "--workers", str(workers)),
+        ],
+        process_group=0,
+        preexec_fn=die_with_parent if linux else None,  # no threads in this process
+    )
+    for forwarded in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(forwarded, lambda signum, _frame: child.send_signal(signum))
+    code = child.wait()
+    deadline = time.monotonic() + 30
+    while True:  # the server's leftovers, re-parented to this process
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                overdue = time.monotonic() - deadline
+                if overdue > 5:  # not in the server's group, so out of reach: say so
+                    click.echo(
+                        "mlops serve: a process the server started is still running", err=True
+                    )
+                    break
+                if overdue > 0:
+                    os.killpg(child.pid, signal.SIGKILL)
+                time.sleep(0.05)
+        except ChildProcessError:  # none left
+            break
+        except ProcessLookupError:  # the group is gone; its last members are being reaped
+            pass
+    if not linux:  # no subreaper: whatever is left in the server's group goes now
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if code:
+        raise SystemExit(code if code > 0 else 128 - code)
 
 
 @cli.command()
@@ -371,10 +430,12 @@ def evaluate(name: str | None, version: str, to: str, config_path: str | None) -
         mlops evaluate churn-model --version 4 --to production
     """
     from mlops.errors import GateFailed
+    from mlops.registry import canonical_version, check_name
     from mlops.registry import evaluate as run_gates
 
     config = _registry_config(config_path)
-    name = name or config.registry.model_name
+    name = check_name(name or config.registry.model_name)
+    version = canonical_version(version)
     from mlops.tracking import name_project_run
 
     name_project_run(f"evaluate-{name}-v{version}")
@@ -415,10 +476,12 @@ def promote(
         mlops promote churn-model --version 4 --to production
     """
     from mlops.errors import GateFailed
+    from mlops.registry import canonical_version, check_name
     from mlops.registry import promote as run_promotion
 
     config = _registry_config(config_path)
-    name = name or config.registry.model_name
+    name = check_name(name or config.registry.model_name)
+    version = canonical_version(version)
     from mlops.tracking import name_project_run
 
     name_project_run(f"promote-{name}-v{version}")
@@ -443,12 +506,27 @@ def promote(
     default=None,
     help="Version to go back to (default: the one production replaced).",
 )
-@click.option("--reason", default=None, help="Why (recorded in the audit trail).")
+@click.option(
+    "--reason", default=None, help="Why (recorded in the audit trail; required with --force)."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --to: skip the staging gates (the checksum and schema gates still run).",
+)
 @_config_option
 def rollback(
-    name: str | None, to_version: str | None, reason: str | None, config_path: str | None
+    name: str | None,
+    to_version: str | None,
+    reason: str | None,
+    force: bool,
+    config_path: str | None,
 ) -> None:
     """Move production back to the version it replaced, in one command.
+
+    Going back to the version production replaced (per the audit trail) passes the checksum and
+    schema gates; any other --to version faces the staging gates and a smoke prediction too,
+    unless --force with a --reason.
 
     \b
     Example:
@@ -456,16 +534,20 @@ def rollback(
         mlops rollback churn-model --to 2
     """
     from mlops.errors import GateFailed
+    from mlops.registry import canonical_version, check_name
     from mlops.registry import rollback as run_rollback
 
     config = _registry_config(config_path)
-    name = name or config.registry.model_name
+    name = check_name(name or config.registry.model_name)
+    if to_version:
+        to_version = canonical_version(to_version, "--to")
     try:
-        result = run_rollback(config, name, to_version=to_version, reason=reason)
+        result = run_rollback(config, name, to_version=to_version, reason=reason, force=force)
     except GateFailed as exc:
         click.echo(f"rollback of {name} refused", err=True)
         _print_gates(exc.gates)
         raise
+    _print_gates(result.gates)
     click.echo(
         f"{name}: production rolled back to version {result.to_version} (from "
         f"{result.from_version}); "
@@ -483,9 +565,12 @@ def status(name: str | None, config_path: str | None) -> None:
     Example:
         mlops status churn-model
     """
+    from mlops.registry import check_name, reconcile
     from mlops.registry import status as read_status
 
-    name = name or _registry_config(config_path).registry.model_name
+    config = _registry_config(config_path)
+    name = check_name(name or config.registry.model_name)
+    reconcile(name, config)  # changes made outside mlops: warned about and recorded
     rows = read_status(name)
     click.echo(f"{name}: {len(rows)} version(s)")
     click.echo(
@@ -512,18 +597,17 @@ def audit(name: str | None, config_path: str | None) -> None:
     Example:
         mlops audit churn-model
     """
-    from mlops.registry import audit_trail
+    from mlops.errors import RegistryError
+    from mlops.registry import audit_trail, check_name, reconcile
 
     config = _registry_config(config_path)
-    name = name or config.registry.model_name
+    name = check_name(name or config.registry.model_name)
+    try:
+        reconcile(name, config)  # changes made outside mlops: warned about and recorded
+    except RegistryError as exc:  # e.g. the model was deleted: its trail is still shown
+        click.echo(f"warning: not compared with the registry: {exc}", err=True)
     for r in audit_trail(config, name):
-        failed = [g["gate"] for g in r.gates if not g["passed"]]
-        click.echo(
-            f"#{r.id} {r.at:%Y-%m-%d %H:%M:%S} {r.who} {r.action} {r.outcome}: {r.target} "
-            f"{r.from_version or '-'} -> {r.to_version}{' (forced)' if r.forced else ''}"
-            f"{' reason: ' + r.reason if r.reason else ''}"
-            f"{' failed: ' + ', '.join(failed) if failed else ''}"
-        )
+        click.echo(r.line())
 
 
 _set_option = click.option(
@@ -598,7 +682,8 @@ def _print_check(result) -> None:
     shown = [
         k
         for k in (
-            "error_rate",
+            "client_error_rate",
+            "server_error_rate",
             "latency_p50_ms",
             "latency_p99_ms",
             "dropped_rows",

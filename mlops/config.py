@@ -9,17 +9,29 @@ Unknown keys, wrong types and invalid YAML fail with the file, the key and what 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mlops.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # the defaults ship inside the package (mlops/conf in a wheel; the checkout's conf/ otherwise)
 _INSTALLED_CONF = Path(__file__).resolve().parent / "conf"
@@ -159,12 +171,21 @@ class AlertRule(_Strict):
     above: float | None = None
     below: float | None = None
     auto_rollback: bool = False  # also move production back to the version it replaced
-    min_requests: int = Field(100, ge=0)  # fewer requests in the window: the rule does not fire
+    # fewer requests in the window: the rule does not fire (the check says so). Requests refused
+    # as the client's error (4xx) do not count, except for a rule on client_error_rate.
+    min_requests: int = Field(100, ge=0)
 
     @model_validator(mode="after")
-    def _one_bound(self) -> AlertRule:
+    def _one_bound(self, info: ValidationInfo) -> AlertRule:
         if (self.above is None) == (self.below is None):
             raise ValueError(f"rule '{self.name}' needs exactly one of 'above' or 'below'")
+        if self.metric == "error_rate" and not _logged(info):
+            raise ValueError(
+                f"rule '{self.name}': metric 'error_rate' no longer exists: it mixed the clients' "
+                "errors (4xx, which any client can cause) with the server's (5xx); use "
+                "server_error_rate (5xx among the requests the model accepted) or "
+                "client_error_rate (4xx among all requests)"
+            )
         return self
 
 
@@ -174,7 +195,7 @@ def _default_rules() -> list[AlertRule]:
         AlertRule(name="prediction_drift", metric="prediction_psi", above=0.2),
         AlertRule(name="accuracy_drop", metric="accuracy_drop", above=0.05),
         AlertRule(name="latency_p99", metric="latency_p99_ms", above=250.0),
-        AlertRule(name="error_rate", metric="error_rate", above=0.01),
+        AlertRule(name="server_error_rate", metric="server_error_rate", above=0.01),
     ]
 
 
@@ -201,7 +222,9 @@ class MonitoringConfig(_Strict):
         None  # SQLAlchemy URL of the prediction log; None: beside the tracking store
     )
     sensitive_columns: list[str] = Field(default_factory=list)
+    # hash: HMAC-SHA256 keyed by the variable named in mask_key_env (no key set: masked as ***)
     sensitive_mode: Literal["hash", "mask"] = "hash"
+    mask_key_env: str = "MLOPS_MASK_KEY"  # the environment variable holding the hashing key
     queue_rows: int = Field(
         10_000, gt=0
     )  # rows buffered in the server process before new ones are dropped
@@ -221,6 +244,30 @@ class MonitoringConfig(_Strict):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("mask_key_env")
+    @classmethod
+    def _a_variable_name(cls, value: str) -> str:
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the name of an environment variable (letters, digits and _, not "
+                "starting with a digit), e.g. MLOPS_MASK_KEY; the key itself goes in that "
+                "variable, never in the config"
+            )
+        return value
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _logged(info):
+            check_webhook_url(value)
+        return value
+
+
+def _logged(info: ValidationInfo) -> bool:
+    """Validating a config logged by an older mlops (``read_resolved_config``): what is no longer
+    accepted in a new config is read as it was (it is read for its data settings, not run)."""
+    return bool(info.context and info.context.get("logged"))
+
 
 class Config(_Strict):
     """The whole experiment configuration (see ``conf/default.yaml``)."""
@@ -235,8 +282,13 @@ class Config(_Strict):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     def flat(self) -> dict[str, Any]:
-        """The config as ``{"dotted.key": value}``."""
-        return _flatten(self.model_dump())
+        """The config as ``{"dotted.key": value}``, credentials in its URLs hidden (for showing
+        or logging; ``${VAR}`` placeholders are kept as written)."""
+        flat = _flatten(self.model_dump())
+        for section, key in _URL_KEYS:
+            if flat.get(f"{section}.{key}"):
+                flat[f"{section}.{key}"] = redact_url(flat[f"{section}.{key}"])
+        return flat
 
     def params(self, *, tuning: bool = False, model_params: bool = True) -> dict[str, Any]:
         """What a person compares between runs: model, data and split (and search) settings.
@@ -267,13 +319,18 @@ class Config(_Strict):
                     "tuning.search_space": ",".join(sorted(t.search_space)),
                 }
             )
-        return {k: ("" if v is None else v) for k, v in out.items()}
+        # no URL is among them; should one ever be (a dataset URL, say), it is logged redacted
+        return {
+            k: ("" if v is None else redact_url(v) if isinstance(v, str) and "://" in v else v)
+            for k, v in out.items()
+        }
 
     def to_yaml(self) -> str:
         """The whole resolved config as YAML, credentials in its URLs hidden (for a run artifact).
 
-        ``read_resolved_config`` reads it back; the store URLs it carries are for a person to
-        read, not to connect with.
+        ``read_resolved_config`` reads it back; a URL that named its secrets as ``${VAR}``
+        still connects where the variables are set, one that held them literally shows ``***``
+        in their place and is for a person to read, not to connect with.
         """
         tree = self.model_dump(mode="json")
         for section, key in _URL_KEYS:
@@ -290,14 +347,227 @@ _URL_KEYS = (
 )
 
 
+# ---- secrets in URLs ----
+# A configured URL may name a secret instead of holding it: ``${VAR}`` is kept as written in
+# everything logged and replaced by the environment's value only when connecting or posting
+# (mlops.db.expand_env). A literal secret (a password, a token in the query string or in the
+# userinfo of a web URL) is shown as *** wherever the URL is logged or shown.
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAMED = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\})+")  # a value that only names secrets
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+HIDDEN = "***"
+# query parameters that configure a connection and hold no secret; any other value in a query
+# string is treated as a token
+SAFE_QUERY_KEYS = frozenset(
+    {
+        "application_name",
+        "charset",
+        "check_same_thread",
+        "client_encoding",
+        "connect_timeout",
+        "fallback_application_name",
+        "gssencmode",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "load_balance_hosts",
+        "mode",
+        "options",
+        "sslcert",
+        "sslkey",
+        "sslmode",
+        "sslrootcert",
+        "target_session_attrs",
+        "timeout",
+        "uri",
+    }
+)
+_WEB_SCHEMES = frozenset({"http", "https"})
+
+
+@dataclass(frozen=True)
+class UrlParts:
+    """A URL cut into the parts that may hold a secret, each as written (nothing decoded)."""
+
+    scheme: str
+    user: str | None  # None: no userinfo
+    password: str | None  # None: no ``:`` in the userinfo
+    host: str  # host[:port]
+    path: str  # from the first ``/`` after the host, up to ``?`` or ``#``
+    query: tuple[tuple[str, str | None], ...] | None  # None: no ``?``
+    fragment: str | None
+
+    def __str__(self) -> str:
+        out = f"{self.scheme}://"
+        if self.user is not None:
+            out += self.user + (f":{self.password}" if self.password is not None else "") + "@"
+        out += self.host + self.path
+        if self.query is not None:
+            out += "?" + "&".join(k if v is None else f"{k}={v}" for k, v in self.query)
+        if self.fragment is not None:
+            out += f"#{self.fragment}"
+        return out
+
+    @property
+    def web(self) -> bool:
+        return self.scheme.lower() in _WEB_SCHEMES
+
+
+def split_url(url: str) -> UrlParts | None:
+    """``url`` in parts, read as SQLAlchemy reads a database URL (the userinfo ends at the first
+    ``@``; a password may hold ``/``); None when it is no ``scheme://...`` URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return None
+    user = password = None
+    at = rest.find("@")
+    if at >= 0:
+        name, colon, secret = rest[:at].partition(":")
+        if not any(ch in name for ch in "/?#"):
+            user, password = name, (secret if colon else None)
+            rest = rest[at + 1 :]
+    rest, hash_, fragment = rest.partition("#")
+    rest, mark, query_text = rest.partition("?")
+    slash = rest.find("/")
+    host, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    query = None
+    if mark:
+        query = tuple(
+            (k, v if eq else None)
+            for k, eq, v in (piece.partition("=") for piece in query_text.split("&"))
+        )
+    return UrlParts(scheme, user, password, host, path, query, fragment if hash_ else None)
+
+
+def _is_secret(value: str | None) -> bool:
+    """A literal value in a place where secrets live (not empty, not only ``${VAR}``s)."""
+    return bool(value) and not _NAMED.fullmatch(value or "")
+
+
+def _hide(parts: UrlParts, drop: bool) -> UrlParts:
+    """``parts`` with every literal secret replaced by ``***`` (or, with ``drop``, removed)."""
+    user, password = parts.user, parts.password
+    if _is_secret(password):
+        password = None if drop else HIDDEN
+    if parts.web and password is None and _is_secret(user):  # https://TOKEN@host
+        user = None if drop else HIDDEN
+    query = parts.query
+    if query is not None:
+        kept = []
+        for key, value in query:
+            literal = (
+                _is_secret(value) and key.lower() not in SAFE_QUERY_KEYS
+                if value is not None
+                else _is_secret(key)
+            )
+            if not literal:
+                kept.append((key, value))
+            elif not drop:
+                kept.append((key, HIDDEN) if value is not None else (HIDDEN, None))
+        query = tuple(kept) if kept or not drop else None
+    fragment = parts.fragment
+    if _is_secret(fragment):
+        fragment = None if drop else HIDDEN
+    return replace(parts, user=user, password=password, query=query, fragment=fragment)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password and query string (tokens live there) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        url = url.replace(f":{parts.password}@", ":***@", 1)
-    if parts.query:
-        url = url.replace(f"?{parts.query}", "?***", 1)
-    return url
+    """``url`` as it may be logged or shown: each literal password or token (the password, every
+    query value but connection settings such as ``sslmode``, the userinfo of a web URL, the
+    fragment) replaced by ``***``; ``${VAR}`` placeholders kept as written.
+
+    A value that is no URL is shown only when it is nothing but placeholders (``${DB_URL}``).
+    """
+    parts = split_url(url)
+    if parts is None:
+        return url if _NAMED.fullmatch(url.strip()) else HIDDEN
+    return str(_hide(parts, drop=False))
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with each URL in it redacted (:func:`redact_url`)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def strip_secrets(url: str) -> str:
+    """``url`` with each literal password or token removed (see :func:`redact_url`), so that
+    what connects with it reads the secret from its own sources; placeholders kept."""
+    parts = split_url(url)
+    if parts is None:
+        return url if _NAMED.fullmatch(url.strip()) else ""
+    return str(_hide(parts, drop=True))
+
+
+def literal_secrets(url: str) -> list[str]:
+    """The literal secrets written in ``url``, as written and percent-decoded (for scrubbing
+    them out of messages)."""
+    parts = split_url(url)
+    if parts is None:
+        return [] if _NAMED.fullmatch(url.strip()) else [url]
+    found: list[str] = []
+    if _is_secret(parts.password):
+        found.append(parts.password or "")
+    if parts.web and parts.password is None and _is_secret(parts.user):
+        found.append(parts.user or "")
+    for key, value in parts.query or ():
+        if value is None:
+            if _is_secret(key):
+                found.append(key)
+        elif _is_secret(value) and key.lower() not in SAFE_QUERY_KEYS:
+            found.append(value)
+    if _is_secret(parts.fragment):
+        found.append(parts.fragment or "")
+    return sorted({*found, *(unquote(f) for f in found)} - {""}, key=len, reverse=True)
+
+
+def check_webhook_url(url: str, *, expanded: bool = False) -> None:
+    """Refuse a webhook that is not ``http(s)://host...`` (ValueError naming the fix).
+
+    Before expansion a URL that is only a placeholder (``${ALERT_HOOK}``) passes: it is
+    checked again, expanded, when an alert is posted.
+    """
+    if not expanded and _NAMED.fullmatch(url.strip()):
+        return
+    parts = split_url(url.strip())
+    if parts is None or not parts.web or not PLACEHOLDER.sub("x", parts.host):
+        scheme = parts.scheme if parts is not None else "no scheme"
+        raise ValueError(
+            f"monitoring.webhook must be an http:// or https:// URL with a host, got {scheme!r} "
+            f"({redact_url(url)}); write it like https://hooks.example/alerts?token=${{HOOK_TOKEN}}"
+            " (the token in the environment variable HOOK_TOKEN)"
+        )
+
+
+def warn_literal_secrets(config: Config) -> list[str]:
+    """Warn (once per key and process) about URLs holding a literal password or token; the
+    keys warned about."""
+    keys = []
+    for section, key in _URL_KEYS:
+        url = getattr(getattr(config, section), key)
+        if not url or not literal_secrets(url):
+            continue
+        keys.append(f"{section}.{key}")
+        if (section, key, url) in _WARNED:
+            continue
+        _WARNED.add((section, key, url))
+        logger.warning(
+            "%s.%s holds a literal password or token (%s): it is never logged, but a config "
+            "should name the secret, not hold it: write ${VAR} in its place (e.g. "
+            "postgresql+psycopg://app:${MLOPS_LOG_DB_PASSWORD}@db/mlops or "
+            "https://hooks.example/x?token=${HOOK_TOKEN}) and set VAR in the environment",
+            section,
+            key,
+            redact_url(url),
+        )
+    return keys
+
+
+_WARNED: set[tuple[str, str, str]] = set()
 
 
 def conf_dir() -> Path:
@@ -318,7 +588,7 @@ def conf_dir() -> Path:
 def read_resolved_config(path: str | os.PathLike[str]) -> Config:
     """A config written by :meth:`Config.to_yaml` (a run's ``config.yaml``), validated as it is."""
     try:
-        return Config.model_validate(_read_yaml(Path(path)))
+        return Config.model_validate(_read_yaml(Path(path)), context={"logged": True})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, Path(path))) from None
 
@@ -380,9 +650,11 @@ def load_config(
     for key, value in pairs.items():
         _set_dotted(raw, key, value, cfg_path)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, cfg_path)) from None
+    warn_literal_secrets(config)
+    return config
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -446,8 +718,9 @@ def _describe(exc: ValidationError, source: Path) -> str:
         if err["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'; remove it or check its spelling")
         else:
-            got = err.get("input")
-            problems.append(f"key '{key}': {err['msg']} (got {got!r})")
+            # a URL that failed validation may still hold a password
+            got = redact_urls_in(repr(err.get("input")))
+            problems.append(f"key '{key}': {err['msg']} (got {got})")
     return f"{source}: " + "; ".join(problems)
 
 

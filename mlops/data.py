@@ -164,6 +164,7 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
             f"data.dataset: file '{dataset}' not found; pass an existing CSV path or one of "
             + ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
         )
+    _check_width(path, dataset, data_cfg.max_columns)
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
@@ -180,6 +181,65 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
             f"{', '.join(map(str, frame.columns))})"
         )
     return frame, data_cfg.target, None
+
+
+# how much of a file's header :func:`header_width` reads at most, and in pieces of what size
+HEADER_SCAN_BYTES = 16 * 2**20
+_HEADER_CHUNK = 2**20
+
+
+def header_width(path: str | Path, limit: int | None = None) -> tuple[int, bool]:
+    """The number of columns in a CSV's header line, and whether the whole line was read.
+
+    Only the header is read, in pieces, and at most ``limit`` bytes of it (default
+    :data:`HEADER_SCAN_BYTES`, 16 MiB: a million columns of 8-byte names): a header longer
+    than that gives the columns counted so far (a lower bound) and ``False``. Commas inside
+    double quotes do not count, nor do line ends inside them; blank lines before the header are
+    skipped, as ``pandas.read_csv`` skips them. An empty file has 0 columns.
+    """
+    limit = HEADER_SCAN_BYTES if limit is None else limit
+    columns = 0  # separators seen outside quotes in the header so far
+    quoted = False
+    started = False  # a byte of the header (not of a blank line before it) was seen
+    read = 0
+    with open(path, "rb") as stream:
+        while read < limit:
+            chunk = stream.read(min(_HEADER_CHUNK, limit - read))
+            if not chunk:
+                return (columns + 1 if started else 0), True
+            read += len(chunk)
+            # pieces between double quotes alternate outside / inside a quoted field (a doubled
+            # quote in a quoted field is an empty piece in between, so the parity holds)
+            for i, piece in enumerate(chunk.split(b'"')):
+                if i:
+                    quoted = not quoted
+                    started = True
+                if quoted:
+                    continue
+                if not started:
+                    stripped = piece.lstrip(b"\r\n")
+                    if not stripped:
+                        continue
+                    piece, started = stripped, True
+                ends = [p for p in (piece.find(b"\n"), piece.find(b"\r")) if p >= 0]
+                if ends:
+                    end = min(ends)
+                    return columns + piece.count(b",", 0, end) + 1, True
+                columns += piece.count(b",")
+    return columns + 1, False
+
+
+def _check_width(path: Path, dataset: str, max_columns: int) -> None:
+    """Refuse a CSV wider than ``data.max_columns`` before it is read whole."""
+    count, whole = header_width(path)
+    if count <= max_columns:
+        return
+    counted = f"{count:,} columns" if whole else f"at least {count:,} columns"
+    raise DataValidationError(
+        f"data.dataset: '{dataset}' has {counted} in its header, more than data.max_columns "
+        f"({max_columns:,}); drop columns from the file, or raise the limit with "
+        f"--set data.max_columns={count if whole else 'N'}"
+    )
 
 
 def validate_frame(frame: pd.DataFrame, target: str, categorical: list[str], source: str) -> None:

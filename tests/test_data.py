@@ -251,3 +251,101 @@ def test_a_dataset_logged_by_another_worker_meanwhile_is_retried_other_errors_ar
     with pytest.raises(MlflowException, match="no such run"):
         data._log_input(object(), "train", "h")
     assert calls == ["train"]
+
+
+def _wide_csv(path: Path, n_columns: int, n_rows: int) -> Path:
+    """A CSV of ``n_columns`` numeric columns, the last one the target ``label`` (0/1)."""
+    header = ",".join([*(f"c{i}" for i in range(n_columns - 1)), "label"])
+    rng = np.random.default_rng(0)
+    rows = [
+        ",".join([*(f"{v:.3f}" for v in rng.normal(size=n_columns - 1)), str(r % 2)])
+        for r in range(n_rows)
+    ]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_a_million_column_header_is_refused_fast_without_reading_the_file(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    path = tmp_path / "wide.csv"
+    header = ",".join(f"c{i}" for i in range(1_000_000))
+    row = ",".join("0" for _ in range(1_000_000))
+    path.write_text(f"{header}\n{row}\n{row}\n")
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DataValidationError) as info:
+            prepare(cfg(f"data.dataset={path}", "data.target=c0"))
+        elapsed = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "1,000,000 columns" in message
+    assert "data.max_columns (10,000)" in message
+    assert "--set data.max_columns=1000000" in message
+    assert elapsed < 2.0, elapsed
+    assert peak < 8 * 2**20, peak  # the header is read in pieces, not the file (11 MB) whole
+
+
+def test_a_file_at_the_column_limit_loads_one_column_more_is_refused(tmp_path: Path) -> None:
+    at_limit = _wide_csv(tmp_path / "at.csv", 50, 60)
+    split = prepare(cfg(f"data.dataset={at_limit}", "data.target=label", "data.max_columns=50"))
+    assert len(split.feature_columns) == 49 and split.n_rows == 60
+    over = _wide_csv(tmp_path / "over.csv", 51, 60)
+    with pytest.raises(
+        DataValidationError,
+        match=r"has 51 columns in its header, more than data.max_columns \(50\).*"
+        r"--set data.max_columns=51",
+    ):
+        prepare(cfg(f"data.dataset={over}", "data.target=label", "data.max_columns=50"))
+
+
+def test_a_file_just_under_the_default_column_limit_loads(tmp_path: Path) -> None:
+    from mlops.data import load_source
+
+    path = _wide_csv(tmp_path / "wide.csv", 9_999, 3)
+    frame, target, _ = load_source(cfg(f"data.dataset={path}", "data.target=label").data)
+    assert frame.shape == (3, 9_999) and target == "label"
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"a,b,c\n1,2,3\n", (3, True)),
+        (b"a,b,c", (3, True)),  # no line end
+        (b"a,b,c\r\n1,2,3\r\n", (3, True)),
+        (b'"a,1","b\nstill b",c\n1,2,3\n', (3, True)),  # commas and line ends inside quotes
+        (b'"say ""x, y""",b\n1,2\n', (2, True)),  # a doubled quote inside a quoted name
+        (b"\n\na,b\n1,2\n", (2, True)),  # blank lines before the header, as pandas skips them
+        (b"a,b,\n1,2,3\n", (3, True)),  # a trailing comma: pandas names the third column too
+        (b"", (0, True)),
+        (b"a," * 100 + b"z\n", (101, True)),
+    ],
+)
+def test_header_width_counts_the_header_columns(
+    tmp_path: Path, content: bytes, expected: tuple[int, bool]
+) -> None:
+    from mlops.data import header_width
+
+    path = tmp_path / "h.csv"
+    path.write_bytes(content)
+    assert header_width(path) == expected
+    if content:
+        assert header_width(path) == (len(pd.read_csv(path).columns), True)
+
+
+def test_header_width_stops_at_its_limit_with_a_lower_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlops import data
+    from mlops.data import header_width
+
+    path = tmp_path / "h.csv"
+    path.write_bytes(b"ab," * 1000 + b"z\n1\n")
+    assert header_width(path, limit=30) == (11, False)  # 10 commas in 30 bytes
+    monkeypatch.setattr(data, "HEADER_SCAN_BYTES", 30)
+    with pytest.raises(DataValidationError, match=r"at least 11 columns.*max_columns \(5\)"):
+        prepare(cfg(f"data.dataset={path}", "data.target=z", "data.max_columns=5"))

@@ -4,6 +4,8 @@ rollback."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -26,8 +28,8 @@ from mlops.config import load_config
 from mlops.errors import ConfigError, DataValidationError
 from mlops.monitoring import drift, read_labels
 from mlops.monitoring import profile as prof
-from mlops.monitoring.checks import check, evaluate_rules, parse_duration
-from mlops.monitoring.logger import PredictionLogger
+from mlops.monitoring.checks import check, evaluate_rules, load_profile, parse_duration
+from mlops.monitoring.logger import HASH_PREFIX, PredictionLogger
 from mlops.monitoring.store import PREDICTIONS, MonitoringStore
 from mlops.training import train
 from tests.conftest import free_port, skip_or_fail, using_store
@@ -36,6 +38,7 @@ from tests.servers import BIN, post, running, server_env
 pytestmark = pytest.mark.slow
 NAME = "mon-model"
 FEATURES = ["x1", "x2", "x3", "age", "color"]
+MASK_KEY = "the-servers-hashing-key-for-tests"  # MLOPS_MASK_KEY of the served model
 
 
 def synthetic(n: int, seed: int, shift_x3: float = 0.0) -> pd.DataFrame:
@@ -88,15 +91,22 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
     uri = f"sqlite:///{root / 'mlflow.db'}"
     synthetic(2000, seed=0).to_csv(root / "data.csv", index=False)
     config_path = write_config(root)
-    with using_store(uri):
-        config = load_config(config_path)
-        v1 = train(config, register=True).registered_version
-        v2 = train(
-            load_config(config_path, ["model.params.C=0.3"]), register=True
-        ).registered_version
-        for version in (v1, v2):
-            registry.promote(config, NAME, version, "staging")
-            registry.promote(config, NAME, version, "production", reason="test set-up")
+    # the experiment made here gets its artifact root in the working folder: keep it in root
+    # (this fixture runs before the per-test one that moves into the test's own folder)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with using_store(uri):
+            config = load_config(config_path)
+            v1 = train(config, register=True).registered_version
+            v2 = train(
+                load_config(config_path, ["model.params.C=0.3"]), register=True
+            ).registered_version
+            for version in (v1, v2):
+                registry.promote(config, NAME, version, "staging")
+                registry.promote(config, NAME, version, "production", reason="test set-up")
+    finally:
+        os.chdir(cwd)
     yield {"uri": uri, "root": root, "config": config_path, "v1": v1, "v2": v2}
 
 
@@ -116,7 +126,8 @@ def server(store: dict) -> Iterator[str]:
         "--log-url",
         f"sqlite:///{store['root'] / 'predictions.db'}",
     ]
-    with running(cmd, server_env(store["uri"]), port, store["root"] / "server.log") as base:
+    env = server_env(store["uri"], MLOPS_MASK_KEY=MASK_KEY)
+    with running(cmd, env, port, store["root"] / "server.log") as base:
         yield base
 
 
@@ -180,8 +191,9 @@ def test_served_requests_are_logged_with_their_request_id_masked_and_timed(
     assert len(features) == 3 and set(features[0]) == set(FEATURES)
     for sent, got in zip(frame.to_dict("records"), features, strict=False):
         assert got["x1"] == pytest.approx(sent["x1"]) and got["color"] == sent["color"]
-        # the sensitive column left the server hashed, never as the value
-        assert got["age"].startswith("sha256:") and str(int(sent["age"])) not in got["age"]
+        # the sensitive column left the server as a keyed hash, never as the value
+        digest = hmac.new(MASK_KEY.encode(), str(sent["age"]).encode(), hashlib.sha256)
+        assert got["age"] == HASH_PREFIX + digest.hexdigest()
     scores = json.loads(log["scores"].iloc[0])
     assert scores == pytest.approx({"no": rows[0]["proba_no"], "yes": rows[0]["proba_yes"]})
 
@@ -215,7 +227,7 @@ def test_drift_labels_alert_webhook_and_auto_rollback(
     try:
         bad_status, _ = post(
             server, {"dataframe_records": [{"x1": 1.0}]}
-        )  # an error for the error-rate rule
+        )  # a client error for the client-error-rate rule
         assert bad_status == 400
         # traffic with a known shift on x3 only (x3 does not decide the label)
         traffic = synthetic(600, seed=11, shift_x3=1.5)
@@ -242,14 +254,34 @@ def test_drift_labels_alert_webhook_and_auto_rollback(
         config = write_config(
             store["root"],
             webhook=f"http://127.0.0.1:{hook.server_address[1]}/alerts",
+            # the window holds about 15 requests (of up to 50 rows): rules over at least 10
             rules=[
-                {"name": "feature_drift", "metric": "psi/*", "above": 0.2, "auto_rollback": True},
-                {"name": "error_rate", "metric": "error_rate", "above": 0.01},
+                {
+                    "name": "feature_drift",
+                    "metric": "psi/*",
+                    "above": 0.2,
+                    "auto_rollback": True,
+                    "min_requests": 10,
+                },
+                {
+                    "name": "client_errors",
+                    "metric": "client_error_rate",
+                    "above": 0.01,
+                    "min_requests": 10,
+                },
+                {
+                    "name": "server_errors",
+                    "metric": "server_error_rate",
+                    "above": 0.0,
+                    "auto_rollback": True,
+                    "min_requests": 10,
+                },
                 {
                     "name": "accuracy_drop",
                     "metric": "accuracy_drop",
                     "above": 0.05,
                     "auto_rollback": True,
+                    "min_requests": 10,
                 },
             ],
         )
@@ -314,9 +346,10 @@ def test_drift_labels_alert_webhook_and_auto_rollback(
         assert "psi/age" not in metrics and "masked" in run.data.tags["mlops.monitor.notes"]
         assert metrics["labelled"] == len(labelled)
         assert metrics["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
-        assert (
-            metrics["requests"] >= 12 and metrics["error_rate"] > 0.01
-        )  # the 400 of the first test
+        # the 400s of the first test and this one: the clients' errors, not the server's
+        assert metrics["requests"] >= 12 and metrics["client_error_rate"] > 0.01
+        assert metrics["server_error_rate"] == 0.0
+        assert 0 < metrics["requests_accepted"] < metrics["requests"]
         history = client.get_metric_history(run.info.run_id, "psi/x3")
         assert len(history) == 1 and before - 1 <= history[0].step <= time.time()
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "drift_report")}
@@ -345,15 +378,15 @@ def test_drift_labels_alert_webhook_and_auto_rollback(
         ) and "feature_drift" in last.reason
 
     rules = {a["rule"]: a for a in received}
-    assert set(rules) == {"feature_drift", "error_rate"}
+    assert set(rules) == {"feature_drift", "client_errors"}
     assert rules["feature_drift"]["metric"] == "psi/x3" and rules["feature_drift"]["value"] > 0.2
     assert (
         rules["feature_drift"]["action"]
         == f"rolled back production from {store['v2']} to {store['v1']}"
     )
-    assert rules["error_rate"]["action"] is None
+    assert rules["client_errors"]["action"] is None
     stored = MonitoringStore(f"sqlite:///{store['root'] / 'predictions.db'}").alerts(NAME)
-    assert {a.rule for a in stored} == {"feature_drift", "error_rate"}
+    assert {a.rule for a in stored} == {"feature_drift", "client_errors"}
     assert all(
         a.webhook == "delivered (HTTP 204)" and a.check_run_id == run.info.run_id for a in stored
     )
@@ -364,6 +397,80 @@ def test_drift_labels_alert_webhook_and_auto_rollback(
     assert quiet.version == store["v1"] and quiet.status == "insufficient_data"
     assert "too little data: 0 predictions" in quiet.notes[0]
     assert not any(k.startswith("psi") for k in quiet.metrics) and not quiet.alerts
+
+
+def test_client_errors_cannot_roll_back_and_rules_wait_for_min_requests(
+    store: dict, server: str
+) -> None:
+    """20 bad requests (4xx) and 5 good ones: no server error, no rollback; a rule over fewer
+    requests than its min_requests does not fire, and the check says so."""
+    start = time.time()
+    bad = [
+        {"dataframe_records": [{"x1": 1.0}]},  # columns missing
+        {"dataframe_split": {"columns": FEATURES, "data": [["a", "b", "c", "d", "red"]]}},
+        {"dataframe_split": {"columns": FEATURES, "data": [[1.0, 2.0, 3.0, "old", "red"]]}},
+        "not json",
+    ]
+    statuses = [post(server, bad[i % len(bad)])[0] for i in range(20)]
+    assert all(400 <= s < 500 for s in statuses), statuses
+    good = [post(server, records(synthetic(1, seed=100 + i))) for i in range(5)]
+    assert all(s == 200 for s, _ in good)
+    served = good[0][1]["predictions"][0]["model_version"]
+    ids = [body["predictions"][0]["request_id"] for _, body in good]
+    url = f"sqlite:///{store['root'] / 'predictions.db'}"
+    assert len(logged(url, ids, 5)) == 5
+    time.sleep(1.0)  # the failed requests are written with the same batches
+    end = time.time() + 0.5
+
+    config = write_config(
+        store["root"],
+        rules=[
+            # a client's bad requests are no server error, however few requests there are
+            {
+                "name": "server_errors",
+                "metric": "server_error_rate",
+                "above": 0.01,
+                "auto_rollback": True,
+                "min_requests": 0,
+            },
+            # 80% client errors, but 25 requests < 100: held back
+            {"name": "client_errors", "metric": "client_error_rate", "above": 0.5},
+            # past its bound, but 5 accepted requests < 10 (the 20 bad ones do not count)
+            {
+                "name": "latency",
+                "metric": "latency_p99_ms",
+                "above": 0.0,
+                "auto_rollback": True,
+                "min_requests": 10,
+            },
+            {"name": "latency_small", "metric": "latency_p99_ms", "above": 0.0, "min_requests": 5},
+        ],
+    )
+    with using_store(store["uri"]):
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(NAME, "production", served)
+        result = check(load_config(config), NAME, window=end - start, now=end)
+        assert str(client.get_model_version_by_alias(NAME, "production").version) == served
+        run = client.get_run(result.run_id)
+    m = result.metrics
+    assert m["requests"] == 25 and m["requests_accepted"] == 5
+    assert m["client_error_rate"] == pytest.approx(0.8) and m["server_error_rate"] == 0.0
+    assert [a.rule for a in result.alerts] == ["latency_small"] and result.rollback is None
+    assert result.held == ["client_errors", "latency"]
+    notes = run.data.tags["mlops.monitor.notes"]
+    assert (
+        "rule 'client_errors' not fired" in notes and "fewer than its min_requests (100)" in notes
+    )
+    assert "rule 'latency' not fired" in notes and "only 5 accepted request(s)" in notes
+    assert run.data.tags["mlops.monitor.held"] == "client_errors,latency"
+
+
+def test_the_reference_profile_carries_no_value_of_the_sensitive_column(store: dict) -> None:
+    """Needs mlops/serving/flavor.py to pass the sensitive columns to build_profile."""
+    with using_store(store["uri"]):
+        profile = load_profile(NAME, store["v1"])
+    assert profile["features"]["age"] == {"kind": "numeric", "masked": True}
+    assert "quantiles" in profile["features"]["x1"]
 
 
 @pytest.fixture

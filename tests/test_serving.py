@@ -84,7 +84,7 @@ def sk_server(store: dict) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def keras_server(store: dict) -> Iterator[str]:
-    """Started through `mlops serve`, which runs `mlflow models serve` with the model config."""
+    """Started through `mlops serve` (MLflow's scoring app under uvicorn), with a row limit."""
     port = free_port()
     cmd = [
         str(BIN / "mlops"),
@@ -232,6 +232,37 @@ def _bad_requests(store: dict) -> list[tuple[str, object, str, str]]:
             "text/csv",
             "column 'x1' must be numeric, got 'abc'",
         ),
+        # issue 12: the probe's cases (all of them: tests/test_hostile_input.py)
+        (
+            "infinity",
+            b'{"dataframe_records": [{"x1": Infinity, "x2": 1.0, "color": "red"}]}',
+            "application/json",
+            "column 'x1' must be a finite number",
+        ),
+        (
+            "numeric string",
+            {"dataframe_records": [dict(records[0], x2="1.5")]},
+            "application/json",
+            "column 'x2' must be numeric, got the string '1.5'",
+        ),
+        (
+            "repeated column",
+            {"dataframe_split": dict(split, columns=["x1", "x1", "color"])},
+            "application/json",
+            "column 'x1' appears more than once",
+        ),
+        (
+            "rows without names",
+            {"inputs": split["data"]},
+            "application/json",
+            "'inputs' rows have no column names",
+        ),
+        (
+            "a list in a cell",
+            {"inputs": {c: [[v] * 1000] for c, v in records[0].items()}},
+            "application/json",
+            "column 'x1' holds a list in row 0",
+        ),
     ]
 
 
@@ -251,6 +282,11 @@ def test_bad_input_gets_a_400_that_names_the_problem_and_serving_goes_on(
 def test_unsupported_content_type_is_415(sk_server: str) -> None:
     status, _ = post(sk_server, "x", "text/plain")
     assert status == 415
+    status, _ = post(sk_server, "x", "application/json; charset=latin-1")
+    assert status == 415
+    # content types are matched without regard to case, on both paths
+    body = {"dataframe_records": [{"x1": 0.1, "x2": 0.2, "color": "red"}]}
+    assert post(sk_server, body, "APPLICATION/JSON")[0] == 200
 
 
 def test_keras_model_served_through_mlops_serve(keras_server: str, store: dict) -> None:
@@ -269,8 +305,8 @@ def test_keras_model_served_through_mlops_serve(keras_server: str, store: dict) 
     assert status == 400 and "more than the limit of 20" in answer["message"]
 
 
-def test_mlflow_path_without_the_fast_path_agrees(store: dict) -> None:
-    """MLOPS_FAST_SERVING=0 serves through MLflow's own parsing: same answers, still 400s."""
+def test_mlflow_path_without_the_fast_path_agrees(store: dict, sk_server: str) -> None:
+    """MLOPS_FAST_SERVING=0 serves through MLflow's own parsing: same answers, the same 400s."""
     port = free_port()
     cmd = [
         str(BIN / "mlflow"),
@@ -303,6 +339,10 @@ def test_mlflow_path_without_the_fast_path_agrees(store: dict) -> None:
             base, {"dataframe_records": [{k: v for k, v in records[0].items() if k != "x2"}]}
         )
         assert status == 400 and "x2" in answer["message"]
+        for name, body, content_type, message in _bad_requests(store):
+            status, answer = post(base, body, content_type)
+            assert status == 400 and message in answer["message"], (name, status, answer)
+            assert (status, answer) == post(sk_server, body, content_type), name
 
 
 def test_mlflow_models_predict_cli(store: dict, tmp_path: Path) -> None:

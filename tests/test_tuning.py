@@ -161,6 +161,46 @@ def test_trial_runs_survive_their_writer_process_dying(kill_after: str) -> None:
         assert study.trials[0].user_attrs["mlflow_run_id"] == by_number[0].info.run_id
 
 
+def test_a_search_process_counts_as_gone_only_when_surely_gone() -> None:
+    """What decides whether the next search ends a search's runs (see end_dead_searches)."""
+    import sys
+
+    from mlops.tuning.trial_runs import process_gone, process_key
+
+    mine = process_key()
+    assert not process_gone(mine)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    key = process_key(child.pid)
+    assert not process_gone(key)
+    child.kill()
+    child.wait()
+    assert process_gone(key)
+    host, boot, namespace, pid, start = mine.split("|")
+    if start:  # Linux: the pid of a process started at another time is another process
+        assert process_gone("|".join((host, boot, namespace, pid, str(int(start) + 1))))
+    # another machine, or another container on this one: not ours to tell
+    assert not process_gone("|".join(("elsewhere", boot, namespace, str(child.pid), start)))
+    if namespace:
+        assert not process_gone("|".join((host, boot, "pid:[1]", str(child.pid), start)))
+    assert not process_gone("") and not process_gone("a|b|c|d|e")
+
+
+def test_a_trial_run_never_finished_is_ended_when_the_search_closes() -> None:
+    from mlops.tuning.trial_runs import TrialRuns
+
+    mlflow.set_experiment("never-finished")
+    with mlflow.start_run() as parent:
+        study = optuna.create_study()
+        runs = TrialRuns()
+        runs.start(parent.info.experiment_id, parent.info.run_id, "never-finished")
+        runs.open(study.ask(), int(time.time() * 1000))
+        runs.close()
+        assert not runs.errors
+    by_number = _trial_runs_of(parent.info.run_id)
+    assert by_number[0].info.status == "FAILED"
+    assert mlflow.MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
 def test_a_sigkilled_search_leaves_no_run_running(tmp_path: Path, tracking_uri: str) -> None:
     """Only the tuning process is killed: its writer process ends its runs as FAILED."""
     extra = [

@@ -6,6 +6,12 @@ one run of the ``<model>-monitoring`` experiment (metrics stepped by the check t
 UI charts them over time; a drift report as artifacts), evaluates the alert rules of
 ``conf/`` and, for a rule marked ``auto_rollback``, rolls production back through the
 registry, audited like a manual rollback.
+
+What clients cannot steer: their own errors (4xx: a bad request, a wrong type) are counted
+apart as ``client_error_rate`` and never in ``server_error_rate`` or the latencies, which
+measure the requests the model accepted; and a rule fires only over at least its
+``min_requests`` requests (accepted ones; any, for a rule on ``client_error_rate``), so a
+handful of requests cannot raise an alert or roll production back.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from mlops import metrics
-from mlops.config import AlertRule, Config, parse_duration
-from mlops.errors import MlopsError
+from mlops.config import AlertRule, Config, check_webhook_url, parse_duration
+from mlops.db import expand_env, scrub
+from mlops.errors import ConfigError, MlopsError
 from mlops.monitoring import drift
 from mlops.monitoring.drift import metric_key
-from mlops.monitoring.logger import HASH_PREFIX, MASK
+from mlops.monitoring.logger import HASH_PREFIX, LEGACY_HASH_PREFIX, MASK
 from mlops.monitoring.profile import PROFILE_ARTIFACT
 from mlops.monitoring.report import write_report
 from mlops.monitoring.store import LOG_FILE, Alert, CheckResult, MonitoringStore
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 PRODUCTION = "production"
 MONITOR_USER = "mlops-monitor"
+NOTES_TAG = "mlops.monitor.notes"
 
 
 def experiment_name(model: str) -> str:
@@ -77,6 +85,14 @@ def check(
     window_s = parse_duration(window if window is not None else mcfg.window)
     at = time.time() if now is None else float(now)
     client = mlflow.MlflowClient()
+    # alias changes made outside mlops are recorded (and stages mirrored) before production is
+    # read, so this check, its alerts and any rollback act on what production really is
+    from mlops.registry import reconcile
+
+    reconciled = [
+        f"the registry changed outside mlops, now recorded in the audit trail: {r.line()}"
+        for r in reconcile(name, config)
+    ]
     try:
         version = str(client.get_model_version_by_alias(name, PRODUCTION).version)
     except MlflowException:
@@ -91,17 +107,12 @@ def check(
     result = CheckResult(
         model=name, version=version, at=at, window_s=window_s, run_id="", status="ok"
     )
+    result.notes.extend(reconciled)
     m = result.metrics
     per_request = frame.drop_duplicates("request_id")
-    m["requests"] = float(len(per_request))
+    _request_metrics(per_request, m)
     ok = frame[frame["status"] == 200]
     m["predictions"] = float(len(ok))
-    if len(per_request):
-        m["error_rate"] = float((per_request["status"] != 200).mean())
-        m["server_error_rate"] = float((per_request["status"] >= 500).mean())
-        lat = per_request["latency_ms"].to_numpy(dtype=float)
-        m["latency_p50_ms"] = float(np.percentile(lat, 50))
-        m["latency_p99_ms"] = float(np.percentile(lat, 99))
     written, dropped = store.writer_counts(name, version, at - window_s, at)
     m["dropped_rows"] = float(dropped)
 
@@ -124,8 +135,13 @@ def check(
 
     result.run_id = _start_run(client, result)
     try:
+        noted = len(result.notes)
         _alerts(config, store, result)
         client.set_tag(result.run_id, "mlops.monitor.alerts", str(len(result.alerts)))
+        if result.held:
+            client.set_tag(result.run_id, "mlops.monitor.held", ",".join(result.held))
+        if len(result.notes) > noted:  # the rules held back by min_requests say so
+            client.set_tag(result.run_id, NOTES_TAG, "\n".join(result.notes)[:5000])
         if result.rollback:
             client.set_tag(result.run_id, "mlops.monitor.rollback", result.rollback)
         _log_report(client, result, profile, features, ok)
@@ -137,6 +153,28 @@ def check(
 
 
 # ---- the measurements ----
+def _request_metrics(per_request: pd.DataFrame, m: dict[str, float]) -> None:
+    """Request counts, error rates and latencies (one row per request in ``per_request``).
+
+    A client error (4xx) is the client's doing: it counts in ``client_error_rate`` (over every
+    request) and nowhere else. ``server_error_rate`` (5xx) and the latencies are measured on
+    the requests the model accepted, so no client can raise them, or dilute them, by sending
+    bad requests.
+    """
+    status = per_request["status"].to_numpy(dtype=int)
+    client = (status >= 400) & (status < 500)
+    accepted = ~client
+    m["requests"] = float(len(status))
+    m["requests_accepted"] = float(accepted.sum())
+    if len(status):
+        m["client_error_rate"] = float(client.mean())
+    if accepted.any():
+        m["server_error_rate"] = float((status[accepted] >= 500).mean())
+        lat = per_request["latency_ms"].to_numpy(dtype=float)[accepted]
+        m["latency_p50_ms"] = float(np.percentile(lat, 50))
+        m["latency_p99_ms"] = float(np.percentile(lat, 99))
+
+
 def _drift(
     profile: dict[str, Any], features: pd.DataFrame, ok: pd.DataFrame, result: CheckResult
 ) -> None:
@@ -146,6 +184,12 @@ def _drift(
         if col not in features.columns:
             result.notes.append(
                 f"feature '{col}' is not in the logged predictions; drift not computed"
+            )
+            continue
+        if ref.get("masked"):
+            result.notes.append(
+                f"feature '{col}' is sensitive (masked in the profile and the prediction log); "
+                "drift not computed"
             )
             continue
         values = features[col]
@@ -178,7 +222,11 @@ def _drift(
 def _masked(values: pd.Series) -> bool:
     """The prediction log hashed or masked this column (a server lists it as sensitive)."""
     first = values.dropna().iloc[:1].tolist()
-    return bool(first) and isinstance(first[0], str) and first[0].startswith((HASH_PREFIX, MASK))
+    return (
+        bool(first)
+        and isinstance(first[0], str)
+        and first[0].startswith((HASH_PREFIX, LEGACY_HASH_PREFIX, MASK))
+    )
 
 
 def _accuracy(
@@ -262,9 +310,7 @@ def _start_run(client: mlflow.MlflowClient, result: CheckResult) -> str:
     for start in range(0, len(metrics), 900):
         client.log_batch(run.info.run_id, metrics=metrics[start : start + 900])
     if result.notes:
-        client.log_batch(
-            run.info.run_id, tags=[RunTag("mlops.monitor.notes", "\n".join(result.notes)[:5000])]
-        )
+        client.log_batch(run.info.run_id, tags=[RunTag(NOTES_TAG, "\n".join(result.notes)[:5000])])
     return run.info.run_id
 
 
@@ -319,13 +365,29 @@ def _bound(rule: AlertRule) -> float:
     return float(bound)
 
 
+def requests_for(metric: str, metrics: dict[str, float]) -> int:
+    """The requests a rule on ``metric`` is measured over: every request for the clients'
+    error rate, the accepted ones (not refused as the client's error) for anything else."""
+    key = "requests" if metric == "client_error_rate" else "requests_accepted"
+    return int(metrics.get(key, metrics.get("requests", 0.0)))
+
+
 def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None:
     mcfg = config.monitoring
     fired: list[tuple[AlertRule, Alert]] = []
     drifted: set[str] = set()
     for rule, metric, value, bound, hits in evaluate_rules(mcfg.rules, result.metrics):
-        others = [k for k, _ in hits[1:]]
         side = "above" if rule.above is not None else "below"
+        seen = requests_for(metric, result.metrics)
+        if seen < rule.min_requests:
+            result.held.append(rule.name)
+            result.notes.append(
+                f"rule '{rule.name}' not fired: {metric} = {value:.4g} is {side} {bound:g}, but "
+                f"over only {seen} {'' if metric == 'client_error_rate' else 'accepted '}"
+                f"request(s), fewer than its min_requests ({rule.min_requests})"
+            )
+            continue
+        others = [k for k, _ in hits[1:]]
         message = (
             f"{result.model} v{result.version}: {rule.name}: {metric} = {value:.4g} is {side} "
             f"{bound:g}"
@@ -377,18 +439,50 @@ def _auto_rollback(config: Config, result: CheckResult, rules: list[str]) -> str
 
 
 def post_webhook(url: str, alert: Alert) -> str:
-    """POST ``alert`` as JSON to ``url``; the outcome as text (a failure never stops the check)."""
+    """POST ``alert`` as JSON to ``url``; the outcome as text (a failure never stops the check).
+
+    ``url``'s ``${VAR}`` placeholders are expanded here, at the moment of posting; only
+    ``http(s)://`` is accepted, redirects are not followed (the alert, and a token in the URL,
+    go to the address configured and nowhere else), and the outcome holds no secret of the URL.
+    """
+    try:
+        target = expand_env(url)
+        check_webhook_url(target, expanded=True)
+    except (ConfigError, ValueError) as exc:
+        return scrub(f"failed: {exc}", url)
     body = json.dumps({"source": "mlops", **alert.as_dict()}).encode()
     request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        target, data=body, method="POST", headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with _web_opener().open(request, timeout=5) as response:
             return f"delivered (HTTP {response.status})"
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            return f"failed: HTTP {exc.code} (a redirect, not followed: configure its target)"
         return f"failed: HTTP {exc.code}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"failed: {exc}"
+        return scrub(f"failed: {exc}", url)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then surfaces as an HTTPError
+
+
+def _web_opener() -> urllib.request.OpenerDirector:
+    """An opener for http(s) alone (no file:, ftp: or data: handler), following no redirect."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        _NoRedirect(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 def _human(seconds: float) -> str:

@@ -2,7 +2,8 @@
 
 A request hands its arrays to :meth:`PredictionLogger.submit` (a lock, a counter and a deque
 append: microseconds) and is answered at once. A daemon thread turns what is buffered into
-rows (masking sensitive columns there, still inside the process), writes them in batches
+rows (masking sensitive columns there, still inside the process: a keyed HMAC-SHA256 with the
+key from the environment, or ``***``), writes them in batches
 through SQLAlchemy, and records how many rows it wrote and dropped. When the store is slow
 or down the rows wait in the buffer, up to ``capacity`` rows; beyond that new rows are
 dropped and counted, and the count is written with the next successful batch, so
@@ -14,9 +15,11 @@ from __future__ import annotations
 import atexit
 import collections
 import hashlib
+import hmac
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -29,13 +32,24 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from mlops.db import create_engine, mask_url
+from mlops.db import create_engine, expand_env, mask_url, scrub
+from mlops.errors import ConfigError
 from mlops.monitoring.store import LAYOUTS, PREDICTIONS, WRITER_STATS
 
 logger = logging.getLogger(__name__)
 
 MASK = "***"
-HASH_PREFIX = "sha256:"
+# a sensitive value in "hash" mode: HMAC-SHA256 keyed by the variable MASK_KEY_ENV names (the
+# same value gives the same text, so a column can still be grouped; without the key it cannot
+# be reversed by trying the few values it may take)
+HASH_PREFIX = "hmac-sha256:"
+LEGACY_HASH_PREFIX = "sha256:"  # unkeyed hashes of older logs (replaced by log_0002)
+MASK_KEY_ENV = "MLOPS_MASK_KEY"
+MIN_KEY_CHARS = 16
+
+
+# "..., got 'x' in row 3" (the input contract's messages): the value a client sent
+_QUOTED_VALUE = re.compile(r"(\bgot ).*?( in row \d+)")
 
 
 @dataclass
@@ -109,13 +123,16 @@ class PredictionLogger:
         classes: Sequence[Any] | None = None,
         sensitive: Sequence[str] = (),
         sensitive_mode: str = "hash",
+        mask_key_env: str = MASK_KEY_ENV,
         capacity: int = 10_000,
         batch_rows: int = 1_000,
         flush_interval: float = 0.5,
         max_backoff: float = 5.0,
     ) -> None:
         try:  # a malformed URL stops the server at load; an unreachable one only fills the buffer
-            sa.engine.make_url(url)
+            sa.engine.make_url(expand_env(url))  # a ${VAR} it names must be set (checked, dropped)
+        except ConfigError as exc:
+            raise ValueError(f"monitoring_url: {exc}") from None
         except sa.exc.ArgumentError:
             raise ValueError(
                 "monitoring_url is not a SQLAlchemy URL (not shown: it may hold a password); write "
@@ -133,6 +150,29 @@ class PredictionLogger:
             )
         self.sensitive = frozenset(sensitive)
         self.sensitive_mode = sensitive_mode
+        self._key: bytes | None = None
+        if self.sensitive and sensitive_mode == "hash":
+            key = os.environ.get(mask_key_env, "")
+            if key:
+                self._key = key.encode()
+                if len(key) < MIN_KEY_CHARS:
+                    logger.warning(
+                        "prediction log: the hashing key in %s is shorter than %d characters; "
+                        "use a long random one (e.g. python -c 'import secrets; "
+                        "print(secrets.token_hex(32))')",
+                        mask_key_env,
+                        MIN_KEY_CHARS,
+                    )
+            else:  # never an unkeyed hash: a few guesses reverse it
+                self.sensitive_mode = "mask"
+                logger.warning(
+                    "prediction log: sensitive column(s) %s are masked as %s, not hashed: no key "
+                    "in the environment variable %s (set it, the same in every server, to hash "
+                    "them with HMAC-SHA256)",
+                    sorted(self.sensitive),
+                    MASK,
+                    mask_key_env,
+                )
         self.capacity, self.batch_rows = int(capacity), int(batch_rows)
         self.flush_interval, self.max_backoff = float(flush_interval), float(max_backoff)
         self.process = f"{socket.gethostname()}:{os.getpid()}"[:128]
@@ -267,7 +307,7 @@ class PredictionLogger:
                     "prediction log %s unavailable (%s: %s); %d rows buffered, %d dropped so far",
                     mask_url(self.url),
                     exc.__class__.__name__,
-                    str(exc).splitlines()[0][:200],
+                    scrub((str(exc).splitlines() or [""])[0][:200], self.url),
                     self._buffered,
                     self.dropped_total,
                 )
@@ -296,7 +336,7 @@ class PredictionLogger:
                 self.model,
                 self.version,
                 it.status,
-                it.error,
+                self._safe_error(it.error),
                 it.latency_ms,
                 None,
                 None,
@@ -387,7 +427,7 @@ class PredictionLogger:
             repeat(self.model),
             repeat(self.version),
             per_row([it.status for it in done]),
-            per_row([it.error for it in done]),
+            per_row([self._safe_error(it.error) for it in done]),
             per_row([it.latency_ms for it in done]),
             repeat(self.layout),
             blobs,
@@ -400,9 +440,21 @@ class PredictionLogger:
     def _mask(self, value: Any) -> str | None:
         if value is None:
             return None
-        if self.sensitive_mode == "mask":
+        if self._key is None:
             return MASK
-        return HASH_PREFIX + hashlib.sha256(str(value).encode()).hexdigest()[:16]
+        return HASH_PREFIX + hmac.new(self._key, str(value).encode(), hashlib.sha256).hexdigest()
+
+    def _safe_error(self, error: str | None) -> str | None:
+        """A request's error text as logged: the value it quotes of a sensitive column hidden."""
+        if error is None or not self.sensitive:
+            return error
+        named = sorted(c for c in self.sensitive if f"'{c}'" in error)
+        if not named or "got " not in error:  # quotes no value ("missing column(s) [...]")
+            return error
+        cleaned, found = _QUOTED_VALUE.subn(r"\1" + MASK + r"\2", error)
+        if found:
+            return cleaned
+        return f"invalid input naming sensitive column(s) {named} (the message is not logged)"
 
     # ---- lifecycle ----
     def flush(self, timeout: float = 10.0) -> bool:

@@ -5,6 +5,10 @@ training quantiles, the share of rows in each bin, 101 quantiles for the Kolmogo
 test; category shares for categorical features), the prediction distribution on the
 validation split and the validation metrics. It travels inside the model as
 ``artifacts/reference_profile.json``, so monitoring needs nothing else from the training run.
+
+A sensitive feature (``monitoring.sensitive_columns``) gets no summary at all: quantiles, bin
+edges and categories are its raw values. Its entry says only its kind and ``"masked": true``;
+the prediction log hashes or masks it, so drift is not computed on it either.
 """
 
 from __future__ import annotations
@@ -47,16 +51,32 @@ def categorical_reference(values: Sequence[Any]) -> dict[str, Any]:
     return {"kind": "categorical", "shares": {str(k): float(v) for k, v in shares.items()}}
 
 
-def build_profile(pipeline: Any, split: Any, *, bins: int = 10) -> dict[str, Any]:
-    """The reference profile of a model trained on ``split``."""
+def masked_reference(kind: str) -> dict[str, Any]:
+    """The entry of a sensitive feature: no value of it, only that it is there and masked."""
+    return {"kind": kind, "masked": True}
+
+
+def build_profile(
+    pipeline: Any, split: Any, *, bins: int = 10, sensitive: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The reference profile of a model trained on ``split``; the ``sensitive`` features are
+    marked masked and carry none of their values."""
     features: dict[str, Any] = {}
     train = split.train
+    hidden = set(sensitive)
     for col in split.numeric_columns:
+        if col in hidden:
+            features[col] = masked_reference("numeric")
+            continue
         ref = numeric_reference(train[col].to_numpy(dtype=float), bins)
         ref["null_share"] = float(train[col].isna().mean())
         features[col] = ref
     for col in split.categorical_columns:
-        features[col] = categorical_reference(train[col].tolist())
+        features[col] = (
+            masked_reference("categorical")
+            if col in hidden
+            else categorical_reference(train[col].tolist())
+        )
     X_val, y_val = split.xy("validation")
     predicted = np.asarray(pipeline.predict(X_val))
     if split.task == "classification":

@@ -88,7 +88,7 @@ ALERTS = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("action", sa.Text),  # e.g. "rolled back production from 3 to 2"
     sa.Column("check_run_id", sa.String(64)),
-    sa.Column("webhook", sa.Text),  # delivery outcome, when a webhook is set
+    sa.Column("webhook", sa.Text),  # delivery outcome (no secret of the URL), when one is set
 )
 
 
@@ -280,3 +280,4 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     rollback: str | None = None
+    held: list[str] = field(default_factory=list)  # rules past their bound, under min_requests

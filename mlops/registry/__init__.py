@@ -1,8 +1,9 @@
 """The registry layer: stages as aliases, promotions behind gates, an audit trail, rollback.
 
-- :mod:`.promotion`: ``register``, ``promote``, ``evaluate``, ``rollback``, ``status``.
+- :mod:`.promotion`: ``register``, ``promote``, ``evaluate``, ``rollback``, ``status`` and
+  ``reconcile`` (intents left pending, changes made outside mlops).
 - :mod:`.gates`: each validation gate, returning its verdict as data.
-- :mod:`.audit`: the append-only audit table and the per-model promotion lock.
+- :mod:`.audit`: the audit table (intents first, then changes) and the per-model promotion lock.
 """
 
 from mlops.registry.audit import AuditLog, AuditRecord
@@ -13,9 +14,12 @@ from mlops.registry.promotion import (
     Promotion,
     VersionStatus,
     audit_trail,
+    canonical_version,
+    check_name,
     current_user,
     evaluate,
     promote,
+    reconcile,
     register,
     rollback,
     status,
@@ -31,10 +35,13 @@ __all__ = [
     "Promotion",
     "VersionStatus",
     "audit_trail",
+    "canonical_version",
+    "check_name",
     "current_user",
     "evaluate",
     "model_checksum",
     "promote",
+    "reconcile",
     "register",
     "rollback",
     "status",

@@ -2,11 +2,16 @@
 
 A gate never raises for a model that fails it: it reports what it measured against what
 it required, so a refusal can show every failing gate at once.
+
+Verify, then load: a :class:`Candidate`'s files are checked against the checksum recorded at
+registration before anything reads them, and a candidate whose files fail the check is never
+loaded (its ``pyfunc`` refuses). Every gate that would read the files of a version that failed
+its checksum reports itself as not run; the champion's files are checked before it is scored.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,13 +26,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
 
 from mlops import metrics
+from mlops.artifacts import CHECKSUM_TAG, checksum_matches, model_checksum
 from mlops.config import CONFIG_ARTIFACT, Config, Threshold, read_resolved_config
 from mlops.data import DatasetSplit, prepare
 from mlops.errors import RegistryError
 
 logger = logging.getLogger(__name__)
-
-CHECKSUM_TAG = "mlops.checksum"
 
 
 @dataclass(frozen=True)
@@ -77,24 +81,40 @@ class Candidate:
         return Model.load(str(self.path / "MLmodel"))
 
     @cached_property
+    def actual_checksum(self) -> str:
+        """The checksum of the downloaded files (the very files any gate goes on to load)."""
+        return model_checksum(self.path)
+
+    @property
+    def recorded_checksum(self) -> str | None:
+        return self.version.tags.get(CHECKSUM_TAG) or None
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the files match the checksum recorded at registration."""
+        recorded = self.recorded_checksum
+        return bool(recorded) and (
+            hmac.compare_digest(self.actual_checksum, str(recorded))
+            or checksum_matches(self.path, str(recorded))  # one recorded before DOWNLOAD_NOTE
+        )
+
+    @cached_property
     def pyfunc(self) -> Any:
+        if not self.trusted:  # never deserialise files that fail their checksum
+            raise RegistryError(
+                f"{self.name}: its files do not match the checksum recorded at registration; "
+                "refusing to load them"
+            )
         return mlflow.pyfunc.load_model(str(self.path))
 
     @cached_property
     def task(self) -> str:
+        recorded = self.version.tags.get("mlops.task")  # set at registration, before any file
+        if recorded in ("classification", "regression"):
+            return recorded
+        if not self.trusted:
+            return "classification"
         return (self.mlmodel.metadata or {}).get("mlops_task", "classification")
-
-
-def model_checksum(path: Path) -> str:
-    """SHA-256 over every file of a model directory: relative paths and contents."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[GateResult]:
@@ -120,6 +140,8 @@ def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[G
 
 
 def signature_gate(candidate: Candidate) -> GateResult:
+    if not candidate.trusted:
+        return not_run("signature and input example", "both present", candidate)
     has_sig = candidate.mlmodel.signature is not None
     has_example = candidate.mlmodel.saved_input_example_info is not None
     measured = (
@@ -132,7 +154,7 @@ def signature_gate(candidate: Candidate) -> GateResult:
 
 
 def checksum_gate(candidate: Candidate) -> GateResult:
-    recorded = candidate.version.tags.get(CHECKSUM_TAG)
+    recorded = candidate.recorded_checksum
     if not recorded:
         return GateResult(
             "artifact checksum",
@@ -141,20 +163,87 @@ def checksum_gate(candidate: Candidate) -> GateResult:
             "recorded at registration",
             "register versions through mlops (train --register) so the checksum is recorded",
         )
-    actual = model_checksum(candidate.path)
+    actual = candidate.actual_checksum
     return GateResult(
         "artifact checksum",
-        actual == recorded,
+        candidate.trusted,
         actual[:16],
         f"{recorded[:16]} (recorded)",
-        "" if actual == recorded else "the model files changed since registration; refusing them",
+        "" if candidate.trusted else "the model files changed since registration; refusing them",
     )
 
 
-def schema_gate(challenger: Candidate, champion: Candidate | None) -> GateResult:
+def not_run(gate: str, required: str, candidate: Candidate) -> GateResult:
+    """The verdict of a gate that would read the files of a candidate that failed its checksum."""
+    return GateResult(
+        gate,
+        False,
+        "not run: the artifact checksum failed",
+        required,
+        f"the files of {candidate.name} are not loaded",
+    )
+
+
+def staging_gates(
+    candidate: Candidate, thresholds: list[Threshold], *, smoke: bool = False
+) -> list[GateResult]:
+    """Into staging: checksum first, logged metrics, signature (and, with ``smoke``, a smoke
+    prediction); nothing reads the files unless the checksum passed."""
+    gates = [checksum_gate(candidate), *threshold_gates(candidate, thresholds)]
+    gates.append(signature_gate(candidate))
+    if smoke:
+        gates.append(smoke_gate(candidate))
+    return gates
+
+
+def production_gates(
+    challenger: Candidate, champion: Candidate | None, config: Config, *, force: bool = False
+) -> list[GateResult]:
+    """Into production: checksum first, then schema, smoke and champion (each of them not run
+    if the challenger's checksum failed; the champion is checked before it is loaded)."""
+    return [
+        checksum_gate(challenger),
+        schema_gate(challenger, champion, untrusted_champion_ok=force),
+        smoke_gate(challenger),
+        champion_gate(challenger, champion, config, untrusted_champion_ok=force),
+    ]
+
+
+def rollback_gates(candidate: Candidate, live: Candidate) -> list[GateResult]:
+    """Back to the version production replaced (or a forced rollback): checksum, schema."""
+    return [checksum_gate(candidate), schema_gate(candidate, live, untrusted_champion_ok=True)]
+
+
+def _untrusted_champion(gate: str, champion: Candidate, ok: bool, required: str) -> GateResult:
+    return GateResult(
+        gate,
+        ok,
+        f"{champion.name} fails its artifact checksum: not loaded, not compared",
+        required + ("" if ok else " (or --force with a reason to replace it)"),
+        "its files changed since registration",
+    )
+
+
+def schema_gate(
+    challenger: Candidate, champion: Candidate | None, *, untrusted_champion_ok: bool = False
+) -> GateResult:
+    """No required input column of the champion removed or retyped.
+
+    ``untrusted_champion_ok``: a champion whose files fail their checksum is not read; the gate
+    then passes (leaving such a version is the point of a rollback) or fails (a promotion, unless
+    forced)."""
+    if not challenger.trusted:
+        return not_run("input schema compatible", "compatible with the champion", challenger)
     if champion is None:
         return GateResult(
             "input schema compatible", True, "no champion", "compatible with the champion"
+        )
+    if not champion.trusted:
+        return _untrusted_champion(
+            "input schema compatible",
+            champion,
+            untrusted_champion_ok,
+            "a champion whose files match their checksum",
         )
     new = challenger.mlmodel.get_input_schema()
     old = champion.mlmodel.get_input_schema()
@@ -181,6 +270,8 @@ def schema_gate(challenger: Candidate, champion: Candidate | None) -> GateResult
 
 
 def smoke_gate(candidate: Candidate) -> GateResult:
+    if not candidate.trusted:
+        return not_run("smoke prediction", "predicts on its input example", candidate)
     try:
         example = candidate.mlmodel.load_input_example(str(candidate.path))
         if example is None:  # logged without an input example: nothing to predict on
@@ -233,7 +324,22 @@ def score(candidate: Candidate, split: DatasetSplit, part: str = "test") -> dict
     return metrics.regression(y.to_numpy(dtype=float), out["prediction"].to_numpy(dtype=float))
 
 
-def champion_gate(challenger: Candidate, champion: Candidate | None, config: Config) -> GateResult:
+def champion_gate(
+    challenger: Candidate,
+    champion: Candidate | None,
+    config: Config,
+    *,
+    untrusted_champion_ok: bool = False,
+) -> GateResult:
+    if not challenger.trusted:
+        return not_run("beats champion", "re-evaluation on the test split", challenger)
+    if champion is not None and not champion.trusted:
+        return _untrusted_champion(
+            "beats champion",
+            champion,
+            untrusted_champion_ok,
+            "a champion whose files match their checksum",
+        )
     gates = config.registry.production
     task = challenger.task
     metric = gates.metric_classification if task == "classification" else gates.metric_regression

@@ -1,15 +1,32 @@
 """The one place where mlops relies on MLflow's scoring server beyond its public API.
 
-MLflow's ``/invocations`` turns every body into a pandas DataFrame before ``predict``: a
-few milliseconds that dominate a one-row answer (measured in ``benchmarks/serving.py``). No
-public hook lets a model take the raw body, so :func:`install_fast_path` replaces
-``mlflow.pyfunc.scoring_server.invocations`` (a module function, called per request with
-``(data, content_type, model, input_schema)`` and answering an ``InvocationsResponse``)
-with one that hands JSON and CSV bodies for our wrapper to :meth:`MlopsModel.respond` and
-everything else to MLflow's own function. :func:`in_scoring_server` reads the environment
-variable MLflow's server sets for its workers. ``tests/test_adapter.py`` checks each of
-these against the installed MLflow and fails loudly when a release changes them; set
-``MLOPS_FAST_SERVING=0`` to serve through MLflow's path alone.
+MLflow's ``/invocations`` route hands every request to the module function
+``mlflow.pyfunc.scoring_server.invocations(data, content_type, model, input_schema)`` and
+answers the ``InvocationsResponse`` it returns. For a model that wraps our
+:class:`~mlops.serving.wrapper.MlopsModel`, :func:`install_guard` replaces that function with
+a guard that holds every request to one input contract, whichever path parses it:
+
+- content type: JSON, CSV or Parquet (in any letter case), no parameter but a UTF-8
+  ``charset``; anything else, a missing header included, is MLflow's own 415 (plain text);
+- size: a body over the model's ``max_body_bytes`` is a 413. ``mlops serve`` refuses it
+  before reading it (:class:`mlops.serving.server.BodyLimit`); under ``mlflow models serve``
+  MLflow has already read the whole body into memory when the guard sees it;
+- parsing: on the fast path (the default) JSON and CSV bodies go straight to
+  :meth:`MlopsModel.respond`, skipping MLflow's DataFrame, milliseconds that dominate a
+  one-row answer (``benchmarks/serving.py``). With ``MLOPS_FAST_SERVING=0`` MLflow parses and
+  scores, but the contract reads the body first: MLflow's schema enforcement turns booleans
+  and numeric strings into numbers before ``predict`` could refuse them, and merges repeated
+  CSV headers. What the contract refuses is refused with the contract's words on both paths;
+  what it accepts and MLflow refuses is answered by the contract;
+- errors: every failure leaves as MLflow's error JSON (``{"error_code": ..., "message": ...}``)
+  with no stack trace and no more than 100 characters of any value sent: 400 for the input's
+  fault, 500 only for a failure of the model or the server.
+
+:func:`in_scoring_server` reads the variable MLflow's server sets for its workers; in such a
+worker ``MlopsModel.load_context`` installs the guard (and, by default, the fast path).
+``tests/test_adapter.py`` checks each internal used here against the installed MLflow and fails
+loudly when a release changes one; the guard then stays out (logged) and MLflow's
+own path serves alone.
 """
 
 from __future__ import annotations
@@ -17,10 +34,15 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, ErrorCode
 from mlflow.pyfunc import scoring_server
+
+from mlops.serving.inputs import CLIP_CHARS, InvalidInput, PredictionFailed, clip
 
 
 class Responder(Protocol):
@@ -36,7 +58,12 @@ logger = logging.getLogger(__name__)
 SERVER_MODEL_PATH_ENV: str = scoring_server._SERVER_MODEL_PATH
 INVOCATIONS_PARAMETERS = ("data", "content_type", "model", "input_schema")
 RESPONSE_FIELDS = ("response", "status", "mimetype")
-_JSON, _CSV = "application/json", "text/csv"
+_JSON, _CSV, _PARQUET = "application/json", "text/csv", "application/vnd.apache.parquet"
+CONTENT_TYPES = [_CSV, _JSON, _PARQUET]  # what MLflow's server reads, in its order
+TOO_LARGE = 413
+_BOM = b"\xef\xbb\xbf"
+
+_fast: weakref.WeakSet[Any] = weakref.WeakSet()  # wrappers whose JSON and CSV skip MLflow's parsing
 
 
 class AdapterMismatch(RuntimeError):
@@ -44,7 +71,7 @@ class AdapterMismatch(RuntimeError):
 
 
 def check_mlflow() -> None:
-    """Raise :class:`AdapterMismatch` naming what changed, if anything the fast path uses did."""
+    """Raise :class:`AdapterMismatch` naming what changed, if anything the guard uses did."""
     problems = []
     function = getattr(scoring_server, "invocations", None)
     if not callable(function):
@@ -65,6 +92,11 @@ def check_mlflow() -> None:
         problems.append(
             "scoring_server._SERVER_MODEL_PATH is no longer an environment variable name"
         )
+    if list(getattr(scoring_server, "CONTENT_TYPES", [])) != CONTENT_TYPES:
+        problems.append(
+            f"the scoring server reads {getattr(scoring_server, 'CONTENT_TYPES', None)}, not "
+            f"{CONTENT_TYPES}"
+        )
     if problems:
         raise AdapterMismatch(
             "mlops.serving.adapter does not fit this MLflow: " + "; ".join(problems)
@@ -77,37 +109,44 @@ def in_scoring_server() -> bool:
 
 
 def install_fast_path(wrapper: Responder) -> bool:
-    """Route this process's ``/invocations`` requests for ``wrapper`` through its own parsing."""
+    """Guard this process's ``/invocations`` and let ``wrapper`` parse its JSON and CSV itself."""
+    if not install_guard():
+        return False
+    _fast.add(wrapper)
+    logger.info("mlops fast scoring path installed")
+    return True
+
+
+def install_guard() -> bool:
+    """Put the guard around MLflow's ``invocations`` (again: it always wraps MLflow's own)."""
     try:
         check_mlflow()
     except AdapterMismatch as exc:
-        logger.error("%s; serving through MLflow's own path (slower, same answers)", exc)
+        logger.error("%s; serving through MLflow's own path, unguarded", exc)
         return False
     original = getattr(
         scoring_server.invocations, "__wrapped_original__", scoring_server.invocations
     )
-    response_type = scoring_server.InvocationsResponse
-
-    served: list[Any] = []  # the PyFuncModel found to wrap `wrapper`, looked up on first use
-
-    def ours(model: Any) -> bool:
-        if served and model is served[0]:
-            return True
-        if _python_model(model) is wrapper:
-            served[:] = [model]
-            return True
-        return False
-
-    def invocations(data: Any, content_type: str | None, model: Any, input_schema: Any) -> Any:
-        mime, charset = parse_content_type(content_type)
-        if mime not in (_JSON, _CSV) or charset != "utf-8" or not ours(model):
-            return original(data, content_type, model, input_schema)
-        return response_type(response=wrapper.respond(data, mime), status=200, mimetype=_JSON)
-
-    invocations.__wrapped_original__ = original  # type: ignore[attr-defined]
-    scoring_server.invocations = invocations
-    logger.info("mlops fast scoring path installed")
+    guard = _guard(original)
+    guard.__wrapped_original__ = original  # type: ignore[attr-defined]
+    scoring_server.invocations = guard
     return True
+
+
+def body_limit(model: Any) -> int | None:
+    """The largest request body the model served as ``model`` (a PyFuncModel) accepts."""
+    wrapper = _python_model(model)
+    return int(wrapper.max_body_bytes) if _guarded(wrapper) else None
+
+
+def too_large(limit: int) -> str:
+    """The 413 answer's JSON body (the same from the guard and from ``mlops serve``'s
+    middleware)."""
+    return MlflowException(
+        f"request body is larger than the limit of {limit} bytes; send fewer rows per request "
+        "(the limit is the model's serving.max_body_bytes)",
+        error_code=ErrorCode.Value("REQUEST_LIMIT_EXCEEDED"),
+    ).serialize_as_json()
 
 
 def parse_content_type(content_type: str | None) -> tuple[str, str]:
@@ -117,6 +156,124 @@ def parse_content_type(content_type: str | None) -> tuple[str, str]:
     if set(params) - {"charset"}:
         return "", ""
     return parts[0].lower(), params.get("charset", "utf-8").lower()
+
+
+# ---- the guard ----
+def _guard(original: Callable[..., Any]) -> Callable[..., Any]:
+    seen: list[Any] = [None, None]  # the last model object asked about, and its wrapper or None
+
+    def ours(model: Any) -> Any:
+        if model is not seen[0]:
+            wrapper = _python_model(model)
+            seen[:] = [model, wrapper if _guarded(wrapper) else None]
+        return seen[1]
+
+    def invocations(data: Any, content_type: str | None, model: Any, input_schema: Any) -> Any:
+        wrapper = ours(model)
+        if wrapper is None:  # not ours: MLflow's, untouched
+            return original(data, content_type, model, input_schema)
+        try:
+            return _invoke(wrapper, original, data, content_type, model, input_schema)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a clean answer
+            return _failure(exc)
+
+    return invocations
+
+
+def _invoke(
+    wrapper: Any,
+    original: Callable[..., Any],
+    data: Any,
+    content_type: str | None,
+    model: Any,
+    input_schema: Any,
+) -> Any:
+    mime, charset = parse_content_type(content_type)
+    if mime not in CONTENT_TYPES or charset != "utf-8":
+        return _unsupported(content_type, mime)
+    limit = wrapper.max_body_bytes
+    if len(data) > limit:
+        return _answer(too_large(limit), TOO_LARGE)
+    if mime == _PARQUET:  # binary: MLflow reads it, `predict` checks it
+        return original(data, mime, model, input_schema)
+    if data[:3] == _BOM or data[:1] == "\ufeff":
+        data = data[3:] if isinstance(data, bytes) else data[1:]
+    if wrapper in _fast:
+        return _answer(wrapper.respond(data, mime))
+    # MLflow's path: the contract reads the body first
+    try:
+        wrapper.contract.parse(data, mime)
+    except Exception:  # noqa: BLE001 - refused again, and logged, by respond
+        return _answer(wrapper.respond(data, mime))
+    try:
+        return original(data, mime, model, input_schema)
+    except Exception as exc:
+        if _ours(exc) is not None:  # `predict` refused or failed: already logged
+            raise
+        logger.info("MLflow refused input the contract accepts (%s); answered by it", clip(exc))
+        return _answer(wrapper.respond(data, mime))
+
+
+def _failure(exc: Exception) -> Any:
+    """The answer to any failure: MLflow's error JSON, no traceback, values clipped."""
+    found = _ours(exc)
+    if found is not None:  # MLflow may have prefixed the message with the whole input
+        status, code, message = found.get_http_status_code(), found.error_code, found.detail
+    elif isinstance(exc, MlflowException):
+        status, code, message = exc.get_http_status_code(), exc.error_code, exc.message
+        if len(message) > CLIP_CHARS:  # MLflow's own words may quote the input
+            message = message[:CLIP_CHARS] + "..."
+    else:
+        logger.error("scoring failed", exc_info=exc)
+        status, code = 500, ErrorCode.Name(INTERNAL_ERROR)
+        message = f"the server failed to answer: {clip(exc)}"
+    if status >= 500:
+        logger.error("answered %s: %s", status, message)
+    body = MlflowException(message, error_code=ErrorCode.Value(code)).serialize_as_json()
+    return _answer(body, status)
+
+
+def _ours(exc: BaseException | None) -> InvalidInput | PredictionFailed | None:
+    """The contract's or the wrapper's exception behind ``exc``, if any (MLflow re-raises
+    ``predict``'s errors, or raises its own from them)."""
+    for _ in range(8):
+        if exc is None or isinstance(exc, (InvalidInput, PredictionFailed)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _unsupported(content_type: str | None, mime: str) -> Any:
+    """MLflow's 415, in MLflow's words, quoting at most 100 characters of the header."""
+    if content_type is None:
+        got = "no Content-Type header"
+    elif mime in CONTENT_TYPES:
+        got = f"{clip(content_type)}: only a UTF-8 charset is read"
+    else:
+        got = clip(content_type)
+    return scoring_server.InvocationsResponse(
+        response=(
+            f"This predictor only supports the following content types: Types: {CONTENT_TYPES}."
+            f" Got {got}."
+        ),
+        status=415,
+        mimetype="text/plain",
+    )
+
+
+def _answer(body: str, status: int = 200) -> Any:
+    return scoring_server.InvocationsResponse(response=body, status=status, mimetype=_JSON)
+
+
+def _guarded(python_model: Any) -> bool:
+    """Whether ``python_model`` is our wrapper (duck-typed: the model's code may be its own
+    copy of this package)."""
+    return (
+        python_model is not None
+        and callable(getattr(python_model, "respond", None))
+        and hasattr(python_model, "contract")
+        and hasattr(python_model, "max_body_bytes")
+    )
 
 
 def _python_model(model: Any) -> Any:

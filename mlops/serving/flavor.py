@@ -18,7 +18,7 @@ from mlflow.models.model import ModelInfo
 from mlops.artifacts import file_sha256, save_pipeline
 from mlops.config import Config
 from mlops.data import DatasetSplit
-from mlops.db import without_password
+from mlops.db import secret_free_url
 from mlops.errors import ConfigError
 from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
@@ -54,11 +54,12 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
             "max_body_bytes": config.serving.max_body_bytes,
             "coerce_numbers": config.serving.coerce_numbers,
             "monitoring": config.monitoring.enabled,
-            # None: beside the serving process's tracking store, resolved at load; a password is
-            # never stored with the model (see log_model)
-            "monitoring_url": without_password(config.monitoring.log_url or ""),
+            # "": beside the serving process's tracking store, resolved at load; a literal
+            # password or token is never stored with the model, a ${VAR} placeholder is
+            "monitoring_url": secret_free_url(config.monitoring.log_url or ""),
             "sensitive_columns": list(config.monitoring.sensitive_columns),
             "sensitive_mode": config.monitoring.sensitive_mode,
+            "mask_key_env": config.monitoring.mask_key_env,  # the key's name, never the key
             "monitoring_queue_rows": config.monitoring.queue_rows,
         },
         "sample": {
@@ -135,8 +136,9 @@ def log_model(
     meta = model_metadata(split, config)
     if config.monitoring.log_url and meta["serving"]["monitoring_url"] != config.monitoring.log_url:
         logger.warning(
-            "monitoring.log_url: its password is not stored with the model; give it to the "
-            "serving process (PGPASSWORD or ~/.pgpass for PostgreSQL, or the model config)"
+            "monitoring.log_url: its password is not stored with the model; name it as a "
+            "${VAR} placeholder in the URL, or give it to the serving process (PGPASSWORD or "
+            "~/.pgpass for PostgreSQL)"
         )
     X_example = masked(
         split.train[list(split.feature_columns)].head(5), split.train, config
@@ -153,7 +155,14 @@ def log_model(
         meta_path.write_text(json.dumps(meta, indent=2))
         profile_path = Path(tmp) / f"{PROFILE_ARTIFACT}.json"
         profile_path.write_text(
-            json.dumps(build_profile(pipeline, split, bins=config.monitoring.bins))
+            json.dumps(
+                build_profile(
+                    pipeline,
+                    split,
+                    bins=config.monitoring.bins,
+                    sensitive=config.monitoring.sensitive_columns,
+                )
+            )
         )
         return mlflow.pyfunc.log_model(
             name=name,

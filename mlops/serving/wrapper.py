@@ -22,12 +22,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from mlops.artifacts import CHECKSUM_TAG
 from mlops.serving.compiled import compile_pipeline
-from mlops.serving.inputs import Arrays, InputContract
+from mlops.serving.inputs import Arrays, InputContract, clip, failed, unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "monitoring_url": "",
     "sensitive_columns": [],
     "sensitive_mode": "hash",
+    "mask_key_env": "MLOPS_MASK_KEY",
     "monitoring_queue_rows": 10_000,
 }
 
@@ -118,12 +118,16 @@ class MlopsModel(PythonModel):
                 project_store_url(options["monitoring_url"] or None, LOG_FILE),
                 sensitive=options["sensitive_columns"] or (),
                 sensitive_mode=options["sensitive_mode"] or "hash",
+                mask_key_env=options["mask_key_env"] or DEFAULT_OPTIONS["mask_key_env"],
                 capacity=int(
                     options["monitoring_queue_rows"] or DEFAULT_OPTIONS["monitoring_queue_rows"]
                 ),
             )
-        if serving and os.environ.get("MLOPS_FAST_SERVING", "1") != "0":
-            adapter.install_fast_path(self)
+        if serving:  # one strict contract on every path: the guard, then (by default) our parsing
+            if os.environ.get("MLOPS_FAST_SERVING", "1") != "0":
+                adapter.install_fast_path(self)
+            else:
+                adapter.install_guard()
 
     def _configure(
         self,
@@ -207,19 +211,16 @@ class MlopsModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        """Scores for a DataFrame (MLflow's own parsing, a notebook), checked by the same
+        contract as a raw body: a refusal is an ``InvalidInput`` (400), a model failure a
+        ``PredictionFailed`` (500)."""
         return pd.DataFrame(
             self.answer(lambda: self.contract.from_frame(model_input)), columns=self.output_columns
         )
 
     def respond(self, data: bytes | str, mime: str) -> str:
         """The scoring server's JSON body for a raw request body (``{"predictions": [...]}``)."""
-        try:
-            result = self.answer(lambda: self.contract.parse(data, mime))
-        except MlflowException:
-            raise
-        except Exception as exc:  # a bug or a model failure: a 500 that says so, and keep serving
-            logger.exception("prediction failed")
-            raise MlflowException(f"prediction failed: {exc!r}", error_code=INTERNAL_ERROR) from exc
+        result = self.answer(lambda: self.contract.parse(data, mime))
         columns = [(name, _jsonable(result[name])) for name in self.output_columns]
         n = len(columns[0][1])
         return json.dumps(
@@ -228,31 +229,30 @@ class MlopsModel(PythonModel):
 
     def answer(self, parse: Callable[[], Arrays]) -> dict[str, Any]:
         """Parse, validate and score one request; with monitoring on, also log it (and its
-        failure)."""
+        failure).
+
+        Whatever goes wrong leaves as an ``MlflowException`` with the right status: the
+        input's fault is a 400 (``InvalidInput``, a reader's unexpected error included),
+        the model's a 500 (``PredictionFailed``, the cause chained); the prediction log
+        records that status.
+        """
         monitor = self.monitor
-        if monitor is None:
-            return self.score(*parse())
         started = time.perf_counter()
-        request_id = os.urandom(16).hex()  # 128 random bits, as uuid4 has, at a quarter of its cost
         try:
-            numeric, categorical = parse()
-            result = self.score(numeric, categorical)
+            numeric, categorical = _parsed(parse)
+            result = _scored(self, numeric, categorical)
         except MlflowException as exc:
-            monitor.submit(
-                request_id,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                status=exc.get_http_status_code(),
-                error=exc.message[:1000],
-            )
+            if monitor is not None:
+                monitor.submit(
+                    os.urandom(16).hex(),
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    status=exc.get_http_status_code(),
+                    error=getattr(exc, "detail", exc.message)[:1000],
+                )
             raise
-        except Exception as exc:
-            monitor.submit(
-                request_id,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                status=500,
-                error=repr(exc)[:1000],
-            )
-            raise
+        if monitor is None:
+            return result
+        request_id = os.urandom(16).hex()  # 128 random bits, as uuid4 has, at a quarter of its cost
         result[REQUEST_ID_COLUMN] = np.full(numeric.shape[0], request_id, dtype=object)
         monitor.submit(
             request_id,
@@ -302,10 +302,12 @@ def _truthy(value: Any) -> bool:
 
 
 def _jsonable(values: np.ndarray) -> list[Any]:
-    out = values.tolist()
+    """A column as JSON values: a non-finite float (a model's NaN) is null, never ``NaN``."""
     if values.dtype.kind == "f" and not np.isfinite(values).all():
-        out = [v if np.isfinite(v) else None for v in out]
-    return out
+        out = values.astype(object)
+        out[~np.isfinite(values)] = None
+        return out.tolist()
+    return values.tolist()
 
 
 def verify_model_dir(model_dir: Path, recorded: str, what: str) -> None:
@@ -314,9 +316,9 @@ def verify_model_dir(model_dir: Path, recorded: str, what: str) -> None:
 
     Files MLflow itself adds to a downloaded model (none today) would show as a mismatch.
     """
-    from mlops.artifacts import model_checksum, verify_checksum
+    from mlops.artifacts import verify_model_dir as verify
 
-    verify_checksum(model_checksum(model_dir), recorded, what)
+    verify(model_dir, recorded, what)
 
 
 def _recorded_checksum(name: str, version: str) -> str | None:
@@ -370,3 +372,25 @@ def _identify(
 
 
 _HEX = re.compile(r"[0-9a-f]{1,64}")
+
+
+def _parsed(parse: Callable[[], Arrays]) -> Arrays:
+    """``parse()``; a reader's unexpected error on this input is still the input's fault."""
+    try:
+        return parse()
+    except MlflowException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a 400 that says what broke, logged for us
+        logger.warning("input could not be read: %s", clip(exc), exc_info=True)
+        raise unreadable(exc) from exc
+
+
+def _scored(
+    model: MlopsModel, numeric: np.ndarray, categorical: np.ndarray | None
+) -> dict[str, Any]:
+    """``model.score``; any failure is the server's (500), without a traceback in the answer."""
+    try:
+        return model.score(numeric, categorical)
+    except Exception as exc:  # noqa: BLE001 - a bug or a model failure: say so, keep serving
+        logger.exception("prediction failed")
+        raise failed(exc) from exc

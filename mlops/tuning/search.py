@@ -136,14 +136,15 @@ def _search(
     started = time.time()
     with step_run(config, run_name=f"tune-{family}") as parent:
         parent_id = parent.info.run_id
+        if runs is not None:
+            # first: the writer ends the parent run too should this process be killed from now on
+            runs.start(parent.info.experiment_id, parent_id, study_name)
         # the model's params are logged once the best is known: those of the model this run holds
         log_config(config, tuning=True, model_params=False)
         mlflow.set_tags(
             {"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"}
         )
         data_step.log_split(split)
-        if runs is not None:
-            runs.start(parent.info.experiment_id, parent_id, study_name)
         objective = _Objective(config, split, metric, runs)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         bar = _progress(tcfg.n_trials, done, enabled=progress)

@@ -22,7 +22,7 @@ import sqlalchemy.exc as sa_exc
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mlops.config import Config
-from mlops.db import mask_url
+from mlops.db import expand_env, mask_url
 from mlops.errors import ConfigError
 from mlops.tracking import end_runs
 
@@ -61,7 +61,7 @@ def open_storage(config: Config) -> optuna.storages.RDBStorage | None:
 
     def connect() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
-            url,
+            expand_env(url),  # a ${VAR} in it is read now, at connecting, never logged
             engine_kwargs=kwargs,
             heartbeat_interval=config.tuning.heartbeat_interval,
             grace_period=config.tuning.grace_period,
@@ -99,13 +99,15 @@ def end_orphan_runs(study_name: str, trial: optuna.trial.FrozenTrial) -> None:
         )
         if run_id is not None
     }
-    name = study_name.replace("'", "\\'")
+    # MLflow's filter parser has no escapes: quote the name with a character it lacks (a name
+    # with both quotes is unquotable; its runs are then found by the trial's attributes only)
+    name = next((f"{q}{study_name}{q}" for q in "\"'" if q not in study_name), "''")
     try:
         found = mlflow.search_runs(
             search_all_experiments=True,
             output_format="list",
             filter_string=(
-                f"tags.`mlops.study_name` = '{name}' and tags.`mlops.trial_number` = "
+                f"tags.`mlops.study_name` = {name} and tags.`mlops.trial_number` = "
                 f"'{trial.number}' "
                 "and attributes.status = 'RUNNING'"
             ),
