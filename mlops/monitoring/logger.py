@@ -80,6 +80,8 @@ COLUMNS = (
     "features",
     "prediction",
     "scores",
+    "arm",
+    "shadow",
 )
 
 
@@ -124,6 +126,8 @@ class PredictionLogger:
         sensitive: Sequence[str] = (),
         sensitive_mode: str = "hash",
         mask_key_env: str = MASK_KEY_ENV,
+        arm: str | None = None,
+        shadow: bool = False,
         capacity: int = 10_000,
         batch_rows: int = 1_000,
         flush_interval: float = 0.5,
@@ -140,6 +144,9 @@ class PredictionLogger:
                 "sqlite:///predictions.db or postgresql://user@host/db"
             ) from None
         self.url, self.model, self.version = url, model, version
+        # the alias this model answers for on a production server (an A/B arm), and whether it
+        # only scores a copy of production's traffic (shadow): its answers reach no client
+        self.arm, self.shadow = arm, bool(shadow)
         self.numeric, self.categorical = list(numeric), list(categorical)
         self.classes = [str(c) for c in classes] if classes is not None else None
         unknown = sorted(set(sensitive) - set(self.numeric) - set(self.categorical))
@@ -343,6 +350,8 @@ class PredictionLogger:
                 None,
                 None,
                 None,
+                self.arm,
+                self.shadow,
             )
             for it in items
             if it.numeric is None
@@ -434,6 +443,8 @@ class PredictionLogger:
             texts,
             predictions,
             scores,
+            repeat(self.arm),
+            repeat(self.shadow),
         )
         return out
 

@@ -45,6 +45,9 @@ PREDICTIONS = sa.Table(
     sa.Column("features", sa.Text),
     sa.Column("prediction", sa.Text),  # label or number, as text
     sa.Column("scores", sa.Text),  # JSON object of class probabilities
+    sa.Column("arm", sa.String(64)),  # the alias answered for on a production server, if any
+    # a shadow's rows: the same request scored off the request path; no client saw them
+    sa.Column("shadow", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_mlops_predictions_model_at", "model", "at"),
 )
 LAYOUTS = sa.Table(
@@ -121,9 +124,16 @@ class MonitoringStore:
 
     # ---- predictions ----
     def predictions(
-        self, model: str, version: str | None, since: float, until: float
+        self,
+        model: str,
+        version: str | None,
+        since: float,
+        until: float,
+        *,
+        shadow: bool = False,
     ) -> pd.DataFrame:
-        """Logged rows of ``model`` (one version, or all) answered in ``[since, until)``."""
+        """Logged rows of ``model`` (one version, or all) answered in ``[since, until)``; a
+        shadow's rows (which answered no client) only with ``shadow=True``."""
         p = PREDICTIONS
         names = [
             "request_id",
@@ -136,12 +146,16 @@ class MonitoringStore:
             "numeric",
             "features",
             "prediction",
+            "arm",
+            "shadow",
         ]
         query = sa.select(*(p.c[n] for n in names)).where(
             p.c.model == model, p.c.at >= since, p.c.at < until
         )
         if version is not None:
             query = query.where(p.c.version == version)
+        if not shadow:
+            query = query.where(p.c.shadow == sa.false())
         with self.engine.connect() as conn:
             return pd.DataFrame(conn.execute(query).all(), columns=names)
 
