@@ -176,13 +176,36 @@ def train(
 @cli.command()
 @click.argument("name", required=False)
 @click.option(
-    "--alias", default="production", show_default=True, help="Registered-model alias to serve."
+    "--alias", default=None, help="Registered-model alias to serve and follow [production]."
 )
-@click.option("--version", "version", default=None, help="Serve this version instead of an alias.")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", "-p", type=int, default=5000, show_default=True)
+@click.option("--version", "version", default=None, help="Serve this version, not an alias.")
 @click.option(
-    "--workers", "-w", type=int, default=1, show_default=True, help="Server worker processes."
+    "--split",
+    default=None,
+    metavar="ALIAS=WEIGHT,...",
+    help="Route requests between aliases (A/B), e.g. production=90,challenger=10.",
+)
+@click.option(
+    "--shadow",
+    default=None,
+    metavar="ALIAS",
+    help="Also score every request with this alias's version, off the request path (logged).",
+)
+@click.option(
+    "--reload-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds between registry checks of the aliases (default: serving.reload_interval).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server worker processes (each follows the registry).",
 )
 @click.option(
     "--max-rows", type=int, default=None, help="Largest batch accepted (default: as logged)."
@@ -204,8 +227,11 @@ def train(
 @click.option("--dry-run", is_flag=True, help="Print what would be served instead of serving it.")
 def serve(
     name: str | None,
-    alias: str,
+    alias: str | None,
     version: str | None,
+    split: str | None,
+    shadow: str | None,
+    reload_interval: float | None,
     host: str,
     port: int,
     workers: int,
@@ -215,28 +241,40 @@ def serve(
     log_url: str | None,
     dry_run: bool,
 ) -> None:
-    """Serve a registered model over REST: MLflow's scoring protocol, stopped gracefully.
+    """Serve a registered model over REST, following its alias: MLflow's scoring protocol.
 
     The same routes, input formats and errors as `mlflow models serve`, every request held
-    to the model's input contract (bodies over serving.max_body_bytes get a 413 unread); a
-    graceful stop (SIGTERM, Ctrl-C) flushes the prediction log after the last answer, and
-    nothing the server started outlives this command.
+    to the model's input contract (bodies over serving.max_body_bytes get a 413 unread). The
+    alias is resolved every serving.reload_interval seconds: a promotion or rollback is
+    loaded, verified against its registered checksum and warmed up in the background, then
+    swapped in without failing a request (a version that fails is refused, alerted, and the
+    old one keeps serving). GET /metrics is for Prometheus. A graceful stop (SIGTERM, Ctrl-C)
+    flushes the prediction log after the last answer, and nothing the server started
+    outlives this command.
 
     \b
     Example:
         mlops serve churn-model --alias production --port 5000 --workers 2
+        mlops serve churn-model --split production=90,challenger=10 --monitor
+        mlops serve churn-model --shadow challenger --monitor
         curl -s localhost:5000/invocations -H 'Content-Type: application/json' \\
              -d '{"dataframe_records": [{"x1": 0.3, "x2": 1.2}]}'
     """
-    import json
-    import signal
-    import subprocess
-    import time
-
     from mlops.config import load_config
+    from mlops.registry import canonical_version, record_traffic
+    from mlops.serving.routing import parse_split
+    from mlops.serving.server import ServeSpec, supervise
 
-    name = name or load_config().registry.model_name
-    uri = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
+    config = load_config()
+    if version is not None and (alias or split or shadow):
+        raise click.UsageError("--version serves one version: leave out --alias, --split, --shadow")
+    if alias and split:
+        raise click.UsageError("--split names the aliases to serve: leave out --alias")
+    arms = parse_split(split) if split else ((alias or "production", 1.0),)
+    if shadow and shadow in {a for a, _ in arms}:
+        raise click.UsageError(f"--shadow {shadow} also answers requests: shadow another alias")
+    if shadow and monitor is False:
+        raise click.UsageError("--shadow logs its predictions: leave out --no-monitor")
     options = {
         k: v
         for k, v in {
@@ -247,72 +285,48 @@ def serve(
         }.items()
         if v is not None
     }
-    if options:
-        os.environ["SERVING_MODEL_CONFIG"] = json.dumps(options)  # read by each worker's model load
+    spec = ServeSpec(
+        name=name or config.registry.model_name,
+        arms=arms,
+        version=canonical_version(version) if version is not None else None,
+        shadow=shadow,
+        reload_interval=reload_interval or config.serving.reload_interval,
+        shadow_queue=config.serving.shadow_queue,
+        model_config=options,
+    )
     shown = {k: ("***" if k == "monitoring_url" else v) for k, v in options.items()}
     click.echo(
-        f"serving {uri} on http://{host}:{port} with {workers} worker(s)"
+        f"serving {spec.describe()} on http://{host}:{port} with {workers} worker(s)"
         + (f" (model config {shown})" if options else ""),
         err=True,
     )
     if dry_run:
         return
-    # The server (uvicorn and its workers) runs in a child process in a process group of its
-    # own, so a terminal's Ctrl-C reaches it once, through here. This process forwards SIGTERM
-    # and SIGINT to it, exits with its status, and not before everything the server started
-    # has exited: on Linux it is its descendants' subreaper, so what the server leaves behind
-    # (multiprocessing's resource tracker, a worker) comes back here, not to PID 1, and is
-    # waited for (killed if it outlives the server by 30 s). Killed itself, it takes the
-    # server down with it (SIGTERM, a graceful stop).
-    linux = sys.platform.startswith("linux")
-    prctl: Any = None
-    if linux:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-    def die_with_parent() -> None:  # in the child, before the server starts
-        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from mlops.serving.server import main; main(sys.argv[1:])",
-            uri,
-            *("--host", host, "--port", str(port), "--workers", str(workers)),
-        ],
-        process_group=0,
-        preexec_fn=die_with_parent if linux else None,  # no threads in this process
-    )
-    for forwarded in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(forwarded, lambda signum, _frame: child.send_signal(signum))
-    code = child.wait()
-    deadline = time.monotonic() + 30
-    while True:  # the server's leftovers, re-parented to this process
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                overdue = time.monotonic() - deadline
-                if overdue > 5:  # not in the server's group, so out of reach: say so
-                    click.echo(
-                        "mlops serve: a process the server started is still running", err=True
-                    )
-                    break
-                if overdue > 0:
-                    os.killpg(child.pid, signal.SIGKILL)
-                time.sleep(0.05)
-        except ChildProcessError:  # none left
-            break
-        except ProcessLookupError:  # the group is gone; its last members are being reaped
-            pass
-    if not linux:  # no subreaper: whatever is left in the server's group goes now
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    # a split or a shadow is an audit row when it starts and when it stops
+    traffic: list[tuple[Any, Any, str]] = []
+    if len(spec.arms) > 1:
+        traffic.append(("split_start", "split_stop", ",".join(f"{a}={w:g}" for a, w in arms)))
+    if spec.shadow:
+        traffic.append(("shadow_start", "shadow_stop", f"shadow {spec.shadow}"))
+    for start, _, detail in traffic:  # audit first: what cannot be recorded is not served
+        record_traffic(config, spec.name, start, detail)
+    code: int | None = None
+    try:
+        code = supervise(spec, host=host, port=port, workers=workers)
+    finally:
+        for _, stop, detail in traffic:
+            try:
+                record_traffic(
+                    config,
+                    spec.name,
+                    stop,
+                    detail,
+                    reason=f"mlops serve stopped (exit status {code})",
+                )
+            except MlopsError as exc:
+                click.echo(f"mlops serve: {stop} not recorded in the audit trail: {exc}", err=True)
     if code:
-        raise SystemExit(code if code > 0 else 128 - code)
+        raise SystemExit(code)
 
 
 @cli.command()
@@ -628,6 +642,14 @@ _set_option = click.option(
 )
 @click.option("--every", default=None, help="Check again at this interval (5m, 1h) until stopped.")
 @click.option("--count", type=int, default=None, help="With --every: stop after this many checks.")
+@click.option(
+    "--compare",
+    "compare",
+    default=None,
+    metavar="ALIAS",
+    help="Also compare production with this alias's version on the same window (split or "
+    "shadow traffic): per-arm table and the test of their difference.",
+)
 @_config_option
 @_set_option
 def monitor(
@@ -635,22 +657,27 @@ def monitor(
     window: str | None,
     every: str | None,
     count: int | None,
+    compare: str | None,
     config_path: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Check the production version: drift, latency, errors, accuracy; alert; roll back.
 
     Each check is one MLflow run in the experiment NAME-monitoring (metrics stepped by the
-    check time, so the UI charts them over time), with a drift report as its artifact.
+    check time, so the UI charts them over time), with a drift report as its artifact. While a
+    server splits or shadows traffic to a second alias, the run also compares the two arms
+    (compare/ metrics); --compare ALIAS names the alias and prints the comparison.
 
     \b
     Example:
         mlops monitor churn-model --window 1h
         mlops monitor churn-model --window 1h --every 5m
+        mlops monitor churn-model --window 24h --compare challenger
     """
     import time
 
     from mlops.monitoring.checks import check, parse_duration
+    from mlops.monitoring.compare import table
 
     config = build_config(config_path, overrides)
     name = name or config.registry.model_name
@@ -661,7 +688,13 @@ def monitor(
     done = 0
     while True:
         started = time.monotonic()
-        _print_check(check(config, name, window=window))
+        result = check(config, name, window=window, compare=compare)
+        _print_check(result)
+        lines = table(result.metrics, config.monitoring.compare_min_labels)
+        if lines:
+            click.echo("  compare:")
+            for line in lines:
+                click.echo("  " + line)
         done += 1
         if interval is None or (count is not None and done >= count):
             return

@@ -96,6 +96,21 @@ class ProductionGates(_Strict):
     metric_regression: Literal["rmse", "mae", "r2"] = "rmse"
     margin: float = 0.0  # the challenger must beat the champion by at least this
     tolerance: float | None = None  # ...or be no worse than this (None: the margin rule alone)
+    # on live traffic (a split or shadow): the challenger must not be significantly worse than
+    # production on the labelled predictions of the last live_window (one-sided test at
+    # live_alpha; fewer than monitoring.compare_min_labels labels per version: refused)
+    live_comparison: bool = False
+    live_window: str = "24h"
+    live_alpha: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("live_window")
+    @classmethod
+    def _a_duration(cls, value: str) -> str:
+        try:
+            parse_duration(value, "live_window")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class RegistryConfig(_Strict):
@@ -111,6 +126,8 @@ class ServingConfig(_Strict):
     impute_missing: bool = False
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)  # larger request bodies get a 413
     coerce_numbers: bool = False  # true: numeric strings ("1.5") and booleans accepted as numbers
+    reload_interval: float = Field(10.0, gt=0)  # seconds between mlops serve's alias checks
+    shadow_queue: int = Field(1000, gt=0)  # requests waiting for a shadow; beyond: dropped, counted
 
 
 class ParamSpace(_Strict):
@@ -231,6 +248,9 @@ class MonitoringConfig(_Strict):
     window: str = "1h"  # mlops monitor: the span of predictions one check looks at
     min_rows: int = Field(100, gt=0)  # fewer predictions than this: drift is not computed
     min_labels: int = Field(30, gt=0)  # fewer labelled predictions: accuracy is not computed
+    # mlops monitor --compare, live_comparison gate: fewer labelled predictions on an arm, the
+    # difference between the arms is not tested
+    compare_min_labels: int = Field(100, ge=2)
     bins: int = Field(10, ge=2)  # reference histogram bins (quantiles of the training data)
     webhook: str | None = None  # alerts are POSTed here as JSON
     rules: list[AlertRule] = Field(default_factory=_default_rules)

@@ -6,6 +6,7 @@ MLflow run as dataset inputs (contexts ``train``, ``validation``, ``test``).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import warnings
@@ -165,6 +166,7 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
             + ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
         )
     _check_width(path, dataset, data_cfg.max_columns)
+    _check_unique_header(path, dataset)
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
@@ -242,6 +244,25 @@ def _check_width(path: Path, dataset: str, max_columns: int) -> None:
     )
 
 
+def _check_unique_header(path: Path, dataset: str) -> None:
+    """Refuse a header that names a column twice (pandas would rename the copy ``a.1``)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(line for line in fh if line.strip()), [])
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataValidationError(
+                f"data.dataset: '{dataset}' names column {_clip(name)} twice in its header; "
+                "give each column one name"
+            )
+        seen.add(name)
+
+
+def _clip(value: object, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def validate_frame(frame: pd.DataFrame, target: str, categorical: list[str], source: str) -> None:
     """Check the raw frame; raise one :class:`DataValidationError` naming every problem."""
     if frame.empty or len(frame.columns) == 0:
@@ -267,9 +288,17 @@ def validate_frame(frame: pd.DataFrame, target: str, categorical: list[str], sou
         if not (ptypes.is_numeric_dtype(series) or ptypes.is_bool_dtype(series)):
             example = series.dropna().iloc[0]
             problems.append(
-                f"column '{col}' is not numeric (e.g. {example!r}); declare it categorical with "
-                f"--set data.categorical=[{col}] or remove it"
+                f"column '{col}' is not numeric (e.g. {_clip(example)}); declare it categorical "
+                f"with --set data.categorical=[{col}] or remove it"
             )
+        elif ptypes.is_numeric_dtype(series) and not ptypes.is_bool_dtype(series):
+            infinite = np.isinf(series.to_numpy(dtype=float))
+            if infinite.any():
+                problems.append(
+                    f"column '{col}' holds {int(infinite.sum())} infinite value(s) (first in "
+                    f"data row {int(infinite.argmax())}); replace them with numbers or leave "
+                    "them empty (missing)"
+                )
     if len([c for c in columns if c != target]) == 0:
         problems.append(f"'{source}' has no feature columns besides the target '{target}'")
     if problems:

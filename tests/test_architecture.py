@@ -276,7 +276,12 @@ def test_the_dead_names_the_review_found_are_gone() -> None:
     )
     assert not hasattr(mlops.registry.gates, "describe")
     logger_class = mlops.monitoring.logger.PredictionLogger
-    assert (
-        not hasattr(logger_class, "buffered")
-        and "written_total" not in logger_class.__init__.__code__.co_names
-    )
+    assert not hasattr(logger_class, "buffered")
+    # a running count of written rows is kept only because a server's /metrics reads it
+    if "written_total" in logger_class.__init__.__code__.co_names:
+        readers = [
+            p
+            for p in PACKAGE.rglob("*.py")
+            if p.name != "logger.py" and "written_total" in p.read_text()
+        ]
+        assert readers, "PredictionLogger.written_total is kept but nothing reads it"

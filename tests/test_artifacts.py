@@ -156,6 +156,7 @@ def test_tampered_version_is_refused_by_pyfunc_load(registered, tmp_path: Path) 
     # even a copy whose recorded file hash was forged along with it is not unpickled
     copy = tmp_path / "copy"
     shutil.copytree(stored_model_dir(NAME, "1"), copy)
+    (copy / "registered_model_meta").unlink(missing_ok=True)  # a copy that names no version
     meta_path = copy / "artifacts" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["pipeline_sha256"] = file_sha256(copy / "artifacts" / PIPELINE_FILE)
@@ -198,3 +199,25 @@ def test_untampered_version_serves_after_verification(
         status, body = post(base, {"dataframe_records": [{"x1": 0.1, "x2": 0.2, "color": "red"}]})
     assert status == 200, body
     assert body["predictions"][0]["model_version"] == "1"
+
+
+def test_a_version_registered_twice_is_still_checked_against_its_own_checksum(
+    registered, tmp_path: Path
+) -> None:
+    """The same logged model registered again outside mlops (no checksum on the copy): loading
+    version 1, in a server or a notebook, still checks version 1's recorded checksum, even when
+    the pipeline file was swapped together with the hash in metadata.json."""
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(NAME, "1").source
+    again = mlflow.register_model(source, NAME)
+    assert str(again.version) == "2" and "mlops.checksum" not in (again.tags or {})
+    model_dir = stored_model_dir(NAME, "1")
+    weaker = Pipeline([("run", FunctionTransformer())])
+    pipeline_file = model_dir / "artifacts" / PIPELINE_FILE
+    pipeline_file.write_bytes(sio.dumps(weaker))
+    meta_path = model_dir / "artifacts" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["pipeline_sha256"] = file_sha256(pipeline_file)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(MlflowException, match="does not match the recorded"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}/1")

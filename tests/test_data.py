@@ -349,3 +349,24 @@ def test_header_width_stops_at_its_limit_with_a_lower_bound(
     monkeypatch.setattr(data, "HEADER_SCAN_BYTES", 30)
     with pytest.raises(DataValidationError, match=r"at least 11 columns.*max_columns \(5\)"):
         prepare(cfg(f"data.dataset={path}", "data.target=z", "data.max_columns=5"))
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("a,a,y\n1,2,0\n3,4,1\n", "names column 'a' twice in its header"),
+        ("a,b,y\n1,inf,0\n3,4,1\n", "column 'b' holds 1 infinite value(s) (first in data row 0)"),
+        ("a,b,y\n1,-inf,0\n3,4,1\n", "column 'b' holds 1 infinite value(s)"),
+        ("a,b,y\n1,'" + "z" * 5_000_000 + "',0\n3,4,1\n", "is not numeric (e.g. \"'zzz"),
+    ],
+    ids=["duplicated header", "inf", "-inf", "a 5 MB text in a numeric column"],
+)
+def test_training_data_that_would_mislead_or_crash_is_refused_by_name(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataValidationError) as err:
+        prepare(load_config(overrides=[f"data.dataset={path}", "data.target=y"]))
+    assert says in str(err.value)
+    assert len(str(err.value)) < 400  # never the whole value back

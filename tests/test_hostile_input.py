@@ -88,6 +88,18 @@ def _split(data: list[Any], columns: Any = FEATURES, **extra: Any) -> bytes:
     return _json({"dataframe_split": {"columns": columns, "data": data, **extra}})
 
 
+def _parquet(frame: pd.DataFrame) -> bytes:
+    return frame.to_parquet(index=False)
+
+
+def _parquet_bomb() -> bytes:
+    """A few hundred kilobytes of Parquet holding four million rows."""
+    return _parquet(pd.DataFrame({c: [0.0] * 4_000_000 for c in ("x1", "x2")}).assign(color="r"))
+
+
+PARQUET = "application/vnd.apache.parquet"
+
+
 def _huge() -> bytes:
     return _records(dict(ROW, color="z" * (50 * 1024 * 1024)))
 
@@ -230,6 +242,30 @@ CASES = [
     ),
     Case("CSV with a byte-order mark", f"\ufeff{HEADER}0.5,1.0,red\n".encode(), CSV, 200),
     Case("APPLICATION/JSON", _records(ROW), "APPLICATION/JSON", 200),
+    Case("Parquet", lambda: _parquet(pd.DataFrame([ROW])), PARQUET, 200),
+    Case("Parquet bomb", _parquet_bomb, PARQUET, 400, "4000000 rows, more than the limit of 50"),
+    Case(
+        "Parquet text in a numeric column",
+        lambda: _parquet(pd.DataFrame([dict(ROW, x1="abc")])),
+        PARQUET,
+        400,
+        "column 'x1' must be numeric",
+    ),
+    Case(
+        "Parquet missing column",
+        lambda: _parquet(pd.DataFrame([{"x1": 0.5, "color": "red"}])),
+        PARQUET,
+        400,
+        "missing required column(s) ['x2']",
+    ),
+    Case(
+        "Parquet list in a cell",
+        lambda: _parquet(pd.DataFrame([dict(ROW, color=["a", "b"])])),
+        PARQUET,
+        400,
+        "'color'",
+    ),
+    Case("not Parquet", b"PAR1 nothing", PARQUET, 400, "not a readable Parquet file"),
 ]
 CASE_IDS = [c.name for c in CASES]
 

@@ -7,6 +7,11 @@ UI charts them over time; a drift report as artifacts), evaluates the alert rule
 ``conf/`` and, for a rule marked ``auto_rollback``, rolls production back through the
 registry, audited like a manual rollback.
 
+When a production server answers for a second alias in the window (a split or a shadow, see
+:mod:`mlops.monitoring.compare`), or when asked for one (``mlops monitor --compare ALIAS``),
+the check's run gets a ``compare/`` section: each arm's requests, errors, latencies,
+prediction distribution and labelled accuracy or RMSE, and the test of their difference.
+
 What clients cannot steer: their own errors (4xx: a bad request, a wrong type) are counted
 apart as ``client_error_rate`` and never in ``server_error_rate`` or the latencies, which
 measure the requests the model accepted; and a rule fires only over at least its
@@ -30,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -40,6 +44,13 @@ from mlops.config import AlertRule, Config, check_webhook_url, parse_duration
 from mlops.db import expand_env, scrub
 from mlops.errors import ConfigError, MlopsError
 from mlops.monitoring import drift
+from mlops.monitoring.compare import (
+    Comparison,
+    canonical_label,
+    compare_versions,
+    other_arms,
+    request_metrics,
+)
 from mlops.monitoring.drift import metric_key
 from mlops.monitoring.logger import HASH_PREFIX, LEGACY_HASH_PREFIX, MASK
 from mlops.monitoring.profile import PROFILE_ARTIFACT
@@ -52,6 +63,7 @@ logger = logging.getLogger(__name__)
 PRODUCTION = "production"
 MONITOR_USER = "mlops-monitor"
 NOTES_TAG = "mlops.monitor.notes"
+COMPARE_TAG = "mlops.monitor.compare"
 
 
 def experiment_name(model: str) -> str:
@@ -79,8 +91,14 @@ def check(
     window: str | float | None = None,
     now: float | None = None,
     store: MonitoringStore | None = None,
+    compare: str | None = None,
 ) -> CheckResult:
-    """Check the production version of ``name`` over the last ``window`` (default from config)."""
+    """Check the production version of ``name`` over the last ``window`` (default from config).
+
+    ``compare``: an alias whose version is compared with production's on the same window
+    (its shadow rows included); without it, the busiest other arm of a server answering for
+    two aliases is compared, if it has rows in the window.
+    """
     mcfg = config.monitoring
     window_s = parse_duration(window if window is not None else mcfg.window)
     at = time.time() if now is None else float(now)
@@ -127,6 +145,7 @@ def check(
     else:
         _drift(profile, features, ok, result)
     _accuracy(profile, ok, store, name, mcfg.min_labels, result)
+    comparison = _compare(config, client, store, profile, frame, compare, result)
     if dropped:
         result.notes.append(
             f"{dropped} predictions were dropped by the servers' prediction log (its store was "
@@ -136,6 +155,13 @@ def check(
     result.run_id = _start_run(client, result)
     try:
         noted = len(result.notes)
+        if comparison is not None:
+            client.set_tag(
+                result.run_id,
+                COMPARE_TAG,
+                f"{comparison.a.name} v{comparison.a.version} vs {comparison.b.name} "
+                f"v{comparison.b.version}",
+            )
         _alerts(config, store, result)
         client.set_tag(result.run_id, "mlops.monitor.alerts", str(len(result.alerts)))
         if result.held:
@@ -154,25 +180,8 @@ def check(
 
 # ---- the measurements ----
 def _request_metrics(per_request: pd.DataFrame, m: dict[str, float]) -> None:
-    """Request counts, error rates and latencies (one row per request in ``per_request``).
-
-    A client error (4xx) is the client's doing: it counts in ``client_error_rate`` (over every
-    request) and nowhere else. ``server_error_rate`` (5xx) and the latencies are measured on
-    the requests the model accepted, so no client can raise them, or dilute them, by sending
-    bad requests.
-    """
-    status = per_request["status"].to_numpy(dtype=int)
-    client = (status >= 400) & (status < 500)
-    accepted = ~client
-    m["requests"] = float(len(status))
-    m["requests_accepted"] = float(accepted.sum())
-    if len(status):
-        m["client_error_rate"] = float(client.mean())
-    if accepted.any():
-        m["server_error_rate"] = float((status[accepted] >= 500).mean())
-        lat = per_request["latency_ms"].to_numpy(dtype=float)[accepted]
-        m["latency_p50_ms"] = float(np.percentile(lat, 50))
-        m["latency_p99_ms"] = float(np.percentile(lat, 99))
+    """Request counts, error rates and latencies: see :func:`compare.request_metrics`."""
+    m.update(request_metrics(per_request))
 
 
 def _drift(
@@ -256,10 +265,10 @@ def _accuracy(
         return
     val = profile.get("validation_metrics", {})
     if profile["task"] == "classification":
-        y_true = joined["label"].map(_canonical).to_numpy(dtype=object)
-        y_pred = joined["prediction"].map(_canonical).to_numpy(dtype=object)
+        y_true = joined["label"].map(canonical_label).to_numpy(dtype=object)
+        y_pred = joined["prediction"].map(canonical_label).to_numpy(dtype=object)
         classes = [
-            _canonical(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))
+            canonical_label(c) for c in profile.get("classes") or sorted(set(y_true) | set(y_pred))
         ]
         scores = metrics.classification(y_true, y_pred, classes)
         m["accuracy"], m["f1"] = scores["accuracy"], scores["f1"]
@@ -275,14 +284,65 @@ def _accuracy(
             m["rmse_ratio"] = float(m["rmse"] / val["rmse"])
 
 
-def _canonical(value: Any) -> str:
-    """A label as text, with 1, 1.0 and "1" the same."""
-    text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return str(int(number)) if number.is_integer() else repr(number)
+def _compare(
+    config: Config,
+    client: mlflow.MlflowClient,
+    store: MonitoringStore,
+    profile: dict[str, Any],
+    frame: pd.DataFrame,
+    alias: str | None,
+    result: CheckResult,
+) -> Comparison | None:
+    """The ``compare/`` section: production against ``alias``'s version, or against the
+    busiest other arm that has rows in the window; ``None`` when there is nothing to compare."""
+    since, until = result.at - result.window_s, result.at
+    name, version = result.model, result.version
+    if alias is not None:
+        if alias == PRODUCTION:
+            raise MlopsError(
+                f"--compare {alias}: production is what every check looks at; name the other "
+                "alias the server answers for (e.g. --compare challenger)"
+            )
+        try:
+            other = str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            raise MlopsError(
+                f"--compare {alias}: {name} has no alias '{alias}'; name the alias the server "
+                f"splits or shadows traffic to (mlops status {name} lists the aliases)"
+            ) from None
+        if other == version:
+            result.notes.append(
+                f"'{alias}' is version {version}, the production version itself: nothing to compare"
+            )
+            return None
+    else:
+        arms = [a for a in other_arms(store, name, version, since, until) if a[0] != PRODUCTION]
+        if not arms:
+            return None
+        (alias, other, _), *rest = arms
+        if rest:
+            result.notes.append(
+                f"compared with the busiest other arm, {alias} (version {other}); also in the "
+                "window: "
+                + ", ".join(f"{a} (version {v}, {n} rows)" for a, v, n in rest)
+                + " (mlops monitor --compare ALIAS picks one)"
+            )
+    comparison = compare_versions(
+        store,
+        name,
+        profile["task"],
+        version_a=version,
+        version_b=other,
+        since=since,
+        until=until,
+        min_labels=config.monitoring.compare_min_labels,
+        name_a=PRODUCTION,
+        name_b=alias,
+        frame_a=frame,
+    )
+    result.metrics.update(comparison.metrics())
+    result.notes.extend(comparison.notes)
+    return comparison
 
 
 # ---- the MLflow run and its report ----

@@ -190,6 +190,7 @@ class PredictionLogger:
         self._buffered = 0  # rows submitted and not yet written
         self._dropped = 0  # rows dropped since the last stats row
         self.dropped_total = 0
+        self.written_total = 0  # rows stored since start (a server's /metrics reads both)
         self.failures = 0
         self._engine: sa.Engine | None = None
         self._pending: list[tuple[Any, ...]] = []  # rows built, waiting for the store
@@ -324,6 +325,7 @@ class PredictionLogger:
         with self._lock:
             self._buffered -= len(batch)
             self._dropped -= dropped
+            self.written_total += len(batch)
         if self._items or self._pending:
             self._wake.set()  # more than one batch waiting: go again at once
         return True

@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 
 from mlops.monitoring import drift
+from mlops.monitoring.compare import PREFIX as COMPARE_PREFIX
+from mlops.monitoring.compare import table as comparison_table
 from mlops.monitoring.drift import metric_key
 from mlops.monitoring.store import CheckResult
 
@@ -96,7 +98,15 @@ def write_report(
     summary = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>"
         for k, v in sorted(m.items())
-        if not k.startswith(("psi/", "ks/", "ks_pvalue/"))
+        if not k.startswith(("psi/", "ks/", "ks_pvalue/", f"{COMPARE_PREFIX}/"))
+    )
+    compared = comparison_table(m)
+    comparison = (
+        "<h2>Comparison of the arms (a split or shadow in this window)</h2><pre>"
+        + html.escape("\n".join(compared))
+        + "</pre>"
+        if compared
+        else ""
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) or "<li>none</li>"
     alerts = (
@@ -125,6 +135,7 @@ img{{max-width:560px}}</style></head>
 <h2>Alerts</h2><ul>{alerts}</ul>
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>{summary}</table>
+{comparison}
 <h2>Feature drift</h2><table><tr><th>feature</th><th>kind</th><th>PSI</th>\
 <th>KS</th><th>KS p-value</th></tr>{table}</table>
 <h2>Distributions: training data vs. this window</h2>{pictures or "<p>not computed</p>"}

@@ -1,7 +1,8 @@
 """The registry layer: stages as aliases, promotions behind gates, an audit trail, rollback.
 
-- :mod:`.promotion`: ``register``, ``promote``, ``evaluate``, ``rollback``, ``status`` and
-  ``reconcile`` (intents left pending, changes made outside mlops).
+- :mod:`.promotion`: ``register``, ``promote``, ``evaluate``, ``rollback``, ``status``,
+  ``reconcile`` (intents left pending, changes made outside mlops) and ``record_traffic`` (a
+  split or shadow started or stopped, for the audit trail).
 - :mod:`.gates`: each validation gate, returning its verdict as data.
 - :mod:`.audit`: the audit table (intents first, then changes) and the per-model promotion lock.
 """
@@ -20,6 +21,7 @@ from mlops.registry.promotion import (
     evaluate,
     promote,
     reconcile,
+    record_traffic,
     register,
     rollback,
     status,
@@ -42,6 +44,7 @@ __all__ = [
     "model_checksum",
     "promote",
     "reconcile",
+    "record_traffic",
     "register",
     "rollback",
     "status",

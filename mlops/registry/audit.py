@@ -9,8 +9,11 @@ row left by a process that died between the two steps is settled against the reg
 next command that holds the lock.
 
 Actions: ``promote`` and ``rollback`` (outcomes ``pending``, ``done``, ``failed``, ``refused``),
-``external`` (an alias moved outside mlops, noticed and recorded: ``done``) and ``mirror``
-(legacy stages put back in line with the aliases: ``pending``, ``done``, ``failed``).
+``external`` (an alias moved outside mlops, noticed and recorded: ``done``), ``mirror``
+(legacy stages put back in line with the aliases: ``pending``, ``done``, ``failed``) and the
+traffic of a production server answering for two aliases, ``split_start``, ``split_stop``,
+``shadow_start`` and ``shadow_stop`` (``done``; what is served in ``detail``), which move no
+alias.
 
 The lock serialises the promoters of one store and is held while they run their gates, so
 every audit row names the version a promotion really replaced. It is independent of the
@@ -43,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 PENDING, DONE, FAILED, REFUSED = "pending", "done", "failed", "refused"
 EXTERNAL, MIRROR = "external", "mirror"
+# a production server starts or stops answering for a second alias (no alias moves)
+TRAFFIC_ACTIONS = ("split_start", "split_stop", "shadow_start", "shadow_stop")
 
 _META = sa.MetaData()
 AUDIT = sa.Table(
@@ -51,7 +56,8 @@ AUDIT = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("who", sa.String(200), nullable=False),
-    sa.Column("action", sa.String(20), nullable=False),  # promote | rollback | external | mirror
+    # promote | rollback | external | mirror | split_start | split_stop | shadow_start | shadow_stop
+    sa.Column("action", sa.String(20), nullable=False),
     sa.Column("outcome", sa.String(20), nullable=False),  # pending | done | failed | refused
     sa.Column("model", sa.String(256), nullable=False, index=True),
     sa.Column("target", sa.String(20), nullable=False),  # staging | production
@@ -97,6 +103,11 @@ class AuditRecord:
     def line(self) -> str:
         """The record as one line, as ``mlops audit`` prints it."""
         failed = [g["gate"] for g in self.gates if not g.get("passed")]
+        if self.action in TRAFFIC_ACTIONS:  # what is served says it all; no alias moved
+            return (
+                f"#{self.id} {self.at:%Y-%m-%d %H:%M:%S} {self.who} {self.action}: "
+                f"{self.detail or '-'}{' reason: ' + self.reason if self.reason else ''}"
+            )
         return (
             f"#{self.id} {self.at:%Y-%m-%d %H:%M:%S} {self.who} {self.action} {self.outcome}: "
             f"{self.target} {self.from_version or '-'} -> {self.to_version or '-'}"

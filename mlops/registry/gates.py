@@ -7,6 +7,11 @@ Verify, then load: a :class:`Candidate`'s files are checked against the checksum
 registration before anything reads them, and a candidate whose files fail the check is never
 loaded (its ``pyfunc`` refuses). Every gate that would read the files of a version that failed
 its checksum reports itself as not run; the champion's files are checked before it is scored.
+
+The ``live_comparison`` gate (``registry.production.live_comparison``, off by default) reads no
+model file: it reads the prediction log, where a split or shadow server has logged the
+challenger's answers beside production's on the same traffic, and refuses a challenger that is
+significantly worse than production on the labelled ones (:mod:`mlops.monitoring.compare`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,12 +30,16 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
+from sqlalchemy.exc import SQLAlchemyError
 
 from mlops import metrics
 from mlops.artifacts import CHECKSUM_TAG, checksum_matches, model_checksum
-from mlops.config import CONFIG_ARTIFACT, Config, Threshold, read_resolved_config
+from mlops.config import CONFIG_ARTIFACT, Config, Threshold, parse_duration, read_resolved_config
 from mlops.data import DatasetSplit, prepare
-from mlops.errors import RegistryError
+from mlops.errors import MlopsError, RegistryError
+from mlops.monitoring.compare import compare_versions
+from mlops.monitoring.store import LOG_FILE, MonitoringStore
+from mlops.tracking import project_store_url
 
 logger = logging.getLogger(__name__)
 
@@ -200,13 +210,17 @@ def production_gates(
     challenger: Candidate, champion: Candidate | None, config: Config, *, force: bool = False
 ) -> list[GateResult]:
     """Into production: checksum first, then schema, smoke and champion (each of them not run
-    if the challenger's checksum failed; the champion is checked before it is loaded)."""
-    return [
+    if the challenger's checksum failed; the champion is checked before it is loaded), and,
+    with ``registry.production.live_comparison``, the live comparison (no file read)."""
+    gates = [
         checksum_gate(challenger),
         schema_gate(challenger, champion, untrusted_champion_ok=force),
         smoke_gate(challenger),
         champion_gate(challenger, champion, config, untrusted_champion_ok=force),
     ]
+    if config.registry.production.live_comparison:
+        gates.append(live_comparison_gate(challenger, champion, config))
+    return gates
 
 
 def rollback_gates(candidate: Candidate, live: Candidate) -> list[GateResult]:
@@ -386,4 +400,99 @@ def champion_gate(
         f"{metric} {mine:.4f} vs {theirs:.4f} ({champion.name}), improvement {delta:+.4f}",
         required,
         f"on {n_rows} held-out test rows",
+    )
+
+
+LIVE_GATE = "live comparison"
+
+
+def live_comparison_gate(
+    challenger: Candidate,
+    champion: Candidate | None,
+    config: Config,
+    *,
+    now: float | None = None,
+) -> GateResult:
+    """The challenger is not significantly worse than the champion on live labelled traffic.
+
+    Its rows are the prediction log's rows of its version in the last
+    ``registry.production.live_window`` (as a split's arm or a shadow); the champion's are its
+    answered rows in the same window. Accuracy (two-proportion z-test) or squared errors
+    (Welch's t-test), one-sided at ``live_alpha``; fewer than ``monitoring.compare_min_labels``
+    labelled predictions of either version and the gate refuses: it cannot tell.
+    """
+    gates = config.registry.production
+    min_labels = config.monitoring.compare_min_labels
+    window_s = parse_duration(gates.live_window, "registry.production.live_window")
+    required = (
+        f"not significantly worse than production on live labelled traffic of the last "
+        f"{gates.live_window} (one-sided p >= {gates.live_alpha:g}, at least {min_labels} "
+        "labelled predictions of each version)"
+    )
+    if champion is None:
+        return GateResult(LIVE_GATE, True, "no production version to compare with", required)
+    mine, theirs = str(challenger.version.version), str(champion.version.version)
+    at = time.time() if now is None else float(now)
+    try:
+        store = MonitoringStore(project_store_url(config.monitoring.log_url, LOG_FILE))
+        comparison = compare_versions(
+            store,
+            challenger.version.name,
+            challenger.task,
+            version_a=theirs,
+            version_b=mine,
+            since=at - window_s,
+            until=at,
+            min_labels=min_labels,
+            name_a=f"v{theirs}",
+            name_b=f"v{mine}",
+        )
+    except (MlopsError, SQLAlchemyError) as exc:
+        return GateResult(
+            LIVE_GATE,
+            False,
+            f"prediction log unreadable: {str(exc).splitlines()[0][:200]}",
+            required,
+            "set monitoring.log_url to the log the servers write",
+        )
+    labelled_b = int(comparison.b.metrics["labelled"])
+    labelled_a = int(comparison.a.metrics["labelled"])
+    d = comparison.difference
+    if d is None:
+        served = int(comparison.b.metrics["requests"])
+        return GateResult(
+            LIVE_GATE,
+            False,
+            f"{labelled_b} labelled predictions of v{mine} ({served} requests) and "
+            f"{labelled_a} of v{theirs} (production) in the last {gates.live_window}",
+            required,
+            "too few labels to decide: "
+            + (
+                f"v{mine} has no predictions in the prediction log: serve it beside production "
+                "(mlops serve --split or --shadow, with the prediction log on) and feed labels "
+                "with mlops feedback"
+                if not served
+                else "feed labels with mlops feedback, or wait for more traffic"
+            ),
+        )
+    if d.metric == "accuracy":
+        measured = (
+            f"accuracy {d.b:.4f} (v{mine}, {d.n_b} labelled) vs {d.a:.4f} (v{theirs}, "
+            f"{d.n_a} labelled), difference {d.diff:+.4f} "
+            f"(95% CI {d.ci_low:+.4f} to {d.ci_high:+.4f}), one-sided p = {d.p_worse:.3g}"
+        )
+    else:
+        measured = (
+            f"RMSE {d.b**0.5:.4g} (v{mine}, {d.n_b} labelled) vs {d.a**0.5:.4g} (v{theirs}, "
+            f"{d.n_a} labelled), MSE difference {d.diff:+.4g} "
+            f"(95% CI {d.ci_low:+.4g} to {d.ci_high:+.4g}), one-sided p = {d.p_worse:.3g}"
+        )
+    passed = d.p_worse >= gates.live_alpha
+    return GateResult(
+        LIVE_GATE,
+        passed,
+        measured,
+        required,
+        f"{d.test} on the last {gates.live_window}"
+        + ("" if passed else f": v{mine} is significantly worse than v{theirs}"),
     )

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -48,6 +49,7 @@ from mlops.registry.audit import (
     MIRROR,
     PENDING,
     REFUSED,
+    TRAFFIC_ACTIONS,
     AuditLog,
     AuditRecord,
 )
@@ -419,6 +421,50 @@ def status(name: str) -> list[VersionStatus]:
 def audit_trail(config: Config, name: str) -> list[AuditRecord]:
     """The audit rows of ``name``, oldest first."""
     return _audit_log(config).records(check_name(name))
+
+
+TrafficAction = Literal["split_start", "split_stop", "shadow_start", "shadow_stop"]
+
+
+def record_traffic(
+    config: Config,
+    name: str,
+    action: TrafficAction,
+    detail: str,
+    who: str | None = None,
+    reason: str | None = None,
+) -> AuditRecord:
+    """Record that a production server of ``name`` started or stopped a split or a shadow.
+
+    ``detail`` says what is served (e.g. ``production=90,challenger=10`` or ``shadow
+    challenger (version 4)``). The row (outcome ``done``, target ``production``) moves no alias
+    and counts for no rollback; ``mlops audit`` lists it with the promotions.
+
+    Raises:
+        ConfigError: an unknown action or an empty detail.
+        RegistryError: the row could not be written.
+    """
+    if action not in TRAFFIC_ACTIONS:
+        raise ConfigError(
+            f"traffic action {action!r} is unknown; use one of {', '.join(TRAFFIC_ACTIONS)}"
+        )
+    if not str(detail).strip():
+        raise ConfigError(
+            f"{action}: detail is empty; say what is served, e.g. 'production=90,challenger=10'"
+        )
+    return _audit_log(config).record(
+        who=who or current_user(),
+        action=action,
+        outcome=DONE,
+        model=check_name(name),
+        target=PRODUCTION,
+        from_version=None,
+        to_version=None,
+        reason=reason,
+        forced=False,
+        gates=[],
+        detail=str(detail).strip(),
+    )
 
 
 # ---- reconciliation: intents left pending, changes made outside mlops ----

@@ -124,13 +124,38 @@ def install_guard() -> bool:
     except AdapterMismatch as exc:
         logger.error("%s; serving through MLflow's own path, unguarded", exc)
         return False
-    original = getattr(
-        scoring_server.invocations, "__wrapped_original__", scoring_server.invocations
-    )
+    original = unguarded_invocations()
     guard = _guard(original)
     guard.__wrapped_original__ = original  # type: ignore[attr-defined]
     scoring_server.invocations = guard
     return True
+
+
+def unguarded_invocations() -> Callable[..., Any]:
+    """MLflow's own ``scoring_server.invocations`` (the guard wraps it, never itself)."""
+    function: Callable[..., Any] = getattr(
+        scoring_server.invocations, "__wrapped_original__", scoring_server.invocations
+    )
+    return function
+
+
+def answer(
+    wrapper: Any,
+    original: Callable[..., Any],
+    data: Any,
+    content_type: str | None,
+    model: Any,
+    input_schema: Any,
+    *,
+    respond: Callable[[Any, str], str] | None = None,
+) -> Any:
+    """The guarded answer (an ``InvocationsResponse``) to one request for ``wrapper``'s model:
+    the guard's, and ``mlops serve``'s, which passes the wrapper's ``respond`` with its request
+    id bound as ``respond``. ``original`` is MLflow's ``invocations``."""
+    try:
+        return _invoke(wrapper, original, data, content_type, model, input_schema, respond)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a clean answer
+        return _failure(exc)
 
 
 def body_limit(model: Any) -> int | None:
@@ -172,10 +197,7 @@ def _guard(original: Callable[..., Any]) -> Callable[..., Any]:
         wrapper = ours(model)
         if wrapper is None:  # not ours: MLflow's, untouched
             return original(data, content_type, model, input_schema)
-        try:
-            return _invoke(wrapper, original, data, content_type, model, input_schema)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a clean answer
-            return _failure(exc)
+        return answer(wrapper, original, data, content_type, model, input_schema)
 
     return invocations
 
@@ -187,31 +209,31 @@ def _invoke(
     content_type: str | None,
     model: Any,
     input_schema: Any,
+    respond: Callable[[Any, str], str] | None = None,
 ) -> Any:
+    respond = respond or wrapper.respond
     mime, charset = parse_content_type(content_type)
     if mime not in CONTENT_TYPES or charset != "utf-8":
         return _unsupported(content_type, mime)
     limit = wrapper.max_body_bytes
     if len(data) > limit:
         return _answer(too_large(limit), TOO_LARGE)
-    if mime == _PARQUET:  # binary: MLflow reads it, `predict` checks it
-        return original(data, mime, model, input_schema)
     if data[:3] == _BOM or data[:1] == "\ufeff":
         data = data[3:] if isinstance(data, bytes) else data[1:]
     if wrapper in _fast:
-        return _answer(wrapper.respond(data, mime))
+        return _answer(respond(data, mime))
     # MLflow's path: the contract reads the body first
     try:
         wrapper.contract.parse(data, mime)
     except Exception:  # noqa: BLE001 - refused again, and logged, by respond
-        return _answer(wrapper.respond(data, mime))
+        return _answer(respond(data, mime))
     try:
         return original(data, mime, model, input_schema)
     except Exception as exc:
         if _ours(exc) is not None:  # `predict` refused or failed: already logged
             raise
         logger.info("MLflow refused input the contract accepts (%s); answered by it", clip(exc))
-        return _answer(wrapper.respond(data, mime))
+        return _answer(respond(data, mime))
 
 
 def _failure(exc: Exception) -> Any:

@@ -44,6 +44,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 JSON, CSV = "application/json", "text/csv"
+PARQUET = "application/vnd.apache.parquet"
 MAX_FIELD_CHARS = 131_072  # the csv module's default field limit, for every format alike
 CLIP_CHARS = 100  # the most of any sent value an error message quotes
 BOM = "\ufeff"
@@ -140,6 +141,8 @@ class InputContract:
     # ---- the entry points ----
     def parse(self, data: bytes | str, mime: str) -> Arrays:
         """A scoring-server body (``application/json`` or ``text/csv``) as checked arrays."""
+        if mime == PARQUET:
+            return _from_parquet(self, data)
         return _from_csv(self, data) if mime == CSV else _from_json(self, data)
 
     def from_frame(self, frame: Any) -> Arrays:
@@ -442,6 +445,52 @@ def _unnamed(contract: InputContract, where: str) -> InvalidInput:
 
 
 # ---- CSV ----
+def _from_parquet(contract: InputContract, data: bytes | str) -> Arrays:
+    """A Parquet body: its row count and column names are read from the file's footer and
+    checked before any column is decoded (a small, highly compressed body may hold millions of
+    rows); then the table goes through :meth:`InputContract.from_frame`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        reader = pq.ParquetFile(pa.BufferReader(raw))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the sender's
+        raise invalid(
+            f"request body is not a readable Parquet file ({clip(exc)}); send the bytes of "
+            "pandas.DataFrame.to_parquet()"
+        ) from None
+    contract.check_rows(reader.metadata.num_rows)
+    names = [str(n) for n in reader.schema_arrow.names]
+    if len(names) > MAX_PARQUET_COLUMNS:
+        raise invalid(
+            f"Parquet body has {len(names)} columns; send only the model's columns "
+            f"{clip(contract.features)}"
+        )
+    if len(set(names)) != len(names):
+        raise contract.repeated(_first_repeat(names))
+    wanted = [n for n in names if n in contract.feature_set]
+    missing = [c for c in contract.features if c not in wanted]
+    if missing:
+        raise contract.missing(missing)
+    try:
+        frame = reader.read(columns=wanted).to_pandas()
+    except Exception as exc:  # noqa: BLE001
+        raise invalid(f"Parquet body cannot be read ({clip(exc)})") from None
+    for col in frame.columns:  # a list or a struct where one value belongs
+        if frame[col].dtype == object and len(frame) and not frame[col].map(_scalar).all():
+            row = int((~frame[col].map(_scalar)).to_numpy().argmax())
+            raise contract._not_single(col, frame[col].iloc[row], row)
+    return contract.from_frame(frame)
+
+
+MAX_PARQUET_COLUMNS = 10_000
+
+
+def _scalar(value: Any) -> bool:
+    return not isinstance(value, (list, tuple, dict, set, np.ndarray))
+
+
 def _from_csv(contract: InputContract, data: bytes | str) -> Arrays:
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data

@@ -30,6 +30,9 @@ from mlops.serving.inputs import Arrays, InputContract, clip, failed, unreadable
 
 logger = logging.getLogger(__name__)
 
+# a server's callback for each scored request: (request id, numeric, categorical arrays)
+Scored = Callable[[str, np.ndarray, "np.ndarray | None"], None]
+
 PIPELINE_ARTIFACT = "pipeline"
 METADATA_ARTIFACT = "metadata"
 PREDICTION_COLUMN = "prediction"
@@ -81,7 +84,20 @@ class MlopsModel(PythonModel):
         model_dir = Path(context.artifacts[METADATA_ARTIFACT]).resolve().parent.parent
         name, version = options.get("model_name"), options.get("model_version")
         recorded = None
-        if not (name and version):
+        downloaded = _downloaded_as(model_dir)
+        if downloaded is not None and not (name and version):
+            # loaded from models:/NAME/V or models:/NAME@ALIAS (in a server or not): that very
+            # version's recorded checksum, wherever else its files are registered
+            name, version = downloaded
+            recorded = _recorded_checksum(name, version)
+            if recorded is None:
+                logger.warning(
+                    "%s version %s has no recorded checksum (registered outside mlops): its "
+                    "files cannot be verified; register versions with mlops",
+                    name,
+                    version,
+                )
+        elif not (name and version):
             name, version, recorded = _identify(model_dir, meta, serving=serving)
         elif serving:
             recorded = _recorded_checksum(str(name), str(version))
@@ -218,16 +234,32 @@ class MlopsModel(PythonModel):
             self.answer(lambda: self.contract.from_frame(model_input)), columns=self.output_columns
         )
 
-    def respond(self, data: bytes | str, mime: str) -> str:
-        """The scoring server's JSON body for a raw request body (``{"predictions": [...]}``)."""
-        result = self.answer(lambda: self.contract.parse(data, mime))
+    def respond(
+        self,
+        data: bytes | str,
+        mime: str,
+        *,
+        request_id: str | None = None,
+        scored: Scored | None = None,
+    ) -> str:
+        """The scoring server's JSON body for a raw request body (``{"predictions": [...]}``);
+        ``request_id`` and ``scored`` as for :meth:`answer`."""
+        result = self.answer(
+            lambda: self.contract.parse(data, mime), request_id=request_id, scored=scored
+        )
         columns = [(name, _jsonable(result[name])) for name in self.output_columns]
         n = len(columns[0][1])
         return json.dumps(
             {"predictions": [{name: values[i] for name, values in columns} for i in range(n)]}
         )
 
-    def answer(self, parse: Callable[[], Arrays]) -> dict[str, Any]:
+    def answer(
+        self,
+        parse: Callable[[], Arrays],
+        *,
+        request_id: str | None = None,
+        scored: Scored | None = None,
+    ) -> dict[str, Any]:
         """Parse, validate and score one request; with monitoring on, also log it (and its
         failure).
 
@@ -235,6 +267,10 @@ class MlopsModel(PythonModel):
         input's fault is a 400 (``InvalidInput``, a reader's unexpected error included),
         the model's a 500 (``PredictionFailed``, the cause chained); the prediction log
         records that status.
+
+        A server may give the ``request_id`` to log under (else a new one), and a ``scored``
+        callback that gets it with the parsed arrays of a scored request (``mlops serve``
+        counts the rows and hands them to a shadow); it must be quick and must not raise.
         """
         monitor = self.monitor
         started = time.perf_counter()
@@ -244,15 +280,19 @@ class MlopsModel(PythonModel):
         except MlflowException as exc:
             if monitor is not None:
                 monitor.submit(
-                    os.urandom(16).hex(),
+                    request_id or os.urandom(16).hex(),
                     latency_ms=(time.perf_counter() - started) * 1000,
                     status=exc.get_http_status_code(),
                     error=getattr(exc, "detail", exc.message)[:1000],
                 )
             raise
+        if scored is not None:
+            request_id = request_id or os.urandom(16).hex()
+            scored(request_id, numeric, categorical)
         if monitor is None:
             return result
-        request_id = os.urandom(16).hex()  # 128 random bits, as uuid4 has, at a quarter of its cost
+        # 128 random bits, as uuid4 has, at a quarter of its cost
+        request_id = request_id or os.urandom(16).hex()
         result[REQUEST_ID_COLUMN] = np.full(numeric.shape[0], request_id, dtype=object)
         monitor.submit(
             request_id,
@@ -319,6 +359,25 @@ def verify_model_dir(model_dir: Path, recorded: str, what: str) -> None:
     from mlops.artifacts import verify_model_dir as verify
 
     verify(model_dir, recorded, what)
+
+
+def _downloaded_as(model_dir: Path) -> tuple[str, str] | None:
+    """The registered name and version MLflow downloaded ``model_dir`` as, from the note it
+    writes into a download of a ``models:/`` URI (an alias resolved to its version)."""
+    import yaml
+
+    from mlops.artifacts import DOWNLOAD_NOTE
+
+    try:
+        note = yaml.safe_load((model_dir / DOWNLOAD_NOTE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(note, dict):
+        return None
+    name, version = note.get("model_name"), note.get("model_version")
+    if not name or not re.fullmatch(r"\d+", str(version or "")):
+        return None
+    return str(name), str(version)
 
 
 def _recorded_checksum(name: str, version: str) -> str | None:
