@@ -3,9 +3,11 @@
 One registered model with three versions in a SQLite tracking store. A server following
 ``@production`` (reload interval 1 s) sees a promotion and a rollback arrive while a client
 thread sends requests throughout, none failing; refuses a version whose files were tampered
-with (an alert row, the old version still answering); and counts on ``/metrics`` what was
-sent. A second server splits the traffic 90/10 between ``@production`` and ``@challenger``
-with two workers (``/metrics`` sums both); a third shadows production with ``@challenger``.
+with (an alert row, the old version still answering); counts on ``/metrics`` what was sent;
+and sees an automatic rollback by a monitoring check (a rule marked ``auto_rollback``) arrive
+the same way. A second server splits the traffic 90/10 between ``@production`` and
+``@challenger`` with two workers (``/metrics`` sums both); a third shadows production with
+``@challenger``, on the fast path and on MLflow's (``MLOPS_FAST_SERVING=0``).
 The shipped Grafana dashboard and Prometheus rules name only metrics the server exposes.
 """
 
@@ -32,7 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mlops import registry
 from mlops.artifacts import PIPELINE_FILE
-from mlops.config import load_config
+from mlops.config import AlertRule, load_config
+from mlops.monitoring.checks import MONITOR_USER, check
 from mlops.monitoring.store import MonitoringStore
 from mlops.serving.follower import RELOAD_RULE
 from mlops.serving.metrics import EXPOSED
@@ -75,12 +78,13 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
     yield {"uri": uri, "root": root, "config": load_config(overrides=overrides)}
 
 
-def serve(store: dict, log: str, *extra: str) -> Iterator[str]:
-    """``mlops serve NAME *extra`` until its fixture ends; its base URL."""
+def serve(store: dict, log: str, *extra: str, **env: str) -> Iterator[str]:
+    """``mlops serve NAME *extra`` (``env`` set) until its fixture ends; its base URL."""
     port = free_port()
     command = [str(BIN / "mlops"), "serve", NAME, "--port", str(port), *extra]
     command += ["--reload-interval", str(RELOAD), "--log-url", log_url(store, log)]
-    with running(command, server_env(store["uri"]), port, store["root"] / f"{log}.log") as base:
+    environ = server_env(store["uri"], **env)
+    with running(command, environ, port, store["root"] / f"{log}.log") as base:
         yield base
 
 
@@ -341,6 +345,63 @@ class TestFollowingTheRegistry:
         for rule in alerts:
             assert rule["annotations"]["summary"] and rule["labels"]["severity"]
 
+    def test_an_automatic_rollback_reaches_the_server_with_no_request_failing(
+        self, store: dict, follower: str
+    ) -> None:
+        """v2 promoted over v1, then a monitoring check whose rule surely fires, marked
+        auto_rollback: production goes back to v1 and the server follows, no request failing."""
+        config = store["config"]
+        rule = AlertRule(
+            name="always", metric="latency_p50_ms", above=0.0, auto_rollback=True, min_requests=1
+        )
+        monitoring = config.monitoring.model_copy(
+            update={"log_url": log_url(store, "follow"), "rules": [rule]}
+        )
+        checked = config.model_copy(update={"monitoring": monitoring})
+        client = Client(follower)
+        client.start()
+        try:
+            client.until("1", 0.0)
+            promoted = time.monotonic()
+            with using_store(store["uri"]):  # the audit trail: v2 replaced v1
+                registry.promote(config, NAME, "2", "production", force=True, reason="r")
+            client.until("2", promoted)
+            logged = sum(r["version"] == "2" for r in predictions(store, "follow"))
+            wait_for(  # v2's answers reach the prediction log the check reads
+                lambda: sum(r["version"] == "2" for r in predictions(store, "follow")) > logged,
+                what="v2's rows in the prediction log",
+            )
+            started = time.monotonic()
+            with using_store(store["uri"]):
+                result = check(checked, NAME, window="1h")
+            returned = time.monotonic() - started
+            answered = client.until("1", started)
+            time.sleep(0.5)
+        finally:
+            seen = client.finish()
+        assert [a.rule for a in result.alerts] == ["always"], result.notes
+        assert result.rollback == "rolled back production from 2 to 1", result.rollback
+        with using_store(store["uri"]):
+            production = mlflow.MlflowClient().get_model_version_by_alias(NAME, "production")
+            last = registry.audit_trail(config, NAME)[-1]
+        assert str(production.version) == "1"
+        assert (last.action, last.who, last.from_version, last.to_version) == (
+            "rollback",
+            MONITOR_USER,
+            "2",
+            "1",
+        )
+        assert last.reason and "auto-rollback" in last.reason
+        load = loaded_in(store["root"] / "follow.log", "1")
+        print(f"auto-rollback: check in {returned:.2f} s, v1 answering {answered:.2f} s after")
+        assert answered <= returned + RELOAD + load + 2.0, (returned, answered, load)
+        failed = [s for s in seen if s[1] != 200]
+        assert not failed and len(seen) > 20, failed[:5]
+        runs = [v for i, (_, _, v) in enumerate(seen) if i == 0 or seen[i - 1][2] != v]
+        assert runs == ["1", "2", "1"], runs
+        headers, _ = _get(follower, "/version")
+        assert json.loads(headers[SERVED_HEADER]) == {"production": "1"}
+
 
 # ---- an A/B split and a shadow ----
 @pytest.fixture
@@ -399,21 +460,27 @@ def test_split_is_parsed_strictly() -> None:
             parse_split(bad)
 
 
-@pytest.fixture
-def shadowed(store: dict) -> Iterator[str]:
-    yield from serve(store, "shadow", "--alias", "production", "--shadow", "challenger")
+@pytest.fixture(params=["1", "0"], ids=["fast-path", "mlflow-path"])
+def shadowed(store: dict, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """A server shadowing production, on the fast path or MLflow's (MLOPS_FAST_SERVING=0);
+    its base URL and the name of its prediction log."""
+    log = f"shadow-{request.param}"
+    args = ("--alias", "production", "--shadow", "challenger")
+    for base in serve(store, log, *args, MLOPS_FAST_SERVING=request.param):
+        yield base, log
 
 
 def test_a_shadow_logs_the_challengers_rows_under_productions_request_ids(
-    store: dict, shadowed: str
+    store: dict, shadowed: tuple[str, str]
 ) -> None:
+    base, log = shadowed
     answered = []
     for rows in (1, 3, 1, 2):
-        status, body = answer(shadowed, rows)
+        status, body = answer(base, rows)
         assert status == 200 and versions_of(body) == {"1"}
         answered.append(body["predictions"][0]["request_id"])
     logged = wait_for(
-        lambda: (r := predictions(store, "shadow")) and len(r) >= 2 * 7 and r,
+        lambda: (r := predictions(store, log)) and len(r) >= 2 * 7 and r,
         what="production's and the shadow's rows",
     )
     production = {(r["request_id"], r["row"]) for r in logged if not r["shadow"]}
@@ -422,10 +489,10 @@ def test_a_shadow_logs_the_challengers_rows_under_productions_request_ids(
     assert {r["request_id"] for r in logged} == set(answered)
     assert {(r["arm"], r["version"]) for r in logged if r["shadow"]} == {("challenger", "2")}
     assert {(r["arm"], r["version"]) for r in logged if not r["shadow"]} == {("production", "1")}
-    samples = scrape(shadowed)
+    samples = scrape(base)
     assert total(samples, "mlops_shadow_rows_total", outcome="scored", version="2") == 7
     assert total(samples, "mlops_shadow_rows_total", outcome="dropped") == 0
-    headers, _ = _get(shadowed, "/version")
+    headers, _ = _get(base, "/version")
     assert json.loads(headers[SERVED_HEADER]) == {"production": "1", "challenger": "2"}
     with using_store(store["uri"]):
         trail = registry.audit_trail(store["config"], NAME)

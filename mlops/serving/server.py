@@ -54,6 +54,7 @@ from mlops.serving import adapter
 from mlops.serving.follower import PINNED, AliasFollower, Loader, Served, Watcher, verify_registered
 from mlops.serving.metrics import MULTIPROC_ENV, ServerMetrics
 from mlops.serving.routing import ROUTE_HEADER, Router, ShadowScorer
+from mlops.serving.wrapper import REQUEST_ID_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -259,11 +260,10 @@ class Invocations:
 
     def score(self, served: Served, request_id: str, data: bytes, content_type: str | None) -> Any:
         """The guarded answer (on a worker thread); scored rows counted and shadowed."""
-        wrapper, counted = served.wrapper, []
+        wrapper = served.wrapper
 
         def respond(body: Any, mime: str) -> str:
             def scored(rid: str, numeric: Any, categorical: Any) -> None:
-                counted.append(numeric.shape[0])
                 served.meter.rows.inc(numeric.shape[0])
                 if self.shadow is not None:
                     self.shadow.offer(served, rid, body, mime, numeric, categorical)
@@ -271,21 +271,36 @@ class Invocations:
             answer: str = wrapper.respond(body, mime, request_id=request_id, scored=scored)
             return answer
 
-        result = adapter.answer(
+        original = adapter.unguarded_invocations()
+
+        def mlflows(body: Any, mime: str, model: Any, input_schema: Any) -> Any:
+            """MLflow's path (MLOPS_FAST_SERVING=0), for a body the contract accepted: its
+            answer's rows counted, and parsed by the contract once more for a shadow."""
+            result = original(body, mime, model, input_schema)
+            if result.status != 200:
+                return result
+            try:
+                answered = json.loads(result.response)["predictions"]
+                served.meter.rows.inc(len(answered))
+                if self.shadow is not None and answered:
+                    # the id the answer was logged under (the wrapper's own on this path)
+                    first = answered[0] if isinstance(answered[0], dict) else {}
+                    rid = str(first.get(REQUEST_ID_COLUMN) or request_id)
+                    numeric, categorical = wrapper.contract.parse(body, mime)
+                    self.shadow.offer(served, rid, body, mime, numeric, categorical)
+            except Exception as exc:  # noqa: BLE001 - the answer stands; only its shadow is lost
+                logger.warning("MLflow's answer was not counted or shadowed: %s", exc)
+            return result
+
+        return adapter.answer(
             wrapper,
-            adapter.unguarded_invocations(),
+            mlflows,
             data,
             content_type,
             served.model,
             served.input_schema,
             respond=respond,
         )
-        if result.status == 200 and not counted:  # MLflow's path (MLOPS_FAST_SERVING=0)
-            try:
-                served.meter.rows.inc(len(json.loads(result.response)["predictions"]))
-            except (ValueError, KeyError, TypeError):
-                pass
-        return result
 
 
 class ProductionServer:
