@@ -289,3 +289,27 @@ def test_audit_trail_follows_the_tracking_store_not_the_working_directory(
     assert server_store.startswith(
         f"sqlite:///{tmp_path / 'home'}"
     ) and server_store == project_store_url(None, "mlops.db")
+
+
+def test_every_mlproject_option_is_an_option_of_its_command() -> None:
+    """An MLproject parameter passed as --name to a command that has no such option would only
+    fail when a user runs that entry point."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from mlops.cli import cli
+
+    root = Path(__file__).resolve().parent.parent
+    project = yaml.safe_load((root / "MLproject").read_text())
+    checked = 0
+    for name, entry in project["entry_points"].items():
+        module = re.search(r"python -m pipelines\.(\w+)", entry["command"]).group(1)
+        source = (root / "pipelines" / f"{module}.py").read_text()
+        command = re.search(r'entry_point\("(\w+)"\)', source).group(1)
+        known = {o for p in cli.commands[command].params for o in getattr(p, "opts", [])}
+        for option in re.findall(r"(--[\w-]+) \{", entry["command"]):
+            assert option == "--overrides" or option in known, (name, option)
+            checked += 1
+    assert checked > 20
