@@ -38,6 +38,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 
+from benchmarks.serving import latencies, request, throughput  # noqa: E402
 from mlops.config import load_config  # noqa: E402
 from mlops.data import prepare  # noqa: E402
 from mlops.registry.promotion import promote  # noqa: E402
@@ -47,49 +48,7 @@ NAME = "bench-production"
 ROUTE_KEY = "X-Mlops-Route-Key"
 
 
-# ---- clients ----
-def request(
-    conn: http.client.HTTPConnection, body: str, headers: dict[str, str] | None = None
-) -> float:
-    start = time.perf_counter()
-    conn.request(
-        "POST", "/invocations", body, {"Content-Type": "application/json", **(headers or {})}
-    )
-    resp = conn.getresponse()
-    data = resp.read()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")
-    return time.perf_counter() - start
-
-
-def latencies(port: int, body: str, n: int) -> list[float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    out = [request(conn, body) for _ in range(n)]
-    conn.close()
-    return out
-
-
-def throughput(port: int, body: str, total: int, clients: int = 8) -> float:
-    per_client = total // clients
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            latencies(port, body, per_client)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return per_client * clients / (time.perf_counter() - start)
-
-
+# ---- clients: request, latencies and throughput are serving.py's ----
 def load_for(
     port: int, body: str, seconds: float, clients: int = 8
 ) -> tuple[list[tuple[float, float]], list[tuple[float, str]]]:

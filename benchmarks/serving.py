@@ -37,9 +37,13 @@ from mlops.serving import log_model  # noqa: E402
 from mlops.training import fit_and_evaluate  # noqa: E402
 
 
-def request(conn: http.client.HTTPConnection, body: str) -> float:
+def request(
+    conn: http.client.HTTPConnection, body: str, headers: dict[str, str] | None = None
+) -> float:
     start = time.perf_counter()
-    conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/invocations", body, {"Content-Type": "application/json", **(headers or {})}
+    )
     resp = conn.getresponse()
     data = resp.read()
     if resp.status != 200:

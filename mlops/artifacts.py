@@ -97,6 +97,31 @@ def verify_model_dir(path: str | Path, recorded: str, what: str) -> None:
         verify_checksum(model_checksum(path), recorded, what)
 
 
+def recorded_checksum(name: str, version: str) -> str | None:
+    """The checksum recorded on registered ``name`` version ``version`` (None, with a warning,
+    when it has none: registered outside mlops)."""
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
+    recorded = tags.get(CHECKSUM_TAG)
+    if not recorded:
+        logger.warning(
+            "%s version %s has no recorded checksum (registered outside mlops): its files "
+            "cannot be verified; register versions with mlops",
+            name,
+            version,
+        )
+    return recorded
+
+
+def verify_registered(name: str, version: str, path: str | Path) -> None:
+    """Refuse the files at ``path`` unless they are registered ``name`` version ``version``
+    as recorded (:class:`UntrustedArtifact`); called before anything of them is read."""
+    recorded = recorded_checksum(name, version)
+    if recorded:
+        verify_model_dir(path, recorded, f"{name} version {version}")
+
+
 def verify_checksum(actual: str, recorded: str, what: str) -> None:
     """Raise :class:`UntrustedArtifact` unless ``actual`` equals ``recorded``."""
     if not hmac.compare_digest(actual, recorded):

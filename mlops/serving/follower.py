@@ -30,6 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
+from mlops.artifacts import verify_registered
 from mlops.serving.metrics import Meter, ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -37,27 +38,6 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 PINNED = "pinned"  # the alias label of a version served by number (mlops serve --version)
 RELOAD_RULE = "serving_reload"  # the alert's rule when a new version is refused
-
-
-def verify_registered(name: str, version: str, local: Path) -> None:
-    """Refuse a registered version whose files differ from what was registered (its checksum
-    tag), before anything of it is imported or deserialised.
-
-    Raises:
-        UntrustedArtifact: the files changed after registration.
-    """
-    from mlops.artifacts import CHECKSUM_TAG, verify_model_dir
-
-    recorded = (mlflow.MlflowClient().get_model_version(name, version).tags or {}).get(CHECKSUM_TAG)
-    if not recorded:
-        logger.warning(
-            "%s version %s has no recorded checksum (registered outside mlops): its files "
-            "cannot be verified",
-            name,
-            version,
-        )
-        return
-    verify_model_dir(local, recorded, f"{name} version {version}")
 
 
 class Served:

@@ -48,10 +48,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mlops.artifacts import verify_registered
 from mlops.errors import MlopsError
 from mlops.monitoring.logger import PredictionLogger
 from mlops.serving import adapter
-from mlops.serving.follower import PINNED, AliasFollower, Loader, Served, Watcher, verify_registered
+from mlops.serving.follower import PINNED, AliasFollower, Loader, Served, Watcher
 from mlops.serving.metrics import MULTIPROC_ENV, ServerMetrics
 from mlops.serving.routing import ROUTE_HEADER, Router, ShadowScorer
 from mlops.serving.wrapper import REQUEST_ID_COLUMN

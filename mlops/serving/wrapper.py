@@ -63,7 +63,7 @@ class MlopsModel(PythonModel):
     """Preprocessing, model and label decoding as one MLflow pyfunc model."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from mlops.artifacts import UntrustedArtifact, load_pipeline
+        from mlops.artifacts import UntrustedArtifact, load_pipeline, verify_model_dir
         from mlops.serving import adapter
 
         missing = [
@@ -90,13 +90,6 @@ class MlopsModel(PythonModel):
             # version's recorded checksum, wherever else its files are registered
             name, version = downloaded
             recorded = _recorded_checksum(name, version)
-            if recorded is None:
-                logger.warning(
-                    "%s version %s has no recorded checksum (registered outside mlops): its "
-                    "files cannot be verified; register versions with mlops",
-                    name,
-                    version,
-                )
         elif not (name and version):
             name, version, recorded = _identify(model_dir, meta, serving=serving)
         elif serving:
@@ -350,17 +343,6 @@ def _jsonable(values: np.ndarray) -> list[Any]:
     return values.tolist()
 
 
-def verify_model_dir(model_dir: Path, recorded: str, what: str) -> None:
-    """Every file of ``model_dir`` as registered (:data:`CHECKSUM_TAG`), or
-    :class:`~mlops.artifacts.UntrustedArtifact`.
-
-    Files MLflow itself adds to a downloaded model (none today) would show as a mismatch.
-    """
-    from mlops.artifacts import verify_model_dir as verify
-
-    verify(model_dir, recorded, what)
-
-
 def _downloaded_as(model_dir: Path) -> tuple[str, str] | None:
     """The registered name and version MLflow downloaded ``model_dir`` as, from the note it
     writes into a download of a ``models:/`` URI (an alias resolved to its version)."""
@@ -381,12 +363,13 @@ def _downloaded_as(model_dir: Path) -> tuple[str, str] | None:
 
 
 def _recorded_checksum(name: str, version: str) -> str | None:
+    from mlops.artifacts import recorded_checksum
+
     try:
-        tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
+        return recorded_checksum(name, version)
     except Exception as exc:  # the store may be unreachable from the server
         logger.warning("could not read the recorded checksum of %s v%s: %s", name, version, exc)
         return None
-    return tags.get(CHECKSUM_TAG)
 
 
 def _identify(
