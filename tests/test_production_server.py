@@ -514,10 +514,10 @@ def test_a_full_shadow_queue_drops_and_counts_and_never_waits() -> None:
     release, scoring = threading.Event(), threading.Event()
 
     class Wrapper:
-        def answer(self, parse: Callable[[], Any], request_id: str) -> None:
+        def answer_many(self, parts: list[Any]) -> list[bool]:
             scoring.set()
             release.wait(10)
-            parse()
+            return [True] * len(parts)
 
     class Version:
         name, version, columns, wrapper = NAME, "2", (("x1",), ()), Wrapper()

@@ -114,3 +114,56 @@ def test_the_log_url_password_stays_out_of_the_model_and_the_default_log_follows
         assert wrapper.monitor.url == f"sqlite:///{tracking_folder / 'predictions.db'}"
     finally:
         wrapper.monitor.close()
+
+
+def test_answer_many_scores_several_requests_in_one_call_and_logs_each_under_its_id(
+    trained, tmp_path: Path
+) -> None:
+    """A shadow's batch: the same predictions as one request at a time, each request logged
+    under its own id with its own rows; a failing call falls back to one request at a time."""
+    import sqlalchemy as sa
+
+    _, wrapper, frame = trained
+    X = frame[["x1", "x2", "color"]]
+    parts = [
+        (f"r{i}", *wrapper.contract.from_frame(X.iloc[start : start + rows].reset_index(drop=True)))
+        for i, (start, rows) in enumerate([(0, 1), (1, 3), (4, 2)])
+    ]
+    one_by_one = [wrapper.score(n, c)["prediction"].tolist() for _, n, c in parts]
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    wrapper.enable_monitoring(url)
+    try:
+        assert wrapper.answer_many(parts) == [True, True, True]
+        calls = []
+        real = wrapper.score
+
+        def failing_once(numeric, categorical):  # the batch call fails, single ones answer
+            calls.append(numeric.shape[0])
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(numeric, categorical)
+
+        wrapper.score = failing_once
+        assert wrapper.answer_many([(f"s{i}", n, c) for i, (_, n, c) in enumerate(parts)]) == [
+            True,
+            True,
+            True,
+        ]
+        assert calls == [6, 1, 3, 2]
+        del wrapper.score
+        assert wrapper.monitor.flush(10)
+    finally:
+        wrapper.monitor.close()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        logged = conn.execute(
+            sa.text(
+                "SELECT request_id, row, prediction FROM mlops_predictions ORDER BY request_id, row"
+            )
+        ).all()
+    by_request: dict[str, list[str]] = {}
+    for request_id, _, prediction in logged:
+        by_request.setdefault(request_id, []).append(str(prediction))
+    for prefix in ("r", "s"):
+        got = [by_request[f"{prefix}{i}"] for i in range(3)]
+        assert got == [[str(p) for p in expected] for expected in one_by_one]
