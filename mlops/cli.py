@@ -87,6 +87,9 @@ def cli(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # where boto3 found its credentials is not news
+        for chatty in ("botocore", "boto3", "urllib3"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @cli.command()
@@ -224,6 +227,13 @@ def train(
 @click.option(
     "--log-url", default=None, help="SQLAlchemy URL of the prediction log (default: as logged)."
 )
+@click.option(
+    "--auth-token-env",
+    default=None,
+    metavar="VAR",
+    help="Callers must send Authorization: Bearer <the token in $VAR> (401 otherwise); "
+    "/ping and /health stay open for probes.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be served instead of serving it.")
 def serve(
     name: str | None,
@@ -239,6 +249,7 @@ def serve(
     impute_missing: bool | None,
     monitor: bool | None,
     log_url: str | None,
+    auth_token_env: str | None,
     dry_run: bool,
 ) -> None:
     """Serve a registered model over REST, following its alias: MLflow's scoring protocol.
@@ -257,6 +268,7 @@ def serve(
         mlops serve churn-model --alias production --port 5000 --workers 2
         mlops serve churn-model --split production=90,challenger=10 --monitor
         mlops serve churn-model --shadow challenger --monitor
+        SERVE_TOKEN=... mlops serve churn-model --auth-token-env SERVE_TOKEN
         curl -s localhost:5000/invocations -H 'Content-Type: application/json' \\
              -d '{"dataframe_records": [{"x1": 0.3, "x2": 1.2}]}'
     """
@@ -275,6 +287,11 @@ def serve(
         raise click.UsageError(f"--shadow {shadow} also answers requests: shadow another alias")
     if shadow and monitor is False:
         raise click.UsageError("--shadow logs its predictions: leave out --no-monitor")
+    if auth_token_env is not None and not os.environ.get(auth_token_env):
+        raise click.UsageError(
+            f"--auth-token-env {auth_token_env}: that variable is not set or empty; put the "
+            "token callers must send in it (the option names the variable, not the token)"
+        )
     options = {
         k: v
         for k, v in {
@@ -293,6 +310,7 @@ def serve(
         reload_interval=reload_interval or config.serving.reload_interval,
         shadow_queue=config.serving.shadow_queue,
         model_config=options,
+        auth_token_env=auth_token_env,
     )
     shown = {k: ("***" if k == "monitoring_url" else v) for k, v in options.items()}
     click.echo(
@@ -325,6 +343,82 @@ def serve(
                 )
             except MlopsError as exc:
                 click.echo(f"mlops serve: {stop} not recorded in the audit trail: {exc}", err=True)
+    if code:
+        raise SystemExit(code)
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML with a server: section (default: conf/default.yaml).",
+)
+@click.option(
+    "--backend-store-uri", default=None, help="PostgreSQL URL (default: server.backend_store_uri)."
+)
+@click.option(
+    "--artifacts-destination",
+    default=None,
+    help="s3://bucket/prefix for proxied artifacts (default: server.artifacts_destination).",
+)
+@click.option("--host", default=None, help="Interface (default: server.host).")
+@click.option("--port", type=int, default=None, help="Port (default: server.port).")
+@click.option(
+    "--workers", type=int, default=None, help="Worker processes (default: server.workers)."
+)
+@click.option("--check", "check_only", is_flag=True, help="Run the checks, start nothing.")
+def server(
+    config_path: str | None,
+    backend_store_uri: str | None,
+    artifacts_destination: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    check_only: bool,
+) -> None:
+    """Run the team's MLflow server: PostgreSQL, S3 artifacts, logins, enforced promotions.
+
+    `mlflow server` with the backend store on PostgreSQL, artifacts proxied to S3 (through
+    boto3; MLFLOW_S3_ENDPOINT_URL names any S3-compatible endpoint) and the mlops auth app:
+    MLflow's basic-auth, plus a policy on the server (moving production needs MANAGE on the
+    model, staging needs EDIT) and an audit row in the server's database for every alias or
+    stage move, by whichever client. It refuses to start without the admin password in
+    $MLOPS_ADMIN_PASSWORD (server.admin_password_env), or when the database or the bucket
+    cannot be reached, and says which.
+
+    \b
+    Example (conf/default.yaml's server: section holds the same settings):
+        export MLOPS_ADMIN_PASSWORD='a long random secret'
+        export MLFLOW_S3_ENDPOINT_URL=https://s3.internal:9000   # omit for AWS S3
+        mlops server --backend-store-uri 'postgresql+psycopg://mlflow:${PGPASS}@db:5432/mlflow' \\
+                     --artifacts-destination s3://ml-artifacts/mlflow --host 0.0.0.0
+        # then, for each user:
+        MLFLOW_TRACKING_URI=http://server:5000 MLFLOW_TRACKING_USERNAME=alice \\
+        MLFLOW_TRACKING_PASSWORD=... mlops promote churn-model --version 4 --to production
+    """
+    from mlops.config import load_config
+    from mlops.team import launch
+
+    settings = load_config(config_path or None).server
+    changes = {
+        k: v
+        for k, v in {
+            "backend_store_uri": backend_store_uri,
+            "artifacts_destination": artifacts_destination,
+            "host": host,
+            "port": port,
+            "workers": workers,
+        }.items()
+        if v is not None
+    }
+    settings = settings.model_validate({**settings.model_dump(), **changes})
+    if check_only:
+        launch.check(settings)
+        click.echo("mlops server: admin password set, database and bucket reachable", err=True)
+        return
+    code = launch.run(settings)
     if code:
         raise SystemExit(code)
 

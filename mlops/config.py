@@ -130,6 +130,37 @@ class ServingConfig(_Strict):
     shadow_queue: int = Field(1000, gt=0)  # requests waiting for a shadow; beyond: dropped, counted
 
 
+class TeamServerConfig(_Strict):
+    """``mlops server``: the team's MLflow tracking and registry server (see the README)."""
+
+    # PostgreSQL for runs, registry and audit trail; a password as ${VAR} or in PGPASSWORD
+    backend_store_uri: str = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
+    # where artifacts go, proxied by the server: s3://bucket/prefix (MLFLOW_S3_ENDPOINT_URL
+    # for any S3-compatible store) or a local folder
+    artifacts_destination: str = "s3://mlflow/artifacts"
+    auth_database_uri: str | None = None  # users and permissions; None: the backend store
+    admin_username: str = "admin"
+    admin_password_env: str = "MLOPS_ADMIN_PASSWORD"  # the variable that holds it; no default
+    default_permission: Literal["READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"] = "READ"
+    host: str = "127.0.0.1"
+    port: int = Field(5000, gt=0, lt=65536)
+    workers: int = Field(2, gt=0)
+    # a verified login is remembered this long in each worker (0: every request checks the
+    # password hash, about 0.3 s of CPU); a changed password or removed user may still be
+    # accepted by a worker for this long
+    auth_cache_seconds: int = Field(60, ge=0)
+
+    @field_validator("admin_password_env")
+    @classmethod
+    def _a_variable_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                f"{value!r} is not an environment variable name; name the variable that holds "
+                "the admin password (never the password itself), e.g. MLOPS_ADMIN_PASSWORD"
+            )
+        return value
+
+
 class ParamSpace(_Strict):
     """One hyperparameter's search range (see ``conf/search_spaces/``)."""
 
@@ -300,6 +331,7 @@ class Config(_Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    server: TeamServerConfig = Field(default_factory=TeamServerConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, credentials in its URLs hidden (for showing
@@ -364,6 +396,8 @@ _URL_KEYS = (
     ("monitoring", "log_url"),
     ("monitoring", "webhook"),
     ("tuning", "storage"),
+    ("server", "backend_store_uri"),
+    ("server", "auth_database_uri"),
 )
 
 

@@ -100,6 +100,26 @@ class AuditRecord:
     detail: str | None = None
     settled_at: datetime | None = None
 
+    def as_json(self) -> dict[str, Any]:
+        """The record as JSON values (ISO 8601 times), as the team server's audit API sends it."""
+        out = dict(self.__dict__)
+        out["at"] = self.at.isoformat()
+        out["settled_at"] = self.settled_at.isoformat() if self.settled_at else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AuditRecord:
+        """A record as :meth:`as_json` wrote it."""
+        settled = data.get("settled_at")
+        values: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__}
+        values.update(
+            at=datetime.fromisoformat(data["at"]),
+            settled_at=datetime.fromisoformat(settled) if settled else None,
+            gates=list(data.get("gates") or []),
+            forced=bool(data.get("forced")),
+        )
+        return cls(**values)
+
     def line(self) -> str:
         """The record as one line, as ``mlops audit`` prints it."""
         failed = [g["gate"] for g in self.gates if not g.get("passed")]

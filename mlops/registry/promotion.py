@@ -53,6 +53,7 @@ from mlops.registry.audit import (
     AuditLog,
     AuditRecord,
 )
+from mlops.registry.remote import ServerAudit, server_audited
 from mlops.tracking import project_store_url
 
 logger = logging.getLogger(__name__)
@@ -492,6 +493,8 @@ def reconcile(
     _registered_model(client, name)
     who = who or current_user()
     audit = _audit_log(config)
+    if isinstance(audit, ServerAudit):
+        return []  # the team server records every change itself: nothing can be missed
     with audit.lock(name, who, timeout=timeout) as held:
         if not held:
             logger.info(
@@ -504,9 +507,11 @@ def reconcile(
 
 
 def _reconcile_locked(
-    client: mlflow.MlflowClient, audit: AuditLog, name: str, who: str
+    client: mlflow.MlflowClient, audit: AuditLog | ServerAudit, name: str, who: str
 ) -> list[AuditRecord]:
     """:func:`reconcile` for a caller that holds the lock."""
+    if isinstance(audit, ServerAudit):
+        return []
     out = [
         _settle_interrupted(client, audit, row, who)
         for row in audit.records(name)
@@ -694,7 +699,7 @@ def _stage_plan(
 
 def _apply(
     client: mlflow.MlflowClient,
-    audit: AuditLog,
+    audit: AuditLog | ServerAudit,
     *,
     action: str,
     name: str,
@@ -733,6 +738,8 @@ def _apply(
         try:
             _move(client, name, target, version, current, rollback=action == "rollback")
         except Exception as exc:
+            if isinstance(audit, ServerAudit):  # the server refused or failed it, and audited it
+                raise audit.failed(exc) from exc
             raise _failed_move(client, audit, intent, exc, who) from exc
         try:
             record = audit.settle(intent.id, DONE)
@@ -754,9 +761,9 @@ def _apply(
         model=name,
         action=action,
         target=target,
-        from_version=current,
+        from_version=record.from_version if isinstance(audit, ServerAudit) else current,
         to_version=version,
-        who=who,
+        who=record.who,
         reason=reason,
         forced=forced,
         gates=tuple(gates),
@@ -766,7 +773,11 @@ def _apply(
 
 
 def _failed_move(
-    client: mlflow.MlflowClient, audit: AuditLog, intent: AuditRecord, exc: Exception, who: str
+    client: mlflow.MlflowClient,
+    audit: AuditLog | ServerAudit,
+    intent: AuditRecord,
+    exc: Exception,
+    who: str,
 ) -> RegistryError:
     """Settle the intent of a move that raised, by what the registry now says."""
     first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
@@ -781,7 +792,8 @@ def _failed_move(
         except RegistryError as settle_exc:
             logger.warning("%s: %s", name, settle_exc)
         try:  # the stages may be half-mirrored: put them back in line now
-            _mirror_stages(client, audit, name, _aliases(client, name), who)
+            if isinstance(audit, AuditLog):  # (a team server records its own mirroring)
+                _mirror_stages(client, audit, name, _aliases(client, name), who)
         except Exception as mirror_exc:  # noqa: BLE001 - the next command tries again
             logger.warning("%s: could not mirror the stages: %s", name, mirror_exc)
         return RegistryError(
@@ -892,7 +904,11 @@ def _try(call, *args: str) -> None:  # noqa: ANN001 - an MlflowClient method
 # ---- reading the registry (never through a filter string) ----
 
 
-def _audit_log(config: Config) -> AuditLog:
+def _audit_log(config: Config) -> AuditLog | ServerAudit:
+    """The audit trail: the team server's when the tracking URI is one (and no audit store is
+    configured), else the project's own store."""
+    if server_audited(config.registry.audit_url):
+        return ServerAudit(mlflow.get_tracking_uri())
     return AuditLog(project_store_url(config.registry.audit_url, AUDIT_FILE))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -172,6 +173,45 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class BearerAuth:
+    """Every request but the probes (``/ping``, ``/health``) must carry ``Authorization: Bearer
+    <token>``; else a 401 (``mlops serve --auth-token-env VAR``, the token in ``$VAR``)."""
+
+    OPEN = frozenset(("/ping", "/health"))
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(
+            {
+                "error_code": "UNAUTHENTICATED",
+                "message": "this server needs the header Authorization: Bearer <token> "
+                + ("(the token given is not the server's)" if given else "(none was sent)"),
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="mlops"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 # ---- what one server serves ----
 @dataclasses.dataclass(frozen=True)
 class ServeSpec:
@@ -186,6 +226,7 @@ class ServeSpec:
     shadow_queue: int = 1000
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     workdir: str | None = None  # downloads go here (the supervisor's folder, removed by it)
+    auth_token_env: str | None = None  # the variable holding the bearer token callers must send
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -363,7 +404,10 @@ class ProductionServer:
             ],
             exception_handlers={HTTPException: http_error},
         )
-        return GracefulShutdown(app, self.close)
+        token = os.environ.get(self.spec.auth_token_env, "") if self.spec.auth_token_env else ""
+        if self.spec.auth_token_env and not token:
+            raise MlopsError(f"--auth-token-env {self.spec.auth_token_env}: the variable is empty")
+        return GracefulShutdown(BearerAuth(app, token) if token else app, self.close)
 
     def served(self) -> dict[str, str]:
         """The version serving each alias now (the pinned one as ``pinned``)."""
@@ -390,12 +434,11 @@ def create_app() -> GracefulShutdown:
     # as `mlflow models serve` does for its workers: the wrapper knows it serves
     os.environ.setdefault(adapter.SERVER_MODEL_PATH_ENV, spec.workdir or tempfile.gettempdir())
     try:
-        server = ProductionServer(spec)
+        return ProductionServer(spec).app()
     except Exception as exc:  # noqa: BLE001 - said in one line (a bug with its traceback)
         expected = isinstance(exc, (MlopsError, MlflowException))
         logger.error("mlops serve: %s: %s", spec.describe(), exc, exc_info=not expected)
         raise SystemExit(STARTUP_FAILURE) from None
-    return server.app()
 
 
 # ---- running it ----

@@ -1,0 +1,458 @@
+"""The team server's auth app: MLflow's basic-auth with the project's promotion policy and audit
+trail enforced on the server, whichever client makes the request.
+
+Registered as the ``mlops`` app through MLflow's ``mlflow.app`` entry point and started with
+``mlflow server --app-name mlops`` (``mlops server`` does that). It is basic-auth itself
+(:func:`mlflow.server.auth.create_app`: users, permissions, the admin API, the login) with one
+hook of its own in front of basic-auth's, for every request that moves a registered model's
+alias or stage (``/api/2.0/mlflow/registered-models/alias`` POST and DELETE,
+``/api/2.0/mlflow/model-versions/transition-stage``, and their ``/ajax-api`` twins the UI uses):
+
+- moving ``production`` (setting or deleting the alias, a transition to or out of the
+  ``Production`` stage) needs MANAGE on the registered model, ``staging`` needs EDIT, an admin
+  may do anything; any other alias is left to basic-auth;
+- each such request is one audit row in the server's own database, written under a per-model
+  lock before the change is made (``pending``) and settled once the server has answered
+  (``done``, ``refused`` or ``failed``): who (the authenticated user), when (the server's
+  clock), the version before and after, and the client's reason (header ``X-Mlops-Reason``,
+  percent-encoded UTF-8); a refusal by the policy is a ``refused`` row and a 403 that names the
+  permission needed.
+
+``mlops promote`` and ``mlops rollback`` run their gates in the client and then declare the move
+they make (``X-Mlops-Action``, ``X-Mlops-Target``, ``X-Mlops-Version``, ``X-Mlops-Gates``,
+``X-Mlops-Forced``; see :mod:`mlops.registry.remote`); the server records the declared action
+for the request that makes that move, and its follow-up requests (stage mirroring) under their
+own kind. A declaration is the client's word: it names the action and the gate results in the
+row but grants nothing: the permission check is the same for every client.
+
+``/api/2.0/mlops/audit`` (and ``/ajax-api/...``) is the trail's API: ``GET ?name=MODEL`` lists
+a model's rows (READ on the model); ``POST`` records what a client did that moved no alias (a
+promotion its gates refused, a production server starting or stopping a split or a shadow),
+stamped with the authenticated user and the server's clock. Clients never reach the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import urllib.parse
+from contextlib import ExitStack
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from mlops.registry.audit import (
+    DONE,
+    FAILED,
+    PENDING,
+    REFUSED,
+    TRAFFIC_ACTIONS,
+    AuditLog,
+    AuditRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+AUDIT_URL_ENV = "MLOPS_AUDIT_URL"  # the server's audit database (default: its backend store)
+BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"  # mlflow server's own variable for --backend-store-uri
+PRODUCTION, STAGING = "production", "staging"
+
+_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/")
+ALIAS_PATHS = frozenset(p + "registered-models/alias" for p in _PREFIXES)
+STAGE_PATHS = frozenset(p + "model-versions/transition-stage" for p in _PREFIXES)
+AUDIT_PATHS = frozenset(("/api/2.0/mlops/audit", "/ajax-api/2.0/mlops/audit"))
+
+# what a client may declare about its move (request headers)
+ACTION_HEADER = "X-Mlops-Action"
+REASON_HEADER = "X-Mlops-Reason"
+TARGET_HEADER = "X-Mlops-Target"
+VERSION_HEADER = "X-Mlops-Version"
+GATES_HEADER = "X-Mlops-Gates"
+FORCED_HEADER = "X-Mlops-Forced"
+DECLARED_ACTIONS = ("promote", "rollback")
+REPORTED_ACTIONS = (*DECLARED_ACTIONS, *TRAFFIC_ACTIONS)  # what POST /mlops/audit accepts
+
+_LOCK_TIMEOUT_S = 30.0
+_MAX_REASON = 1000
+_MAX_GATES = 50
+
+
+class Move:
+    """One request that moves an alias or a stage, as the audit trail names it."""
+
+    def __init__(
+        self, kind: str, model: str, target: str, to_version: str | None, needs: str | None
+    ):
+        self.kind, self.model, self.target, self.to_version = kind, model, target, to_version
+        self.needs = needs  # MANAGE, EDIT, or None: basic-auth decides alone
+
+
+def create_app(app: Flask | None = None) -> Any:
+    """The ``mlops`` app for ``mlflow server --app-name mlops``: basic-auth, with the policy
+    hook registered ahead of basic-auth's own."""
+    from mlflow.server import app as mlflow_app
+    from mlflow.server.auth import create_app as basic_auth
+
+    app = app or mlflow_app
+    policy = Policy(_audit_url())
+    app.before_request(policy.before)
+    app.after_request(policy.after)
+    app.teardown_request(policy.teardown)
+    return basic_auth(app)
+
+
+def _audit_url() -> str:
+    url = os.environ.get(AUDIT_URL_ENV) or os.environ.get(BACKEND_ENV)
+    if not url:
+        raise RuntimeError(
+            f"the mlops app needs the server's database: set {BACKEND_ENV} (as `mlops server` "
+            f"does) or {AUDIT_URL_ENV}"
+        )
+    return url
+
+
+@functools.cache
+def _registry() -> Any:
+    """A client of the server's own registry, read directly from its database."""
+    import mlflow
+
+    url = os.environ.get(BACKEND_ENV) or _audit_url()
+    return mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
+
+
+class Policy:
+    """The hook: authorise moves of production and staging, audit every move, serve the API."""
+
+    def __init__(self, audit_url: str) -> None:
+        self.audit = AuditLog(audit_url)
+
+    # ---- the hooks ----
+    def before(self) -> Response | None:
+        if request.path in AUDIT_PATHS:
+            return self._audit_api()
+        try:
+            move = _move_of(request)
+        except _BadRequest as exc:
+            return _error(400, "INVALID_PARAMETER_VALUE", str(exc))
+        if move is None:
+            return None
+        user = _user()
+        if user is None:
+            return None  # basic-auth answers 401; nobody to name in a row
+        stack = ExitStack()
+        held = stack.enter_context(self.audit.lock(move.model, user, timeout=_LOCK_TIMEOUT_S))
+        if not held:
+            stack.close()
+            return _error(
+                503,
+                "TEMPORARILY_UNAVAILABLE",
+                f"another change of {move.model} is in progress; try again",
+            )
+        g.mlops_lock = stack
+        self._settle_interrupted(move.model)
+        row = self._row(move, user)
+        refusal = self._refusal(move, user)
+        if refusal is not None:
+            record = self.audit.record(outcome=REFUSED, **row, detail=refusal)
+            logger.warning("refused (audit #%d): %s", record.id, refusal)
+            return _error(403, "PERMISSION_DENIED", f"{refusal} (audit #{record.id})")
+        g.mlops_intent = self.audit.record(outcome=PENDING, **row)
+        return None
+
+    def after(self, response: Response) -> Response:
+        intent: AuditRecord | None = g.pop("mlops_intent", None)
+        if intent is not None:
+            status = response.status_code
+            if 200 <= status < 300:
+                outcome, detail = DONE, None
+            else:
+                outcome = REFUSED if status in (401, 403) else FAILED
+                detail = f"HTTP {status}: {_message(response)}"
+            try:
+                self.audit.settle(intent.id, outcome, detail)
+            except Exception as exc:  # noqa: BLE001 - the answer stands; the next move settles it
+                logger.warning("audit #%d stays pending: %s", intent.id, exc)
+        return response
+
+    def teardown(self, _exc: BaseException | None) -> None:
+        intent: AuditRecord | None = g.pop("mlops_intent", None)
+        if intent is not None:  # the request raised past the handlers: no answer was sent
+            try:
+                self.audit.settle(intent.id, FAILED, "the server failed while handling it")
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("audit #%d stays pending: %s", intent.id, exc)
+        stack: ExitStack | None = g.pop("mlops_lock", None)
+        if stack is not None:
+            stack.close()
+
+    # ---- deciding ----
+    def _refusal(self, move: Move, user: str) -> str | None:
+        """Why the policy refuses ``user`` this move, or None."""
+        if move.needs is None or _is_admin(user):
+            return None
+        permission = _model_permission(move.model, user)
+        has = getattr(permission, "name", "NO_PERMISSIONS")
+        enough = permission.can_manage if move.needs == "MANAGE" else permission.can_update
+        if enough:
+            return None
+        what = (
+            f"moving {move.target} of {move.model}"
+            if move.kind != "transition"
+            else f"the stage transition to {move.target} of {move.model}"
+        )
+        return (
+            f"{what} needs {move.needs} on registered model {move.model!r}; user {user!r} has "
+            f"{has}. Ask an admin or a user with MANAGE on the model to grant it, or to make "
+            "the move"
+        )
+
+    def _row(self, move: Move, user: str) -> dict[str, Any]:
+        """The audit row's values for ``move`` by ``user``, with what the client declared."""
+        headers = request.headers
+        declared = headers.get(ACTION_HEADER, "").strip().lower()
+        reason = _decoded(headers.get(REASON_HEADER))
+        matches = (
+            declared in DECLARED_ACTIONS
+            and move.kind == "alias_set"
+            and headers.get(TARGET_HEADER) == move.target
+            and headers.get(VERSION_HEADER) == move.to_version
+        )
+        gates = _gates(headers.get(GATES_HEADER)) if matches else []
+        return dict(
+            who=user,
+            action=declared if matches else move.kind,
+            model=move.model,
+            target=move.target,
+            from_version=_current(move),
+            to_version=move.to_version,
+            reason=reason,
+            forced=matches and headers.get(FORCED_HEADER, "").lower() == "true",
+            gates=gates,
+        )
+
+    def _settle_interrupted(self, model: str) -> None:
+        """Rows a server left pending (it died mid-request), settled by what the registry says."""
+        for record in self.audit.records(model):
+            if record.outcome != PENDING or record.action in TRAFFIC_ACTIONS:
+                continue
+            move = Move("alias_set", model, record.target, record.to_version, None)
+            now = _current(move) if not record.target.startswith("stage ") else None
+            moved = now == record.to_version and now is not None
+            try:
+                self.audit.settle(
+                    record.id,
+                    DONE if moved else FAILED,
+                    "settled by the server after an interrupted request",
+                )
+            except Exception as exc:  # noqa: BLE001 - another worker settled it first
+                logger.info("audit #%d: %s", record.id, exc)
+
+    # ---- the trail's API ----
+    def _audit_api(self) -> Response:
+        user = _user()
+        if user is None:
+            from mlflow.server.auth import make_basic_auth_response
+
+            return make_basic_auth_response()
+        try:
+            body: dict[str, Any] = {}
+            if request.method == "GET":
+                name = request.args.get("name", "")
+            elif request.method == "POST":
+                sent = request.get_json(silent=True)
+                if not isinstance(sent, dict):
+                    raise _BadRequest("the body must be a JSON object")
+                body, name = sent, sent.get("name", "")
+            else:
+                return _error(405, "BAD_REQUEST", "use GET (read the trail) or POST (report)")
+            if not isinstance(name, str) or not name:
+                raise _BadRequest("'name' (the registered model) is required")
+            if not _is_admin(user) and not _model_permission(name, user).can_read:
+                return _error(
+                    403,
+                    "PERMISSION_DENIED",
+                    f"reading or reporting to the audit trail of {name!r} needs READ on it",
+                )
+            if request.method == "GET":
+                rows = [r.as_json() for r in self.audit.records(name)]
+                return Response(json.dumps({"records": rows}), 200, mimetype="application/json")
+            record = self.audit.record(who=user, model=name, **_reported(body))
+        except _BadRequest as exc:
+            return _error(400, "INVALID_PARAMETER_VALUE", str(exc))
+        return Response(json.dumps({"record": record.as_json()}), 200, mimetype="application/json")
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _move_of(req: Any) -> Move | None:
+    """The alias or stage move ``req`` asks for, or None if it moves nothing."""
+    path, method = req.path, req.method
+    if path in ALIAS_PATHS and method in ("POST", "DELETE"):
+        args = _params(req)
+        model, alias = _text(args, "name"), _text(args, "alias")
+        if method == "POST":
+            version = _text(args, "version")
+            kind = "alias_set"
+        else:
+            version, kind = None, "alias_delete"
+        target = alias.strip().lower()
+        needs = {"production": "MANAGE", "staging": "EDIT"}.get(target)
+        return Move(kind, model, alias, version, needs)
+    if path in STAGE_PATHS and method == "POST":
+        args = _params(req)
+        model, version, stage = _text(args, "name"), _text(args, "version"), _text(args, "stage")
+        wanted = stage.strip().lower()
+        held = _stage_of(model, version)
+        if "production" in (wanted, held):
+            required: str | None = "MANAGE"
+        elif "staging" in (wanted, held):
+            required = "EDIT"
+        else:
+            required = None
+        return Move("transition", model, f"stage {stage.strip().title()}"[:20], version, required)
+    return None
+
+
+def _params(req: Any) -> dict[str, Any]:
+    if req.method == "DELETE" and not req.is_json:
+        return dict(req.args)
+    body = req.get_json(silent=True)
+    return body if isinstance(body, dict) else {}
+
+
+def _text(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and key == "version":
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise _BadRequest(f"missing value for required parameter '{key}'")
+    return value
+
+
+def _user() -> str | None:
+    from mlflow.server.auth import authenticate_request
+
+    auth = authenticate_request()
+    return getattr(auth, "username", None) if not isinstance(auth, Response) else None
+
+
+def _is_admin(user: str) -> bool:
+    from mlflow.server.auth import store
+
+    try:
+        return bool(store.get_user(user).is_admin)
+    except Exception:  # noqa: BLE001 - an unknown user is no admin
+        return False
+
+
+def _model_permission(model: str, user: str) -> Any:
+    """``user``'s permission on registered model ``model``: their own grant, else the
+    server's default permission.
+
+    Grants made through roles (MLflow 3.17's RBAC) are not seen here: the policy asks for a
+    grant to the user, and refuses (never allows) when there is none.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth import auth_config, store
+    from mlflow.server.auth.permissions import get_permission
+
+    try:
+        granted = store.get_registered_model_permission(model, user).permission
+    except MlflowException:  # no grant of the user's own on this model
+        granted = auth_config.default_permission
+    return get_permission(granted)
+
+
+def _current(move: Move) -> str | None:
+    """The version the alias names now (None for a stage transition)."""
+    if move.kind == "transition":
+        return None
+    try:
+        return str(_registry().get_model_version_by_alias(move.model, move.target).version)
+    except Exception:  # noqa: BLE001 - no such alias (or model): nothing before
+        return None
+
+
+def _stage_of(model: str, version: str) -> str | None:
+    try:
+        stage = _registry().get_model_version(model, version).current_stage
+    except Exception:  # noqa: BLE001 - the handler answers for a missing version
+        return None
+    return str(stage).lower() if stage else None
+
+
+def _decoded(value: str | None) -> str | None:
+    if not value:
+        return None
+    return urllib.parse.unquote(value)[:_MAX_REASON] or None
+
+
+def _gates(value: str | None) -> list[dict[str, Any]]:
+    """The client's gate results (percent-encoded JSON list), kept only if well formed."""
+    if not value:
+        return []
+    try:
+        gates = json.loads(urllib.parse.unquote(value))
+    except ValueError:
+        return []
+    if not isinstance(gates, list):
+        return []
+    return [
+        {
+            "gate": str(x.get("gate"))[:100],
+            "passed": bool(x.get("passed")),
+            **{k: str(x[k])[:300] for k in ("measured", "required") if k in x},
+        }
+        for x in gates[:_MAX_GATES]
+        if isinstance(x, dict) and "gate" in x
+    ]
+
+
+def _reported(body: dict[str, Any]) -> dict[str, Any]:
+    """A client's report (a refused promotion, a split or shadow) as audit row values."""
+    action = body.get("action")
+    if action not in REPORTED_ACTIONS:
+        raise _BadRequest(f"'action' must be one of {', '.join(REPORTED_ACTIONS)}")
+    traffic = action in TRAFFIC_ACTIONS
+    detail = body.get("detail")
+    if traffic and not (isinstance(detail, str) and detail.strip()):
+        raise _BadRequest(f"{action}: 'detail' must say what is served")
+
+    def text(key: str, limit: int = 20) -> str | None:
+        value = body.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _BadRequest(f"'{key}' must be a string")
+        return value[:limit]
+
+    return dict(
+        action=action,
+        # a promotion's report is its refusal by the gates; the alias did not move
+        outcome=DONE if traffic else REFUSED,
+        target=text("target") or PRODUCTION,
+        from_version=text("from_version"),
+        to_version=text("to_version"),
+        reason=text("reason", _MAX_REASON),
+        forced=bool(body.get("forced")),
+        gates=_gates(json.dumps(body.get("gates") or [])),
+        detail=text("detail", 2000),
+    )
+
+
+def _message(response: Response) -> str:
+    try:
+        body = json.loads(response.get_data(as_text=True) or "{}")
+        return str(body.get("message", ""))[:300] or response.status
+    except ValueError:
+        return response.status
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return Response(
+        json.dumps({"error_code": code, "message": message}), status, mimetype="application/json"
+    )
