@@ -102,7 +102,9 @@ def fit_and_evaluate(
             for k, v in logs.items()
             if np.isfinite(v)
         }
-        mlflow.log_metrics(named, step=epoch)
+        # queued, sent in batches by MLflow's async logger (flushed when the run ends): an epoch
+        # never waits for a round trip to a tracking server
+        mlflow.log_metrics(named, step=epoch, synchronous=False)
 
     fit_model(
         pipeline,

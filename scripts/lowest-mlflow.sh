@@ -22,4 +22,5 @@ write_tool() {
 write_tool mlflow mlflow.cli cli
 write_tool mlops mlops.cli main
 write_tool uvicorn uvicorn.main main
+write_tool moto_server moto.server main
 "$lowest/bin/python" -c "import mlflow, mlops; print('lowest-MLflow environment: mlflow', mlflow.__version__)"

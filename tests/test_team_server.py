@@ -126,8 +126,6 @@ def team(
         f"s3://{BUCKET}/mlflow",
         "--port",
         str(port),
-        "--workers",
-        "2",
     )
     log = folder / "server.log"
     with running(command, env, port, log, timeout=180, health="/health") as uri:
@@ -274,7 +272,7 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     attempts = [
         ("POST", "/api/2.0/mlflow/registered-models/alias", {"json": {"version": v2}}),
         ("POST", "/ajax-api/2.0/mlflow/registered-models/alias", {"json": {"version": v2}}),
-        ("DELETE", "/api/2.0/mlflow/registered-models/alias", {"params": {}}),
+        ("DELETE", "/api/2.0/mlflow/registered-models/alias", {"json": {}}),
     ]
     for method, path, kwargs in attempts:
         where = "json" if "json" in kwargs else "params"
@@ -322,6 +320,21 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     shipped = next(r for r in rows if r["who"] == "bob" and r["action"] == "promote")
     assert (shipped["outcome"], shipped["to_version"], shipped["reason"]) == ("done", v2, "ship it")
     assert all(r["outcome"] != "pending" for r in rows)
+
+    # alice (EDIT) registers a version of her own, from a run in her own experiment
+    with as_user(user_env(team, "alice")), using_store(team["uri"]):
+        csv = make_csv(Path(team["folder"]) / "alice.csv", n=150, seed=3)
+        config = load_config(
+            overrides=[
+                f"data.dataset={csv}",
+                "data.target=label",
+                "data.categorical=[color]",
+                "experiment=alice-experiments",  # hers: the team's own is READ to her
+            ]
+        )
+        mine = register(train(config).model_uri, NAME)
+    assert int(mine.version) == int(v2) + 1
+    assert aliases(team)["production"] == v2  # and nothing else moved
 
     # the trail as any client reads it: through the app's endpoint, not the database
     trail = mlops(team, "carol", "audit", NAME)
@@ -520,3 +533,130 @@ def test_serve_refuses_an_empty_token_variable(team: dict[str, Any]) -> None:
     done = mlops(team, "carol", "serve", NAME, "--auth-token-env", "UNSET_TOKEN_VAR", "--dry-run")
     assert done.returncode == 2
     assert "UNSET_TOKEN_VAR: that variable is not set or empty" in done.stderr
+
+
+def test_ways_around_the_policy_are_closed_and_audited(team: dict[str, Any]) -> None:
+    """What a probe of the server found: each refused or audited, none a 500."""
+    v1 = team["versions"][0]
+    alias_path = "/api/2.0/mlflow/registered-models/alias"
+    # a DELETE whose query string names one model and whose body another: basic-auth would
+    # check the first, MLflow's handler delete from the second
+    sneaky = rest(
+        team,
+        "carol",
+        "DELETE",
+        alias_path,
+        params={"name": "carols-own", "alias": "x"},
+        data=json.dumps({"name": NAME, "alias": "production"}),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert sneaky.status_code == 400 and "not both" in sneaky.json()["message"]
+    if "production" not in aliases(team):  # (run alone: the tests before set it)
+        production = {"name": NAME, "alias": "production", "version": v1}
+        assert rest(team, "admin", "POST", alias_path, json=production).status_code == 200
+
+    # renaming the model that holds production needs MANAGE (alice has EDIT), and is audited
+    before = len(audit_rows(team))
+    renamed = rest(
+        team,
+        "alice",
+        "POST",
+        "/api/2.0/mlflow/registered-models/rename",
+        json={"name": NAME, "new_name": NAME + "-old"},
+    )
+    assert renamed.status_code == 403 and "needs MANAGE" in renamed.json()["message"]
+    row = audit_rows(team)[before]
+    assert (row["who"], row["action"], row["outcome"]) == ("alice", "rename", "refused")
+
+    # a scratch model: deleting its production version is a MANAGE move, audited when done
+    scratch = f"scratch-{uuid.uuid4().hex[:6]}"
+    source = rest(
+        team,
+        "admin",
+        "GET",
+        "/api/2.0/mlflow/model-versions/get",
+        params={"name": NAME, "version": v1},
+    ).json()["model_version"]
+    assert (
+        rest(
+            team,
+            "admin",
+            "POST",
+            "/api/2.0/mlflow/registered-models/create",
+            json={"name": scratch},
+        ).status_code
+        == 200
+    )
+    created = rest(
+        team,
+        "admin",
+        "POST",
+        "/api/2.0/mlflow/model-versions/create",
+        json={
+            "name": scratch,
+            "source": source["source"],
+            "run_id": source["run_id"],
+            "model_id": source.get("model_id") or source["source"].removeprefix("models:/"),
+        },
+    )
+    assert created.status_code == 200, created.text
+    version = created.json()["model_version"]["version"]
+    set_alias = {"name": scratch, "alias": "production", "version": version}
+    assert rest(team, "admin", "POST", alias_path, json=set_alias).status_code == 200
+    gone = rest(
+        team,
+        "admin",
+        "DELETE",
+        "/api/2.0/mlflow/model-versions/delete",
+        json={"name": scratch, "version": version},
+    )
+    assert gone.status_code == 200
+    engine = sa.create_engine(team["database"])
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("select action, outcome, target from mlops_audit where model = :m order by id"),
+            {"m": scratch},
+        ).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("alias_set", "done", "production"),
+        ("version_delete", "done", "production"),
+    ]
+
+    # a long alias and a reason with a line break and a NUL: stored, clipped, one line each
+    long_alias = "challenger-for-november-2026"
+    moved = rest(
+        team,
+        "bob",
+        "POST",
+        alias_path,
+        json={"name": NAME, "alias": long_alias, "version": v1},
+        headers={"X-Mlops-Reason": "ok%0D%0A#99 admin approved%00"},
+    )
+    assert moved.status_code == 200, moved.text
+    row = audit_rows(team)[-1]
+    assert row["outcome"] == "done" and long_alias in row["detail"]
+    assert "\n" not in row["reason"] and "\x00" not in row["reason"]
+    printed = mlops(team, "carol", "audit", NAME).stdout.splitlines()
+    assert sum("admin approved" in line for line in printed) == 1
+    assert not any(line.startswith("#99") for line in printed)
+
+    # a lookalike of production (Cyrillic р) is refused
+    lookalike = rest(
+        team,
+        "bob",
+        "POST",
+        alias_path,
+        json={"name": NAME, "alias": "\u0440roduction", "version": v1},
+    )
+    assert lookalike.status_code == 400 and "ASCII" in lookalike.json()["message"]
+
+    # reports: a refused promotion needs EDIT; booleans are booleans; the model must exist
+    report = "/api/2.0/mlops/audit"
+    forged = {"name": NAME, "action": "promote", "to_version": v1, "reason": "approved by CTO"}
+    assert rest(team, "carol", "POST", report, json=forged).status_code == 403
+    stringly = rest(team, "bob", "POST", report, json={**forged, "forced": "false"})
+    assert stringly.status_code == 400 and "JSON booleans" in stringly.json()["message"]
+    ghost = rest(team, "admin", "POST", report, json={**forged, "name": "no-such-model"})
+    assert ghost.status_code == 404
+    assert "Traceback" not in Path(team["log"]).read_text(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -167,3 +168,32 @@ def test_answer_many_scores_several_requests_in_one_call_and_logs_each_under_its
     for prefix in ("r", "s"):
         got = [by_request[f"{prefix}{i}"] for i in range(3)]
         assert got == [[str(p) for p in expected] for expected in one_by_one]
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {
+            "prediction": np.array(["no", 'say "yes"', "50%", "ünï"], dtype=object),
+            "proba_no": np.array([0.1, np.nan, 1e-300, np.inf]),
+            "n": np.array([1, -2, 3, 2**40]),
+            "flag": np.array([True, False, True, False]),
+            "model_version": np.array(["1", "1", "1", "1"], dtype=object),
+        },
+        {"a%s": np.array([0.5]), 'b"': np.array([None], dtype=object)},
+        {"prediction": np.array([], dtype=float), "model_name": np.array([], dtype=object)},
+        {"weird": np.array([["not", "hashable"], ["x"]], dtype=object)},
+    ],
+    ids=["mixed", "odd-names", "empty", "unhashable"],
+)
+def test_records_json_is_the_text_json_dumps_writes(columns) -> None:
+    from mlops.serving.wrapper import _jsonable, records_json
+
+    pairs = list(columns.items())
+    lists = [(name, _jsonable(values)) for name, values in pairs]
+    n = len(lists[0][1])
+    expected = json.dumps(
+        {"predictions": [{name: values[i] for name, values in lists} for i in range(n)]}
+    )
+    assert records_json(pairs) == expected
+    assert "NaN" not in expected and "Infinity" not in expected  # non-finite floats are null

@@ -121,7 +121,11 @@ class AuditRecord:
         return cls(**values)
 
     def line(self) -> str:
-        """The record as one line, as ``mlops audit`` prints it."""
+        """The record as one line, as ``mlops audit`` prints it (control characters a client
+        put in a reason or a detail printed escaped, so no row reads as two)."""
+        return _one_line(self._line())
+
+    def _line(self) -> str:
         failed = [g["gate"] for g in self.gates if not g.get("passed")]
         if self.action in TRAFFIC_ACTIONS:  # what is served says it all; no alias moved
             return (
@@ -368,6 +372,10 @@ class AuditLog:
                 .all()
             )
         return [_to_record(r) for r in rows]
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _to_record(row: Any) -> AuditRecord:

@@ -476,9 +476,12 @@ def serve(spec: ServeSpec, *, host: str = "127.0.0.1", port: int = 5000, workers
     os.environ[SPEC_ENV] = spec.to_json()
     log_config = copy.deepcopy(LOGGING_CONFIG)  # reloads and refusals, in every worker's log
     log_config["loggers"]["mlops"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    from mlops.serving.nodelay import IMPORT_PATH
+
     uvicorn.run(
         "mlops.serving.server:create_app",
         factory=True,
+        http=IMPORT_PATH,  # Nagle off on every connection, whatever the number of workers
         host=host,
         port=port,
         workers=workers,

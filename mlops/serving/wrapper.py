@@ -240,11 +240,7 @@ class MlopsModel(PythonModel):
         result = self.answer(
             lambda: self.contract.parse(data, mime), request_id=request_id, scored=scored
         )
-        columns = [(name, _jsonable(result[name])) for name in self.output_columns]
-        n = len(columns[0][1])
-        return json.dumps(
-            {"predictions": [{name: values[i] for name, values in columns} for i in range(n)]}
-        )
+        return records_json([(name, result[name]) for name in self.output_columns])
 
     def answer(
         self,
@@ -378,6 +374,31 @@ class MlopsModel(PythonModel):
 
 def _truthy(value: Any) -> bool:
     return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
+
+
+def records_json(columns: list[tuple[str, np.ndarray]]) -> str:
+    """``json.dumps({"predictions": [{column: value, ...} per row]})``, the same text, built
+    column by column: each numeric column is encoded by one ``json.dumps`` of its list (a
+    number, ``null`` or ``true`` never holds ``", "``, so the text splits into values), each
+    other column through a cache of its distinct values; rows are then one ``%`` format each.
+    On a 1000-row answer that is a fraction of encoding 1000 dicts."""
+    names = [name for name, _ in columns]
+    encoded: list[list[str]] = []
+    try:
+        for _, array in columns:
+            values = _jsonable(array)
+            if array.dtype.kind in "biuf":
+                text = json.dumps(values)[1:-1]
+                encoded.append(text.split(", ") if text else [])
+            else:
+                cache = {v: json.dumps(v) for v in set(values)}
+                encoded.append([cache[v] for v in values])
+    except TypeError:  # an unhashable value: the plain way
+        table = zip(*(_jsonable(a) for _, a in columns), strict=True)
+        return json.dumps({"predictions": [dict(zip(names, row, strict=True)) for row in table]})
+    template = "{" + ", ".join(json.dumps(n).replace("%", "%%") + ": %s" for n in names) + "}"
+    rows = [template % row for row in zip(*encoded, strict=True)]
+    return '{"predictions": [' + ", ".join(rows) + "]}"
 
 
 def _jsonable(values: np.ndarray) -> list[Any]:

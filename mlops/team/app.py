@@ -62,6 +62,11 @@ PRODUCTION, STAGING = "production", "staging"
 _PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/")
 ALIAS_PATHS = frozenset(p + "registered-models/alias" for p in _PREFIXES)
 STAGE_PATHS = frozenset(p + "model-versions/transition-stage" for p in _PREFIXES)
+RENAME_PATHS = frozenset(p + "registered-models/rename" for p in _PREFIXES)
+DELETE_VERSION_PATHS = frozenset(p + "model-versions/delete" for p in _PREFIXES)
+DELETE_MODEL_PATHS = frozenset(p + "registered-models/delete" for p in _PREFIXES)
+_GUARDED_ALIASES = ("production", "staging")
+_CONTROL = {c: " " for c in [*range(0x00, 0x20), 0x7F]}  # no line breaks or NULs in a row
 AUDIT_PATHS = frozenset(("/api/2.0/mlops/audit", "/ajax-api/2.0/mlops/audit"))
 
 # what a client may declare about its move (request headers)
@@ -83,10 +88,17 @@ class Move:
     """One request that moves an alias or a stage, as the audit trail names it."""
 
     def __init__(
-        self, kind: str, model: str, target: str, to_version: str | None, needs: str | None
+        self,
+        kind: str,
+        model: str,
+        target: str,
+        to_version: str | None,
+        needs: str | None,
+        detail: str | None = None,
     ):
         self.kind, self.model, self.target, self.to_version = kind, model, target, to_version
         self.needs = needs  # MANAGE, EDIT, or None: basic-auth decides alone
+        self.detail = detail
 
 
 def create_app(app: Flask | None = None) -> Any:
@@ -132,12 +144,33 @@ class Policy:
     def before(self) -> Response | None:
         if request.path in AUDIT_PATHS:
             return self._audit_api()
+        if request.method == "DELETE" and request.args and request.content_length:
+            # MLflow's handlers read a DELETE's parameters from its body, basic-auth from its
+            # query string when the body is not declared JSON: with both, the permission
+            # checked and the resource deleted could differ
+            return _error(
+                400,
+                "INVALID_PARAMETER_VALUE",
+                "a DELETE carries its parameters in a JSON body or in the query string, not both",
+            )
         try:
             move = _move_of(request)
         except _BadRequest as exc:
             return _error(400, "INVALID_PARAMETER_VALUE", str(exc))
         if move is None:
             return None
+        try:
+            return self._guard(move)
+        except Exception as exc:  # noqa: BLE001 - audit first: no row, no change
+            logger.exception("the audit row of a move of %s could not be written", move.model)
+            g.pop("mlops_intent", None)
+            return _error(
+                503,
+                "TEMPORARILY_UNAVAILABLE",
+                f"the audit row could not be written ({exc.__class__.__name__}); nothing changed",
+            )
+
+    def _guard(self, move: Move) -> Response | None:
         user = _user()
         if user is None:
             return None  # basic-auth answers 401; nobody to name in a row
@@ -155,7 +188,8 @@ class Policy:
         row = self._row(move, user)
         refusal = self._refusal(move, user)
         if refusal is not None:
-            record = self.audit.record(outcome=REFUSED, **row, detail=refusal)
+            row["detail"] = "; ".join(filter(None, [refusal, row["detail"]]))
+            record = self.audit.record(outcome=REFUSED, **row)
             logger.warning("refused (audit #%d): %s", record.id, refusal)
             return _error(403, "PERMISSION_DENIED", f"{refusal} (audit #{record.id})")
         g.mlops_intent = self.audit.record(outcome=PENDING, **row)
@@ -169,7 +203,7 @@ class Policy:
                 outcome, detail = DONE, None
             else:
                 outcome = REFUSED if status in (401, 403) else FAILED
-                detail = f"HTTP {status}: {_message(response)}"
+                detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
             try:
                 self.audit.settle(intent.id, outcome, detail)
             except Exception as exc:  # noqa: BLE001 - the answer stands; the next move settles it
@@ -197,11 +231,13 @@ class Policy:
         enough = permission.can_manage if move.needs == "MANAGE" else permission.can_update
         if enough:
             return None
-        what = (
-            f"moving {move.target} of {move.model}"
-            if move.kind != "transition"
-            else f"the stage transition to {move.target} of {move.model}"
-        )
+        what = {
+            "transition": f"the stage transition to {move.target} of {move.model}",
+            "rename": f"renaming {move.model}, which holds {move.target}",
+            "version_delete": f"deleting version {move.to_version} of {move.model}, which holds "
+            f"{move.target}",
+            "model_delete": f"deleting {move.model}, which holds {move.target}",
+        }.get(move.kind, f"moving {move.target} of {move.model}")
         return (
             f"{what} needs {move.needs} on registered model {move.model!r}; user {user!r} has "
             f"{has}. Ask an admin or a user with MANAGE on the model to grant it, or to make "
@@ -223,13 +259,14 @@ class Policy:
         return dict(
             who=user,
             action=declared if matches else move.kind,
-            model=move.model,
-            target=move.target,
+            model=_clean(move.model, 256),
+            target=_clean(move.target, 20),
             from_version=_current(move),
-            to_version=move.to_version,
+            to_version=_clean(move.to_version, 20),
             reason=reason,
             forced=matches and headers.get(FORCED_HEADER, "").lower() == "true",
             gates=gates,
+            detail=move.detail,
         )
 
     def _settle_interrupted(self, model: str) -> None:
@@ -269,12 +306,31 @@ class Policy:
                 return _error(405, "BAD_REQUEST", "use GET (read the trail) or POST (report)")
             if not isinstance(name, str) or not name:
                 raise _BadRequest("'name' (the registered model) is required")
-            if not _is_admin(user) and not _model_permission(name, user).can_read:
+            admin = _is_admin(user)
+            permission = None if admin else _model_permission(name, user)
+            if permission is not None and not permission.can_read:
                 return _error(
                     403,
                     "PERMISSION_DENIED",
                     f"reading or reporting to the audit trail of {name!r} needs READ on it",
                 )
+            if request.method == "POST":
+                # a refused promotion is reported by who could have promoted (EDIT); a server's
+                # split or shadow by its serving user, who reads the registry (READ)
+                if body.get("action") in DECLARED_ACTIONS and not (
+                    permission is None or permission.can_update
+                ):
+                    return _error(
+                        403,
+                        "PERMISSION_DENIED",
+                        f"reporting a {body.get('action')} of {name!r} needs EDIT on it",
+                    )
+                try:
+                    _registry().get_registered_model(name)
+                except Exception:  # noqa: BLE001 - no trail for a model that does not exist
+                    return _error(
+                        404, "RESOURCE_DOES_NOT_EXIST", f"no registered model named {name!r}"
+                    )
             if request.method == "GET":
                 rows = [r.as_json() for r in self.audit.records(name)]
                 return Response(json.dumps({"records": rows}), 200, mimetype="application/json")
@@ -289,19 +345,24 @@ class _BadRequest(ValueError):
 
 
 def _move_of(req: Any) -> Move | None:
-    """The alias or stage move ``req`` asks for, or None if it moves nothing."""
+    """The alias or stage move ``req`` asks for (a rename or a delete that takes a guarded alias
+    with it included), or None if it moves nothing."""
     path, method = req.path, req.method
     if path in ALIAS_PATHS and method in ("POST", "DELETE"):
         args = _params(req)
         model, alias = _text(args, "name"), _text(args, "alias")
         if method == "POST":
-            version = _text(args, "version")
-            kind = "alias_set"
+            version, kind = _text(args, "version"), "alias_set"
+            if not alias.isascii():
+                raise _BadRequest(
+                    f"alias {alias!r}: this server takes aliases of ASCII letters, digits, _ "
+                    "and - only (a lookalike of production or staging misleads its readers)"
+                )
         else:
             version, kind = None, "alias_delete"
-        target = alias.strip().lower()
-        needs = {"production": "MANAGE", "staging": "EDIT"}.get(target)
-        return Move(kind, model, alias, version, needs)
+        needs = {"production": "MANAGE", "staging": "EDIT"}.get(alias.strip().lower())
+        detail = f"alias {_clean(alias, 300)}" if len(alias) > 20 else None
+        return Move(kind, model, alias, version, needs, detail)
     if path in STAGE_PATHS and method == "POST":
         args = _params(req)
         model, version, stage = _text(args, "name"), _text(args, "version"), _text(args, "stage")
@@ -314,14 +375,58 @@ def _move_of(req: Any) -> Move | None:
         else:
             required = None
         return Move("transition", model, f"stage {stage.strip().title()}"[:20], version, required)
+    if path in RENAME_PATHS and method == "POST":
+        args = _params(req)
+        model, new_name = _text(args, "name"), _text(args, "new_name")
+        held = _guarded_alias(model)
+        if held is None:
+            return None
+        return Move("rename", model, held, None, "MANAGE", f"renamed to {_clean(new_name, 300)}")
+    if path in DELETE_VERSION_PATHS and method == "DELETE":
+        args = _params(req)
+        model, version = _text(args, "name"), _text(args, "version")
+        held = _guarded_alias(model, version)
+        if held is None:
+            return None
+        return Move("version_delete", model, held, version, "MANAGE")
+    if path in DELETE_MODEL_PATHS and method == "DELETE":
+        model = _text(_params(req), "name")
+        held = _guarded_alias(model)
+        if held is None:
+            return None
+        return Move("model_delete", model, held, None, "MANAGE")
     return None
 
 
 def _params(req: Any) -> dict[str, Any]:
-    if req.method == "DELETE" and not req.is_json:
+    """The request's parameters as MLflow's handlers read them: the query string of a GET,
+    else the body as JSON whatever its declared type (a JSON string holding JSON decoded)."""
+    if req.method == "GET":
         return dict(req.args)
-    body = req.get_json(silent=True)
+    body = req.get_json(force=True, silent=True)
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            body = None
     return body if isinstance(body, dict) else {}
+
+
+def _guarded_alias(model: str, version: str | None = None) -> str | None:
+    """``production`` or ``staging`` if the model (that version of it) holds the alias or
+    the stage, else None."""
+    try:
+        found = _registry().get_registered_model(model)
+    except Exception:  # noqa: BLE001 - no such model: the handler answers
+        return None
+    aliases = {str(a).lower(): str(v) for a, v in (found.aliases or {}).items()}
+    for alias in _GUARDED_ALIASES:
+        if alias in aliases and (version is None or aliases[alias] == str(version).lstrip("0")):
+            return alias
+    if version is not None:
+        stage = _stage_of(model, version)
+        return stage if stage in _GUARDED_ALIASES else None
+    return None
 
 
 def _text(args: dict[str, Any], key: str) -> str:
@@ -388,7 +493,14 @@ def _stage_of(model: str, version: str) -> str | None:
 def _decoded(value: str | None) -> str | None:
     if not value:
         return None
-    return urllib.parse.unquote(value)[:_MAX_REASON] or None
+    return _clean(urllib.parse.unquote(value), _MAX_REASON) or None
+
+
+def _clean(value: str | None, limit: int) -> str | None:
+    """``value`` as a row keeps it: control characters (line breaks, NUL) as spaces, clipped."""
+    if value is None:
+        return None
+    return str(value).translate(_CONTROL)[:limit]
 
 
 def _gates(value: str | None) -> list[dict[str, Any]]:
@@ -403,9 +515,9 @@ def _gates(value: str | None) -> list[dict[str, Any]]:
         return []
     return [
         {
-            "gate": str(x.get("gate"))[:100],
-            "passed": bool(x.get("passed")),
-            **{k: str(x[k])[:300] for k in ("measured", "required") if k in x},
+            "gate": _clean(str(x.get("gate")), 100),
+            "passed": x.get("passed") is True,  # a JSON true, not a truthy "false"
+            **{k: _clean(str(x[k]), 300) for k in ("measured", "required") if k in x},
         }
         for x in gates[:_MAX_GATES]
         if isinstance(x, dict) and "gate" in x
@@ -428,7 +540,11 @@ def _reported(body: dict[str, Any]) -> dict[str, Any]:
             return None
         if not isinstance(value, str):
             raise _BadRequest(f"'{key}' must be a string")
-        return value[:limit]
+        return _clean(value, limit)
+
+    forced = body.get("forced", False)
+    if not isinstance(forced, bool):
+        raise _BadRequest("'forced' must be true or false (JSON booleans)")
 
     return dict(
         action=action,
@@ -438,7 +554,7 @@ def _reported(body: dict[str, Any]) -> dict[str, Any]:
         from_version=text("from_version"),
         to_version=text("to_version"),
         reason=text("reason", _MAX_REASON),
-        forced=bool(body.get("forced")),
+        forced=forced,
         gates=_gates(json.dumps(body.get("gates") or [])),
         detail=text("detail", 2000),
     )

@@ -32,6 +32,7 @@ from pathlib import Path
 from mlops.config import TeamServerConfig
 from mlops.db import create_engine, expand_env, mask_url, scrub
 from mlops.errors import ConfigError
+from mlops.serving.nodelay import IMPORT_PATH as NODELAY
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ def command(config: TeamServerConfig) -> list[str]:
         str(config.port),
         "--workers",
         str(config.workers),
+        # Nagle off on every connection (uvicorn leaves it on with more than one worker)
+        "--uvicorn-opts",
+        f"--http {NODELAY}",
     ]
 
 
