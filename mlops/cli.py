@@ -401,19 +401,15 @@ def server(
     from mlops.config import load_config
     from mlops.team import launch
 
-    settings = load_config(config_path or None).server
-    changes = {
-        k: v
-        for k, v in {
-            "backend_store_uri": backend_store_uri,
-            "artifacts_destination": artifacts_destination,
-            "host": host,
-            "port": port,
-            "workers": workers,
-        }.items()
-        if v is not None
+    named = {
+        "server.backend_store_uri": backend_store_uri,
+        "server.artifacts_destination": artifacts_destination,
+        "server.host": host,
+        "server.port": port,
+        "server.workers": workers,
     }
-    settings = settings.model_validate({**settings.model_dump(), **changes})
+    values = {k: v for k, v in named.items() if v is not None}
+    settings = load_config(config_path or None, values=values).server  # errors name the key
     if check_only:
         launch.check(settings)
         click.echo("mlops server: admin password set, database and bucket reachable", err=True)

@@ -473,6 +473,9 @@ def test_the_server_refuses_to_start_and_says_what_is_wrong(
     )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
+    if fault == "database":  # the literal password in the URL is warned about (masked) first
+        assert "holds a literal password" in lines[0] and len(lines) == 2, done.stderr
+        lines = lines[1:]
     assert len(lines) == 1, done.stderr
     expected = {
         "no-password": "no admin password: set MLOPS_ADMIN_PASSWORD",
@@ -660,3 +663,20 @@ def test_ways_around_the_policy_are_closed_and_audited(team: dict[str, Any]) -> 
     ghost = rest(team, "admin", "POST", report, json={**forged, "name": "no-such-model"})
     assert ghost.status_code == 404
     assert "Traceback" not in Path(team["log"]).read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("option", "key"), [("--port=70000", "server.port"), ("--workers=0", "server.workers")]
+)
+def test_server_options_are_checked_and_named(option: str, key: str) -> None:
+    env = {
+        **os.environ,
+        "MLOPS_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLOPS_CONF_DIR": str(REPO / "conf"),
+    }
+    done = subprocess.run(
+        server_command(option, "--check"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"key '{key}'" in lines[0], done.stderr

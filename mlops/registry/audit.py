@@ -363,14 +363,13 @@ class AuditLog:
             raise RegistryError(f"audit record #{record_id} is not pending; it was settled before")
         return _to_record(found)
 
-    def records(self, model: str) -> list[AuditRecord]:
-        """The rows of ``model``, oldest first."""
+    def records(self, model: str, outcome: str | None = None) -> list[AuditRecord]:
+        """The rows of ``model`` (with ``outcome``, if given), oldest first."""
+        query = sa.select(AUDIT).where(AUDIT.c.model == model)
+        if outcome is not None:
+            query = query.where(AUDIT.c.outcome == outcome)
         with self.engine.connect() as conn:
-            rows = (
-                conn.execute(sa.select(AUDIT).where(AUDIT.c.model == model).order_by(AUDIT.c.id))
-                .mappings()
-                .all()
-            )
+            rows = conn.execute(query.order_by(AUDIT.c.id)).mappings().all()
         return [_to_record(r) for r in rows]
 
 

@@ -513,9 +513,7 @@ def _reconcile_locked(
     if isinstance(audit, ServerAudit):
         return []
     out = [
-        _settle_interrupted(client, audit, row, who)
-        for row in audit.records(name)
-        if row.outcome == PENDING
+        _settle_interrupted(client, audit, row, who) for row in audit.records(name, outcome=PENDING)
     ]
     expected = _trail_state(audit.records(name))
     actual = _aliases(client, name)

@@ -9,6 +9,7 @@ with ``INVALID_PARAMETER_VALUE``, which MLflow's scoring server answers with HTT
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -396,9 +397,15 @@ def records_json(columns: list[tuple[str, np.ndarray]]) -> str:
     except TypeError:  # an unhashable value: the plain way
         table = zip(*(_jsonable(a) for _, a in columns), strict=True)
         return json.dumps({"predictions": [dict(zip(names, row, strict=True)) for row in table]})
-    template = "{" + ", ".join(json.dumps(n).replace("%", "%%") + ": %s" for n in names) + "}"
+    template = _row_template(tuple(names))
     rows = [template % row for row in zip(*encoded, strict=True)]
     return '{"predictions": [' + ", ".join(rows) + "]}"
+
+
+@functools.lru_cache(maxsize=64)
+def _row_template(names: tuple[str, ...]) -> str:
+    """``{"name": %s, ...}`` for one answer row (a model's output columns: made once)."""
+    return "{" + ", ".join(json.dumps(n).replace("%", "%%") + ": %s" for n in names) + "}"
 
 
 def _jsonable(values: np.ndarray) -> list[Any]:

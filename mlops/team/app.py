@@ -271,8 +271,8 @@ class Policy:
 
     def _settle_interrupted(self, model: str) -> None:
         """Rows a server left pending (it died mid-request), settled by what the registry says."""
-        for record in self.audit.records(model):
-            if record.outcome != PENDING or record.action in TRAFFIC_ACTIONS:
+        for record in self.audit.records(model, outcome=PENDING):
+            if record.action in TRAFFIC_ACTIONS:
                 continue
             move = Move("alias_set", model, record.target, record.to_version, None)
             now = _current(move) if not record.target.startswith("stage ") else None
