@@ -193,3 +193,45 @@ def load_pipeline(path: str | Path, *, sha256: str | None = None) -> Any:
 
 def _trusted(type_name: str) -> bool:
     return type_name in TRUSTED_EXACT or type_name.startswith(TRUSTED_PREFIXES)
+
+
+def download_model(
+    name: str, version: str, dst: str | os.PathLike[str], *, workers: int = 8
+) -> Path:
+    """Download registered ``name`` version ``version`` into ``dst``; returns the model folder.
+
+    What :func:`mlflow.artifacts.download_artifacts` does for a ``models:/`` URI, with the
+    folders listed concurrently: MLflow lists them one after another, one round trip each, which
+    through a tracking server's artifact proxy is most of a download. Files are written only
+    under ``dst`` (a listed path that would leave it is refused).
+    """
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(f"models:/{name}/{version}")
+    root = Path(dst).resolve()
+    files: list[str] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: set[Future[Any]] = {pool.submit(repo.list_artifacts, None)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                for info in future.result():
+                    if info.is_dir:
+                        pending.add(pool.submit(repo.list_artifacts, info.path))
+                    else:
+                        files.append(info.path)
+        targets = []
+        for path in files:
+            target = (root / path).resolve()
+            if not target.is_relative_to(root) or target == root:
+                raise UntrustedArtifact(
+                    f"{name} version {version}: the artifact store lists {path!r}, a path "
+                    "outside the model folder; refusing to download it"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            targets.append(pool.submit(repo._download_file, path, str(target)))
+        for future in targets:
+            future.result()
+    return root

@@ -221,3 +221,45 @@ def test_a_version_registered_twice_is_still_checked_against_its_own_checksum(
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(MlflowException, match="does not match the recorded"):
         mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+
+
+def test_download_model_gives_the_registered_files(registered, tmp_path: Path) -> None:
+    """The concurrent download holds exactly the files MLflow's own download does."""
+    from mlops.artifacts import CHECKSUM_TAG, download_model, model_checksum
+
+    ours = download_model(NAME, "1", tmp_path / "ours")
+    theirs = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{NAME}/1", dst_path=str(tmp_path / "theirs")
+        )
+    )
+    recorded = mlflow.MlflowClient().get_model_version(NAME, "1").tags[CHECKSUM_TAG]
+    assert model_checksum(ours) == model_checksum(theirs) == recorded
+    assert (ours / "code" / "mlops" / "serving" / "wrapper.py").is_file()
+
+
+def test_download_model_refuses_a_listed_path_outside_its_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A store (or a server in front of it) that lists ``../x`` cannot make a download write
+    outside the destination."""
+    import mlflow.store.artifact.artifact_repository_registry as registry
+    from mlflow.entities import FileInfo
+
+    from mlops.artifacts import download_model
+
+    written: list[str] = []
+
+    class HostileStore:
+        def list_artifacts(self, path):
+            return [FileInfo("MLmodel", False, 1), FileInfo("../../escaped", False, 1)]
+
+        def _download_file(self, remote, local):
+            written.append(local)
+            Path(local).write_text("x")
+
+    monkeypatch.setattr(registry, "get_artifact_repository", lambda uri: HostileStore())
+    with pytest.raises(UntrustedArtifact, match="outside the model folder"):
+        download_model("m", "1", tmp_path / "dst")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+    assert all(Path(p).resolve().is_relative_to((tmp_path / "dst").resolve()) for p in written)

@@ -33,7 +33,7 @@ from mlflow.models import Model
 from sqlalchemy.exc import SQLAlchemyError
 
 from mlops import metrics
-from mlops.artifacts import CHECKSUM_TAG, checksum_matches, model_checksum
+from mlops.artifacts import CHECKSUM_TAG, checksum_matches, download_model, model_checksum
 from mlops.config import CONFIG_ARTIFACT, Config, Threshold, parse_duration, read_resolved_config
 from mlops.data import DatasetSplit, prepare
 from mlops.errors import MlopsError, RegistryError
@@ -83,8 +83,7 @@ class Candidate:
     def path(self) -> Path:
         dst = self.workdir / f"v{self.version.version}"
         dst.mkdir(parents=True, exist_ok=True)
-        uri = f"models:/{self.version.name}/{self.version.version}"
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        return download_model(self.version.name, str(self.version.version), dst)
 
     @cached_property
     def mlmodel(self) -> Model:

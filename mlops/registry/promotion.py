@@ -39,6 +39,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
+from mlops.artifacts import download_model
 from mlops.config import Config
 from mlops.errors import ConfigError, GateFailed, RegistryError
 from mlops.registry import gates as v
@@ -149,10 +150,7 @@ def register(model_uri: str, name: str) -> ModelVersion:
         warnings.simplefilter("ignore", FutureWarning)
         version = mlflow.register_model(model_uri, name)
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp
-        )
-        checksum = v.model_checksum(Path(path))
+        checksum = v.model_checksum(download_model(name, str(version.version), tmp))
     run = client.get_run(version.run_id) if version.run_id else None
     run_tags = run.data.tags if run else {}
     family, task = run_tags.get(FAMILY_TAG, ""), run_tags.get(TASK_TAG, "")

@@ -30,7 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
-from mlops.artifacts import verify_registered
+from mlops.artifacts import download_model, verify_registered
 from mlops.serving.metrics import Meter, ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -109,11 +109,7 @@ class Loader:
 
         directory = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.root))
         try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.name}/{version}", dst_path=str(directory)
-                )
-            )
+            local = download_model(self.name, version, directory)
             verify_registered(self.name, version, local)  # before MLflow reads any of it
             config = {**self.model_config, "model_name": self.name, "model_version": version}
             model = mlflow.pyfunc.load_model(

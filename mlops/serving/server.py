@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlops.artifacts import verify_registered
+from mlops.artifacts import download_model, verify_registered
 from mlops.errors import MlopsError
 from mlops.monitoring.logger import PredictionLogger
 from mlops.serving import adapter
@@ -456,10 +456,7 @@ def check(spec: ServeSpec) -> None:
             wanted[label] = str(client.get_model_version_by_alias(spec.name, alias).version)
         for label, version in wanted.items():  # noqa: B007 - the error below names it
             with tempfile.TemporaryDirectory(dir=spec.workdir) as tmp:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{spec.name}/{version}", dst_path=tmp
-                )
-                verify_registered(spec.name, version, Path(local))
+                verify_registered(spec.name, version, download_model(spec.name, version, tmp))
     except (MlopsError, MlflowException) as exc:
         message = exc.message if isinstance(exc, MlflowException) else str(exc)
         raise SystemExit(f"mlops serve: {spec.name} {label}: {message}") from None
