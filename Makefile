@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 MLFLOW_LOWEST ?= 3.16.0
 LOWEST  = .venv-lowest
 
-.PHONY: run test lint test-lowest install install-test services clean
+.PHONY: run test lint test-lowest install install-test services base-image clean
 
 # Install into a project-local virtual environment, then run the main job (prepare + train)
 # on the embedded default: sqlite:///mlflow.db and local artifacts, nothing to start.
@@ -48,5 +48,43 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 services:
 	@bash scripts/services.sh
 
+# The default base of `mlops package` (Debian bookworm + Python 3.11), built from Debian's mirror
+# where no image registry is reachable; FORCE=1 rebuilds it.
+base-image:
+	bash scripts/base-image.sh
+
 clean:
 	rm -rf $(VENV) $(LOWEST) mlruns mlflow.db *.egg-info
+
+# ---- A model's CI/CD: .github/workflows/model.yml runs exactly these targets, and
+# tests/test_delivery.py runs the workflow's steps on the local stores. Each is one mlops
+# command; the registry is wherever MLFLOW_TRACKING_URI points (default: sqlite:///mlflow.db).
+MODEL_NAME ?= mlops-model
+IMAGE      ?= $(MODEL_NAME):candidate
+CICD_DIR   ?= .cicd
+REPORT     ?= $(CICD_DIR)/gates.md
+REASON     ?= model CI/CD
+MLOPS      ?= $(BIN)/mlops
+# the version model-train registered (its summary is kept in $(CICD_DIR) for later jobs)
+MODEL_VERSION ?= $(shell python3 -c "import json; print(json.load(open('$(CICD_DIR)/train.json'))['registered_version'])" 2>/dev/null)
+
+.PHONY: model-train model-staging model-package model-production model-rollout
+model-train:
+	$(MLOPS) train --register --set registry.model_name=$(MODEL_NAME) $(TRAIN_ARGS) --output-json $(CICD_DIR)/train.json
+
+model-staging:
+	$(MLOPS) promote $(MODEL_NAME) --version "$(MODEL_VERSION)" --to staging --reason "$(REASON)" --report "$(REPORT)"
+
+# PUSH=true also pushes $(IMAGE) to its registry (docker login first)
+model-package:
+	$(MLOPS) package $(MODEL_NAME) --alias staging --image $(IMAGE)
+	if [ "$(PUSH)" = true ]; then /usr/bin/docker push $(IMAGE) || docker push $(IMAGE); fi
+
+model-production:
+	$(MLOPS) promote $(MODEL_NAME) --version "$(MODEL_VERSION)" --to production --reason "$(REASON)" --report "$(REPORT)"
+
+# manifests for the image of the production version, validated; APPLY=true applies them with
+# kubectl (a cluster's credentials in KUBECONFIG)
+model-rollout:
+	$(MLOPS) k8s $(MODEL_NAME) --alias production --image $(IMAGE) --out $(CICD_DIR)/k8s --force $(K8S_ARGS)
+	if [ "$(APPLY)" = true ]; then kubectl apply -k $(CICD_DIR)/k8s && kubectl rollout status deployment/$$(sed -n 's/^  name: //p' $(CICD_DIR)/k8s/deployment.yaml | head -n1) --timeout=300s; fi

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -137,6 +138,12 @@ def prepare(
     default=False,
     help="Also register the model under registry.model_name (no alias is set).",
 )
+@click.option(
+    "--output-json",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the run id, model URI, registered version and metrics to this JSON file.",
+)
 def train(
     config_path: str | None,
     dataset: str | None,
@@ -145,6 +152,7 @@ def train(
     overrides: tuple[str, ...],
     model: str | None,
     register: bool,
+    output_json: str | None,
 ) -> None:
     """Prepare the data and train, evaluate and log one model.
 
@@ -174,6 +182,19 @@ def train(
         )
     )
     click.echo(f"see it: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    if output_json:
+        import json
+
+        summary = {
+            "run_id": result.run_id,
+            "model_uri": result.model_uri,
+            "registered_version": result.registered_version,
+            "family": result.family,
+            "task": result.task,
+            "metrics": result.metrics,
+        }
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 @cli.command()
@@ -234,6 +255,18 @@ def train(
     help="Callers must send Authorization: Bearer <the token in $VAR> (401 otherwise); "
     "/ping and /health stay open for probes.",
 )
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Serve --version from this folder of its files (a serving image's), without a "
+    "registry; needs --checksum.",
+)
+@click.option(
+    "--checksum",
+    default=None,
+    help="The version's recorded checksum (mlops.checksum tag) the --model-dir files must match.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be served instead of serving it.")
 def serve(
     name: str | None,
@@ -250,6 +283,8 @@ def serve(
     monitor: bool | None,
     log_url: str | None,
     auth_token_env: str | None,
+    model_dir: str | None,
+    checksum: str | None,
     dry_run: bool,
 ) -> None:
     """Serve a registered model over REST, following its alias: MLflow's scoring protocol.
@@ -282,6 +317,13 @@ def serve(
         raise click.UsageError("--version serves one version: leave out --alias, --split, --shadow")
     if alias and split:
         raise click.UsageError("--split names the aliases to serve: leave out --alias")
+    if model_dir is not None and (version is None or not checksum):
+        raise click.UsageError(
+            "--model-dir serves one version's files: give its --version and its --checksum "
+            "(the mlops.checksum tag of that registered version)"
+        )
+    if checksum is not None and model_dir is None:
+        raise click.UsageError("--checksum checks the files of --model-dir: give that folder")
     arms = parse_split(split) if split else ((alias or "production", 1.0),)
     if shadow and shadow in {a for a, _ in arms}:
         raise click.UsageError(f"--shadow {shadow} also answers requests: shadow another alias")
@@ -311,6 +353,8 @@ def serve(
         shadow_queue=config.serving.shadow_queue,
         model_config=options,
         auth_token_env=auth_token_env,
+        model_dir=os.path.abspath(model_dir) if model_dir else None,
+        checksum=checksum,
     )
     shown = {k: ("***" if k == "monitoring_url" else v) for k, v in options.items()}
     click.echo(
@@ -345,6 +389,197 @@ def serve(
                 click.echo(f"mlops serve: {stop} not recorded in the audit trail: {exc}", err=True)
     if code:
         raise SystemExit(code)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--alias", default=None, help="Deploy the version this alias names [production].")
+@click.option("--version", "version", default=None, help="Deploy this version, not an alias.")
+@click.option(
+    "--image", required=True, help="The image `mlops package` built for it (REPO:TAG or @digest)."
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the manifests (kustomize-ready).",
+)
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--max-replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Autoscaler ceiling [max(5, replicas)].",
+)
+@click.option(
+    "--target-cpu",
+    type=click.IntRange(1, 100),
+    default=70,
+    show_default=True,
+    help="Autoscaler target: average CPU, percent of the request.",
+)
+@click.option("--cpu-request", default="250m", show_default=True)
+@click.option("--cpu-limit", default="1", show_default=True)
+@click.option("--memory-request", default="512Mi", show_default=True)
+@click.option("--memory-limit", default="1Gi", show_default=True)
+@click.option(
+    "--tracking-uri",
+    default="",
+    help="MLFLOW_TRACKING_URI of the pods, without credentials (they go in the Secret).",
+)
+@click.option("--app-name", default=None, help="Kubernetes name [from the model name].")
+@click.option("--force", is_flag=True, help="Overwrite manifests that differ in --out.")
+def k8s(
+    name: str | None,
+    alias: str | None,
+    version: str | None,
+    image: str,
+    out: str,
+    replicas: int,
+    max_replicas: int | None,
+    target_cpu: int,
+    cpu_request: str,
+    cpu_limit: str,
+    memory_request: str,
+    memory_limit: str,
+    tracking_uri: str,
+    app_name: str | None,
+    force: bool,
+) -> None:
+    """Write Kubernetes manifests for a registered version's image, validated strictly.
+
+    A Deployment (probes, resources, non-root, settings from a ConfigMap and a Secret it
+    never contains), a Service, an autoscaler and a disruption budget, with a
+    kustomization.yaml. Port, probe path, user and labels match the image `mlops package`
+    built from the same version.
+
+    \b
+    Example:
+        mlops k8s churn-model --alias production --image ghcr.io/acme/churn:v4 --out k8s/
+        kubectl create secret generic churn-model-secrets --from-env-file=secrets.env
+        kubectl apply -k k8s/
+    """
+    from pathlib import Path
+
+    from mlops.config import load_config
+    from mlops.delivery.contract import version_facts
+    from mlops.delivery.k8s import (
+        ManifestOptions,
+        ValidatorMissing,
+        validate_manifests,
+        write_manifests,
+    )
+    from mlops.errors import RegistryError
+    from mlops.registry import canonical_version, check_name
+
+    if version is not None and alias is not None:
+        raise click.UsageError("--version names the version: leave out --alias")
+    name = check_name(name or load_config().registry.model_name)
+    try:
+        if version is not None:
+            facts = version_facts(name, version=canonical_version(version))
+        else:
+            facts = version_facts(name, alias=alias or "production")
+    except RegistryError as exc:
+        if "not found" not in str(exc).lower():
+            raise
+        raise RegistryError(
+            f"{exc} (`mlops status {name}` lists its versions and aliases; "
+            "pass one with --alias or --version)"
+        ) from None
+    options = ManifestOptions(
+        app_name=app_name,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        target_cpu=target_cpu,
+        cpu_request=cpu_request,
+        cpu_limit=cpu_limit,
+        memory_request=memory_request,
+        memory_limit=memory_limit,
+        tracking_uri=tracking_uri,
+    )
+    paths = write_manifests(facts, image, Path(out), options, force=force)
+    click.echo(f"{facts.name} version {facts.version} as {image}: wrote to {out}")
+    for path in paths:
+        click.echo(f"  {path}")
+    try:
+        versions = validate_manifests(paths)
+    except ValidatorMissing as exc:
+        click.echo(f"warning: {exc}", err=True)
+    else:
+        click.echo(f"valid (strict) for Kubernetes {', '.join(versions)}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--alias", default=None, help="Package the version this alias names [production].")
+@click.option("--version", "version", default=None, help="Package this version, not an alias.")
+@click.option("--image", required=True, help="Tag of the image to build, e.g. churn:v4.")
+@click.option(
+    "--base-image",
+    default=None,
+    help="Base with Python and pip on its PATH (default: mlops/python:3.11-bookworm, built "
+    "by `make base-image` from Debian's mirror).",
+)
+@click.option(
+    "--context-out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also keep the build context (Dockerfile, files) in this folder.",
+)
+@click.option("--quiet", is_flag=True, help="Print only the result, not Docker's build output.")
+def package(
+    name: str | None,
+    alias: str | None,
+    version: str | None,
+    image: str,
+    base_image: str | None,
+    context_out: str | None,
+    quiet: bool,
+) -> None:
+    """Build a serving image of one registered version through MLflow's Docker support.
+
+    The version's files are verified against the checksum recorded at registration before
+    anything reads them. The image runs `mlops serve` as a non-root user on port 8080, answers
+    /ping for probes, takes its settings from the environment (MLFLOW_TRACKING_URI,
+    MLOPS_FOLLOW_ALIAS, MLOPS_WORKERS, MLOPS_MONITORING; secrets MLOPS_AUTH_TOKEN,
+    MLOPS_LOG_URL, MLFLOW_TRACKING_USERNAME/PASSWORD), and carries the version, its checksum
+    and the git commit as labels.
+
+    \b
+    Example:
+        make base-image        # once per Docker host, where no image registry is reachable
+        mlops package churn-model --alias production --image churn:prod
+        docker run --rm -p 8080:8080 -e MLOPS_AUTH_TOKEN=... churn:prod
+    """
+    from mlops.config import load_config
+    from mlops.delivery.contract import version_facts
+    from mlops.delivery.image import DEFAULT_BASE_IMAGE
+    from mlops.delivery.image import package as build
+    from mlops.registry import canonical_version
+
+    if alias and version:
+        raise click.UsageError("give --alias or --version, not both")
+    config = load_config()
+    facts = version_facts(
+        name or config.registry.model_name,
+        alias=None if version else (alias or "production"),
+        version=canonical_version(version) if version else None,
+    )
+    click.echo(f"packaging {facts.name} version {facts.version} as {image}", err=True)
+    built = build(
+        facts,
+        image,
+        base_image=base_image or DEFAULT_BASE_IMAGE,
+        context_out=Path(context_out) if context_out else None,
+        quiet=quiet,
+    )
+    click.echo(
+        f"built {built.image} ({built.image_id[:19]}) in {built.seconds:.0f} s: "
+        f"{facts.name} version {facts.version}, checksum {facts.checksum[:12]}..., "
+        f"commit {facts.commit or 'unknown'}"
+    )
 
 
 @cli.command()
@@ -515,6 +750,30 @@ def _print_gates(gates) -> None:
         click.echo("  " + gate.line(), err=not gate.passed)
 
 
+def _append_report(path: str, title: str, gates) -> None:
+    """Append the gate verdicts to ``path`` as Markdown (a CI job summary, e.g.
+    $GITHUB_STEP_SUMMARY)."""
+
+    def cell(text: object) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        f"### {title}",
+        "",
+        "| gate | verdict | measured | required |",
+        "| --- | --- | --- | --- |",
+    ]
+    for gate in gates:
+        verdict = "pass" if gate.passed else "**FAIL**"
+        detail = f" ({gate.detail})" if gate.detail else ""
+        lines.append(
+            f"| {cell(gate.gate)} | {verdict} | {cell(gate.measured)}{cell(detail)} "
+            f"| {cell(gate.required)} |"
+        )
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n\n")
+
+
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--version", "version", required=True, help="The version to check.")
@@ -563,6 +822,13 @@ def evaluate(name: str | None, version: str, to: str, config_path: str | None) -
 @click.option(
     "--force", is_flag=True, help="Promote to production without passing through staging."
 )
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also append the gate verdicts as Markdown to this file (a CI job summary, e.g. "
+    "$GITHUB_STEP_SUMMARY), promoted or refused.",
+)
 @_config_option
 def promote(
     name: str | None,
@@ -571,6 +837,7 @@ def promote(
     reason: str | None,
     force: bool,
     config_path: str | None,
+    report: str | None,
 ) -> None:
     """Promote a model version to staging or production, past the validation gates.
 
@@ -594,8 +861,12 @@ def promote(
     except GateFailed as exc:
         click.echo(f"refused: {name} version {version} -> {to}", err=True)
         _print_gates(exc.gates)
+        if report:
+            _append_report(report, f"{name} version {version} -> {to}: refused", exc.gates)
         raise
     _print_gates(result.gates)
+    if report:
+        _append_report(report, f"{name} version {version} -> {to}: promoted", result.gates)
     click.echo(
         f"{name}: {to} is now version {result.to_version} (was {result.from_version or 'none'}); "
         f"audit #{result.audit_id} by {result.who}"
@@ -861,6 +1132,106 @@ def feedback(
     name = name or config.registry.model_name
     stored = run_feedback(config, name, labels_path)
     click.echo(f"{name}: {stored} labels attached")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--alias", default=None, help="Alias of the version to score with [production].")
+@click.option("--version", "version", default=None, help="Score with this version, not an alias.")
+@click.option(
+    "--input",
+    "input_uri",
+    required=True,
+    help="CSV or Parquet: a file, a folder or a glob (quoted); local or s3://bucket/key.",
+)
+@click.option(
+    "--output",
+    "output_uri",
+    required=True,
+    help="Where scores go: a .parquet or .csv file (pandas), a Parquet folder (spark); or s3://.",
+)
+@click.option(
+    "--rejects",
+    "rejects_uri",
+    default=None,
+    help="CSV of the rows the model's input contract refuses, with a reason column "
+    "(default: <output>-rejects.csv).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["pandas", "spark"]),
+    default=None,
+    help="pandas: one process, streamed in chunks; spark: mlflow.pyfunc.spark_udf "
+    "(default: scoring.engine).",
+)
+@click.option(
+    "--spark-master",
+    default=None,
+    help="Spark master URL for --engine spark (default: scoring.spark_master, local[2]).",
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows read and scored at a time (default: scoring.chunk_rows).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output and rejects file.")
+@_config_option
+@_set_option
+def score(
+    name: str | None,
+    alias: str | None,
+    version: str | None,
+    input_uri: str,
+    output_uri: str,
+    rejects_uri: str | None,
+    engine: str | None,
+    spark_master: str | None,
+    chunk_rows: int | None,
+    overwrite: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Score a table with a registered version; refused rows go to a rejects file.
+
+    The version's files are verified against their registered checksum before it is loaded.
+    Each output row gets the answer (prediction, probabilities, model_version) and the
+    scoring_run_id of the MLflow run that records the job.
+
+    \b
+    Example:
+        mlops score churn-model --alias production --input data/december.parquet \\
+              --output scores.parquet
+        mlops score churn-model --version 4 --input 's3://lake/2026/*.csv' \\
+              --output scores/ --engine spark --spark-master spark://head:7077
+    """
+    from mlops.registry import check_name
+    from mlops.scoring import score as run_score
+
+    if version is not None and alias is not None:
+        raise click.UsageError("--version and --alias both name a version: pass one of them")
+    config = build_config(config_path, overrides)
+    name = check_name(name or config.registry.model_name)
+    result = run_score(
+        config,
+        name,
+        input_uri=input_uri,
+        output_uri=output_uri,
+        alias=alias,
+        version=version,
+        engine=engine,
+        rejects_uri=rejects_uri,
+        spark_master=spark_master,
+        chunk_rows=chunk_rows,
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"{name} version {result.version} ({result.engine}): {result.rows_scored} rows scored "
+        f"into {result.output}, {result.rows_rejected} rejected"
+        + (f" into {result.rejects}" if result.rows_rejected else "")
+        + f", {result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); "
+        f"run {result.run_id}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -190,6 +190,15 @@ class ParamSpace(_Strict):
         return self
 
 
+class ScoringConfig(_Strict):
+    """``mlops score``: batch scoring of tables with a registered version."""
+
+    chunk_rows: int = Field(100_000, gt=0)  # rows read, checked and written at a time (pandas)
+    engine: Literal["pandas", "spark"] = "pandas"
+    spark_master: str = "local[2]"  # any Spark master URL: spark://host:7077, yarn, k8s://...
+    spark_driver_memory: str = "1g"
+
+
 class TuningConfig(_Strict):
     n_trials: int = Field(20, gt=0)
     timeout: float | None = Field(None, gt=0)
@@ -332,6 +341,7 @@ class Config(_Strict):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     server: TeamServerConfig = Field(default_factory=TeamServerConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, credentials in its URLs hidden (for showing

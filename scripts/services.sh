@@ -12,3 +12,4 @@ if ! pg_up; then
 fi
 if pg_up; then echo "PostgreSQL: up at 127.0.0.1:5432"; else echo "PostgreSQL: not available (its tests will skip outside CI)"; fi
 bash "$(dirname "$0")/browser.sh"
+bash "$(dirname "$0")/delivery.sh"

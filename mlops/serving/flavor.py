@@ -183,6 +183,7 @@ def log_model(
                 "monitoring_url": "",
                 "model_name": "",
                 "model_version": "",
+                "model_checksum": "",
             },
             metadata={
                 "mlops_family": config.model.family,

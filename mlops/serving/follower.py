@@ -30,7 +30,7 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc.scoring_server import SERVING_MODEL_CONFIG
 
-from mlops.artifacts import download_model, verify_registered
+from mlops.artifacts import download_model, verify_model_dir, verify_registered
 from mlops.serving.metrics import Meter, ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,12 @@ class Loader:
         self.root = root
         self.metrics = metrics
         self.client = mlflow.MlflowClient()
+        self._bundle: tuple[Path, str, str] | None = None
+
+    def bundle(self, folder: str | os.PathLike[str], checksum: str, version: str) -> None:
+        """Serve ``version`` from the files in ``folder`` (a serving image's), verified against
+        ``checksum`` instead of the registry's record."""
+        self._bundle = (Path(folder), checksum, str(version))
 
     def resolve(self, alias: str) -> str:
         return str(self.client.get_model_version_by_alias(self.name, alias).version)
@@ -109,9 +115,15 @@ class Loader:
 
         directory = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.root))
         try:
-            local = download_model(self.name, version, directory)
-            verify_registered(self.name, version, local)  # before MLflow reads any of it
+            if self._bundle is not None and self._bundle[2] == str(version):
+                local, checksum, _ = self._bundle  # left in place: ``directory`` stays empty
+                verify_model_dir(local, checksum, f"{self.name} version {version}")
+            else:
+                local = download_model(self.name, version, directory)
+                verify_registered(self.name, version, local)  # before MLflow reads any of it
             config = {**self.model_config, "model_name": self.name, "model_version": version}
+            if self._bundle is not None and self._bundle[2] == str(version):
+                config["model_checksum"] = self._bundle[1]  # verified just now: no registry
             model = mlflow.pyfunc.load_model(
                 str(local), model_config={**config, "monitoring": False}
             )

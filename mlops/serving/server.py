@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlops.artifacts import download_model, verify_registered
+from mlops.artifacts import download_model, verify_model_dir, verify_registered
 from mlops.errors import MlopsError
 from mlops.monitoring.logger import PredictionLogger
 from mlops.serving import adapter
@@ -227,6 +227,10 @@ class ServeSpec:
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     workdir: str | None = None  # downloads go here (the supervisor's folder, removed by it)
     auth_token_env: str | None = None  # the variable holding the bearer token callers must send
+    # a version's files in a folder (a serving image's), served pinned without a registry once
+    # they match ``checksum``
+    model_dir: str | None = None
+    checksum: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -238,7 +242,9 @@ class ServeSpec:
         return cls(**raw)
 
     def describe(self) -> str:
-        if self.version:
+        if self.model_dir:
+            what = f"{self.name} version {self.version} from {self.model_dir}"
+        elif self.version:
             what = f"models:/{self.name}/{self.version}"
         else:
             total = sum(share for _, share in self.arms)
@@ -353,6 +359,8 @@ class ProductionServer:
         self.root = Path(tempfile.mkdtemp(prefix="mlops-serve-", dir=spec.workdir))
         self.metrics = ServerMetrics()
         loader = Loader(spec.name, spec.model_config, self.root, self.metrics)
+        if spec.model_dir:
+            loader.bundle(spec.model_dir, str(spec.checksum), str(spec.version))
         shadowed = spec.shadow is not None  # every answer's rows are logged, to compare
         if spec.version:
             arms = [(AliasFollower(loader, PINNED, pinned=spec.version), 1.0)]
@@ -445,6 +453,14 @@ def create_app() -> GracefulShutdown:
 def check(spec: ServeSpec) -> None:
     """Refuse, before any worker starts, what could not be served: an alias that names no
     version, a version whose files differ from what was registered."""
+    if spec.model_dir:
+        try:
+            verify_model_dir(
+                spec.model_dir, str(spec.checksum), f"{spec.name} version {spec.version}"
+            )
+        except MlopsError as exc:
+            raise SystemExit(f"mlops serve: {spec.model_dir}: {exc}") from None
+        return
     client = mlflow.MlflowClient()
     aliases = [] if spec.version else [alias for alias, _ in spec.arms]
     aliases += [spec.shadow] if spec.shadow else []

@@ -51,6 +51,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "coerce_numbers": False,
     "model_name": "",
     "model_version": "",
+    "model_checksum": "",  # from a server that verified a bundled copy (serve --model-dir)
     "monitoring": False,
     "monitoring_url": "",
     "sensitive_columns": [],
@@ -94,7 +95,8 @@ class MlopsModel(PythonModel):
         elif not (name and version):
             name, version, recorded = _identify(model_dir, meta, serving=serving)
         elif serving:
-            recorded = _recorded_checksum(str(name), str(version))
+            # a server that verified a bundled copy itself names its checksum (no registry)
+            recorded = options.get("model_checksum") or _recorded_checksum(str(name), str(version))
         try:
             if recorded:  # a registered version: every file as registered, before any is read
                 verify_model_dir(model_dir, recorded, f"{name} version {version}")

@@ -1,0 +1,282 @@
+"""Batch scoring benchmark: `mlops score` against stock MLflow, side by side on the same rows.
+
+One fitted scikit-learn pipeline (logistic regression on two numeric columns and a one-hot
+categorical one) is registered through mlops and also logged as a stock ``mlflow.sklearn``
+model. On the same Parquet file (100,000-row row groups):
+
+- spark: our ``spark`` engine (contract check, ``spark_udf`` of our wrapper, Parquet out)
+  against ``mlflow.pyfunc.spark_udf`` of the stock model (Parquet out), one local[2] session;
+- pandas: our ``pandas`` engine (chunk_rows=100,000) against stock ``pyfunc.predict`` on
+  100,000-row batches of the same file, each batch's predictions appended to a Parquet file;
+- memory: the pandas engine's peak resident memory above its start (a fresh process, peak
+  reset after imports), at --rows and at a quarter of it, against one chunk's size in pandas.
+
+    .venv/bin/python benchmarks/batch.py [--rows 1000000] [--skip-spark]
+
+Prints rows/s and the ratio ours/stock for each engine (goal: >= 1.5), and the memory ratio
+(goal: <= 2 at both sizes). Machines are noisy: compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from mlops.config import load_config  # noqa: E402
+from mlops.scoring import score  # noqa: E402
+from mlops.training import train  # noqa: E402
+
+NAME = "batch-bench"
+CHUNK = 100_000
+FEATURES = ["x1", "x2", "color"]
+
+
+def make_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    color = rng.choice(np.array(["red", "green", "blue"], dtype=object), size=n)
+    label = np.where(x1 + 0.5 * x2 + (color == "red") > 0.3, "yes", "no")
+    return pd.DataFrame({"id": np.arange(n), "x1": x1, "x2": x2, "color": color, "label": label})
+
+
+def setup(root: Path, rows: int) -> tuple[str, Path]:
+    """Register the mlops model, log the stock twin; the stock model's local folder."""
+    from mlops.artifacts import download_model, load_pipeline, verify_registered
+
+    make_rows(2000).drop(columns="id").to_csv(root / "train.csv", index=False)
+    config = load_config(
+        overrides=[
+            f"data.dataset={root / 'train.csv'}",
+            "data.target=label",
+            "data.categorical=[color]",
+            f"registry.model_name={NAME}",
+            "experiment=batch-bench",
+        ]
+    )
+    version = train(config, register=True).registered_version
+    assert version is not None
+    model_dir = download_model(NAME, version, root / "ours")
+    verify_registered(NAME, version, model_dir)
+    pipeline = load_pipeline(next(model_dir.rglob("pipeline.skops")))
+    sample = make_rows(50)[FEATURES]
+    with mlflow.start_run(run_name="stock-sklearn"):
+        info = mlflow.sklearn.log_model(
+            pipeline, name="stock", input_example=sample, skops_trusted_types=["numpy.dtype"]
+        )
+    stock = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "stock")))
+    return version, stock
+
+
+def write_input(path: Path, rows: int) -> None:
+    with _writer(path) as w:
+        for start in range(0, rows, CHUNK):
+            part = make_rows(min(CHUNK, rows - start), seed=start + 1)
+            part["id"] += start
+            w.write_table(pa.Table.from_pandas(part.drop(columns="label"), preserve_index=False))
+
+
+class _writer:
+    """A ParquetWriter opened on the first table (its schema)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> _writer:
+        return self
+
+    def write_table(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def stock_pandas(stock: Path, data: Path, out: Path) -> float:
+    """Stock pyfunc.predict on 100,000-row batches, appended to a Parquet file: seconds
+    (loading the model included, as in ours)."""
+    start = time.perf_counter()
+    model = mlflow.pyfunc.load_model(str(stock))
+    with _writer(out) as w:
+        for batch in pq.ParquetFile(data).iter_batches(batch_size=CHUNK):
+            frame = batch.to_pandas()
+            prediction = np.asarray(model.predict(frame[FEATURES]))
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            w.write_table(table.append_column("prediction", pa.array(prediction)))
+    return time.perf_counter() - start
+
+
+def stock_spark(spark: object, stock: Path, data: Path, out: Path) -> float:
+    """Stock spark_udf over the same file, Parquet out: seconds."""
+    from pyspark.sql import functions as F
+
+    start = time.perf_counter()
+    udf = mlflow.pyfunc.spark_udf(spark, str(stock), result_type="double", env_manager="local")
+    frame = spark.read.parquet(str(data))  # type: ignore[attr-defined]
+    scored = frame.withColumn("prediction", udf(F.struct(*[F.col(c) for c in FEATURES])))
+    scored.write.mode("overwrite").parquet(str(out))
+    return time.perf_counter() - start
+
+
+def memory_child(data: str, out: str, version: str) -> None:
+    """In a fresh process: the pandas engine's peak RSS above its start, in bytes (printed)."""
+    config = load_config(overrides=["experiment=batch-bench"])
+    # a small job first loads the libraries and the model once; the peak so far is theirs,
+    # not the engine's: reset it, then read it after the real job
+    warm = Path(out).with_name("warm.parquet")
+    write_input(warm, CHUNK)
+    score(
+        config,
+        NAME,
+        version=version,
+        input_uri=str(warm),
+        engine="pandas",
+        output_uri=str(warm.with_name("warm-out.parquet")),
+        chunk_rows=CHUNK,
+        overwrite=True,
+    )
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    score(
+        config,
+        NAME,
+        version=version,
+        input_uri=data,
+        output_uri=out,
+        engine="pandas",
+        chunk_rows=CHUNK,
+    )
+    print(json.dumps({"peak_above_start": _status("VmHWM") - before}))
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def pandas_peak(data: Path, out: Path, version: str) -> int:
+    env = {**os.environ}
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(data), str(out), version],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(f"memory run failed:\n{done.stderr[-3000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_above_start"])
+
+
+def chunk_bytes(data: Path) -> int:
+    batch = next(pq.ParquetFile(data).iter_batches(batch_size=CHUNK))
+    return int(batch.to_pandas().memory_usage(deep=True).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--skip-spark", action="store_true")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    root = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = (
+        f"sqlite:///{root / 'mlflow.db'}"
+    )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        version, stock = setup(root, args.rows)
+        data = root / "rows.parquet"
+        write_input(data, args.rows)
+        config = load_config(overrides=["experiment=batch-bench"])
+        n = args.rows
+        print(f"{n:,} rows, chunks of {CHUNK:,}; model {NAME} v{version} (logreg, one-hot)")
+        print(f"{'engine':<8}{'ours rows/s':>14}{'stock rows/s':>14}{'ours/stock':>12}  goal")
+
+        stock_s = stock_pandas(stock, data, root / "stock-pandas.parquet")
+        ours = score(
+            config,
+            NAME,
+            version=version,
+            input_uri=str(data),
+            output_uri=str(root / "ours-pandas.parquet"),
+            engine="pandas",
+            chunk_rows=CHUNK,
+        )
+        ratio = stock_s / ours.seconds
+        print(f"{'pandas':<8}{n / ours.seconds:>14,.0f}{n / stock_s:>14,.0f}{ratio:>12.2f}  >= 1.5")
+
+        if not args.skip_spark:
+            from mlops.scoring.spark_engine import BATCH_ROWS, spark_session
+
+            with spark_session("local[2]", "2g", BATCH_ROWS) as spark:
+                # a first job warms the JVM and the Python workers: neither side pays for it
+                warm = root / "warm.parquet"
+                write_input(warm, CHUNK)
+                stock_spark(spark, stock, warm, root / "warm-stock")
+                score(
+                    config,
+                    NAME,
+                    version=version,
+                    input_uri=str(warm),
+                    engine="spark",
+                    output_uri=str(root / "warm-ours"),
+                    chunk_rows=CHUNK,
+                )
+                stock_s = stock_spark(spark, stock, data, root / "stock-spark")
+                ours = score(
+                    config,
+                    NAME,
+                    version=version,
+                    input_uri=str(data),
+                    output_uri=str(root / "ours-spark"),
+                    engine="spark",
+                    chunk_rows=CHUNK,
+                )
+            ratio = stock_s / ours.seconds
+            print(
+                f"{'spark':<8}{n / ours.seconds:>14,.0f}{n / stock_s:>14,.0f}{ratio:>12.2f}  >= 1.5"
+            )
+
+        one_chunk = chunk_bytes(data)
+        print(
+            "\npandas engine peak memory above a warmed-up process "
+            f"(one chunk in pandas: {one_chunk / 1e6:.1f} MB)"
+        )
+        small = root / "quarter.parquet"
+        write_input(small, max(n // 4, CHUNK))
+        for label, path in ((f"{n:,} rows", data), (f"{max(n // 4, CHUNK):,} rows", small)):
+            out = root / f"mem-{path.stem}.parquet"
+            peak = pandas_peak(path, out, version)
+            print(
+                f"  {label:<14}{peak / 1e6:>8.1f} MB = {peak / one_chunk:.2f} x one chunk"
+                "  (goal <= 2)"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The ``spark`` engine: the same verified model through ``mlflow.pyfunc.spark_udf``.
+
+Spark reads the input (Parquet, or CSV as text), a ``mapInPandas`` step holds every row to
+the model's input contract (:mod:`mlops.scoring.rows`, the same code as the pandas engine)
+and marks refused rows with their reason; the marked table is persisted (memory, then disk)
+so the input is read and checked once. Accepted rows are scored by ``spark_udf`` of the
+verified local model folder (a struct of the wrapper's answer columns) and written as Parquet
+partitions with ``scoring_run_id``; refused rows are written as CSV with their ``reason``.
+
+Locally Spark runs as ``local[2]``; ``--spark-master`` names any cluster (whose executors need
+this package and can read the model folder's copy that ``spark_udf`` ships them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlops.errors import MlopsError
+from mlops.scoring.pandas_engine import Counts
+from mlops.scoring.rows import REASON_COLUMN, RUN_ID_COLUMN, check_columns, from_text, split_rows
+from mlops.scoring.sinks import answer_fields
+from mlops.scoring.sources import CSV, Source
+
+BATCH_ROWS = 50_000  # rows per Arrow batch handed to Python (check and model) in a new session
+
+
+class SparkUnavailable(MlopsError, RuntimeError):
+    """Spark could not start (no Java, a master that cannot be reached)."""
+
+
+@contextmanager
+def spark_session(master: str, driver_memory: str, batch_rows: int) -> Iterator[Any]:
+    """The active Spark session (a notebook's), or a new quiet one stopped at the end."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise SparkUnavailable(
+            "pyspark is not installed; pip install pyspark (or use --engine pandas)"
+        ) from None
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    # the Python workers run this interpreter, where mlops and the model's libraries are
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if endpoint:  # s3:// inputs are read as s3a:// (the cluster needs hadoop-aws for them)
+        builder = builder.config("spark.hadoop.fs.s3a.endpoint", endpoint).config(
+            "spark.hadoop.fs.s3a.path.style.access", "true"
+        )
+    try:
+        spark = (
+            builder.master(master)
+            .appName("mlops-score")
+            .config("spark.driver.memory", driver_memory)
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.shuffle.partitions", "8")
+            .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
+            .getOrCreate()
+        )
+    except Exception as exc:  # noqa: BLE001 - Java missing, master unreachable: one line
+        raise SparkUnavailable(
+            f"Spark could not start on {master!r} ({type(exc).__name__}: {str(exc)[:160]}); "
+            "install Java 17 (or set JAVA_HOME), check --spark-master, or use --engine pandas"
+        ) from None
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def _spark_path(uri: str) -> str:
+    return "s3a://" + uri[len("s3://") :] if uri.startswith("s3://") else uri
+
+
+def _contract_spec(contract: Any) -> dict[str, Any]:
+    """What rebuilds the contract in a Python worker (plain lists and numbers)."""
+    nullable = [
+        c for c, req in zip(contract.numeric, contract.required_numeric, strict=True) if not req
+    ]
+    nullable += [
+        c
+        for c, req in zip(contract.categorical, contract.required_categorical, strict=True)
+        if not req
+    ]
+    return {
+        "numeric": list(contract.numeric),
+        "categorical": list(contract.categorical),
+        "nullable": nullable,
+        "max_rows": contract.max_rows,
+        "coerce_numbers": contract.coerce_numbers,
+    }
+
+
+def _checker(spec: dict[str, Any], text: bool) -> Any:
+    """The ``mapInPandas`` function: each batch with a ``reason`` (None where accepted)."""
+
+    def check(batches: Iterator[Any]) -> Iterator[Any]:
+        from mlops.serving.inputs import InputContract
+
+        contract = InputContract(
+            spec["numeric"],
+            spec["categorical"],
+            nullable=spec["nullable"],
+            max_rows=spec["max_rows"],
+            coerce_numbers=spec["coerce_numbers"],
+        )
+        for frame in batches:
+            frame = frame.reset_index(drop=True)
+            checked = split_rows(contract, from_text(contract, frame) if text else frame)
+            reasons = checked.reasons
+            frame[REASON_COLUMN] = [reasons.get(i) for i in range(len(frame))] if reasons else None
+            yield frame
+
+    return check
+
+
+def _struct_type(fields: Sequence[tuple[str, Any]]) -> Any:
+    import pyarrow as pa
+    from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
+
+    def spark_type(kind: Any) -> Any:
+        if pa.types.is_floating(kind):
+            return DoubleType()
+        return LongType() if pa.types.is_integer(kind) else StringType()
+
+    return StructType([StructField(name, spark_type(kind)) for name, kind in fields])
+
+
+def score_spark(
+    spark: Any,
+    wrapper: Any,
+    model_dir: Path,
+    sources: Sequence[Source],
+    output: str,
+    rejects: str,
+    *,
+    model_config: dict[str, Any],
+    run_id: str,
+    overwrite: bool,
+) -> Counts:
+    """Score ``sources`` with the model at ``model_dir`` (verified) through ``spark_udf``."""
+    import mlflow.pyfunc
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    contract = wrapper.contract
+    paths = [_spark_path(s.uri) for s in sources]
+    text = sources[0].format == CSV
+    if text:  # as text: the contract reads CSV values, as the pandas engine does
+        frame = spark.read.option("header", True).option("inferSchema", False).csv(paths)
+    else:
+        frame = spark.read.parquet(*paths)
+    check_columns(contract, frame.columns, f"input {sources[0].uri!r}")
+    marked_schema = StructType([*frame.schema.fields, StructField(REASON_COLUMN, StringType())])
+    marked = frame.mapInPandas(_checker(_contract_spec(contract), text), marked_schema)
+    marked = marked.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        total = marked.count()
+        refused = marked.filter(F.col(REASON_COLUMN).isNotNull())
+        rejected = refused.count()
+        good = marked.filter(F.col(REASON_COLUMN).isNull()).drop(REASON_COLUMN)
+        if text:
+            for col in contract.numeric:
+                good = good.withColumn(col, F.col(col).cast("double"))
+        fields = answer_fields(wrapper)
+        answer = [(n, k) for n, k in fields if n != RUN_ID_COLUMN]
+        predict = mlflow.pyfunc.spark_udf(
+            spark,
+            str(model_dir),
+            result_type=_struct_type(answer),
+            env_manager="local",
+            model_config=model_config,
+        )
+        names = {n for n, _ in fields}
+        kept = [c for c in good.columns if c not in names]
+        scored = good.withColumn(
+            "__answer", predict(F.struct(*[F.col(c) for c in contract.features]))
+        ).select(
+            *[F.col(c) for c in kept],
+            *[F.col("__answer").getField(n).alias(n) for n, _ in answer],
+            F.lit(run_id).alias(RUN_ID_COLUMN),
+        )
+        _write(scored.write.format("parquet"), output, overwrite)
+        if rejected:
+            _write(
+                refused.coalesce(1).write.format("csv").option("header", True), rejects, overwrite
+            )
+    finally:
+        marked.unpersist()
+    return Counts(total - rejected, rejected)
+
+
+def _write(writer: Any, uri: str, overwrite: bool) -> None:
+    """Write a Spark output; a local one beside its place first, then moved in (a failure
+    leaves nothing where the output belongs)."""
+    if uri.startswith("s3://"):
+        writer.mode("overwrite" if overwrite else "errorifexists").save(_spark_path(uri))
+        return
+    target = Path(uri).resolve()
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        writer.mode("overwrite").save(str(partial))
+        if target.exists() and overwrite:
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,378 @@
+"""Batch scoring (`mlops score`): both engines, the rejects file, the run, the input errors.
+
+One model is trained and registered (at @production) per module, and one Spark session
+(local[2]) is shared by the Spark tests; a real 200,000-row Parquet with a few bad rows is
+scored by both engines and checked against ``mlflow.pyfunc.load_model`` on the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from mlops.cli import main
+from mlops.config import load_config
+from mlops.scoring import ScoringInputError, score
+from mlops.training import train
+from tests.conftest import IN_CI, free_port, using_store
+from tests.helpers import make_csv
+from tests.servers import BIN, running
+
+NAME = "score-model"
+ROWS = 200_000
+# (row, column, value): rows the contract refuses, and the column its reason must name
+BAD = [
+    (17, "x1", np.nan),
+    (50_001, "x2", np.inf),
+    (123_456, "color", None),
+    (199_999, "x1", -np.inf),
+]
+ANSWER = ["prediction", "proba_no", "proba_yes", "model_version"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Iterator[dict]:
+    """One store with NAME version 1 at @production (logreg on x1, x2, color)."""
+    root = tmp_path_factory.mktemp("scoring")
+    shutil.copy(template_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    csv = make_csv(root / "train.csv", n=300)
+    with using_store(uri):
+        config = load_config(
+            overrides=[
+                f"data.dataset={csv}",
+                "data.target=label",
+                "data.categorical=[color]",
+                f"registry.model_name={NAME}",
+                "experiment=scoring",
+            ]
+        )
+        result = train(config, register=True)
+        assert result.registered_version is not None
+        mlflow.MlflowClient().set_registered_model_alias(
+            NAME, "production", result.registered_version
+        )
+    yield {"uri": uri, "root": root, "version": result.registered_version}
+
+
+@pytest.fixture
+def shared(store: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """This test talks to the module's store (its registered model) instead of its own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", store["uri"])
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_registry_uri(store["uri"])
+    return store
+
+
+@pytest.fixture(scope="module")
+def big_parquet(store: dict) -> Path:
+    """200,000 rows in 4 row groups, an ``id`` column, and the BAD rows."""
+    rng = np.random.default_rng(1)
+    base = pd.read_csv(store["root"] / "train.csv").drop(columns="label")
+    frame = pd.concat([base] * (ROWS // len(base) + 1), ignore_index=True).iloc[:ROWS].copy()
+    frame["x1"] += rng.normal(scale=0.1, size=ROWS)
+    frame["x2"] += rng.normal(scale=0.1, size=ROWS)
+    frame.insert(0, "id", np.arange(ROWS))
+    frame["color"] = frame["color"].astype(object)
+    for row, col, value in BAD:
+        frame.loc[row, col] = value
+    path = store["root"] / "big.parquet"
+    frame.to_parquet(path, index=False, row_group_size=50_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    """One local Spark session for the module (score() uses the active one, and leaves it)."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        if IN_CI:
+            pytest.fail("java is not on PATH (CI=true: the Spark test may not skip)")
+        pytest.skip("java is not on PATH: the Spark engine needs Java 17")
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.driver.memory", "1g")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "20000")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def reference(store: dict, frame: pd.DataFrame) -> pd.DataFrame:
+    """What ``mlflow.pyfunc.load_model`` of the registered version answers for ``frame``."""
+    model = mlflow.pyfunc.load_model(
+        f"models:/{NAME}/{store['version']}", model_config={"max_rows": len(frame) + 1}
+    )
+    return model.predict(frame[["x1", "x2", "color"]]).reset_index(drop=True)
+
+
+def run_cli(args: list[str]) -> None:
+    main(args)
+
+
+def assert_matches(scored: pd.DataFrame, expected: pd.DataFrame) -> None:
+    assert list(scored["prediction"]) == list(expected["prediction"])
+    for col in ("proba_no", "proba_yes"):
+        np.testing.assert_allclose(scored[col].to_numpy(), expected[col].to_numpy(), rtol=1e-9)
+
+
+# ---- the 200,000-row Parquet, both engines ----
+@pytest.mark.slow
+def test_both_engines_score_the_same_and_match_pyfunc(
+    shared: dict, big_parquet: Path, spark: Any, tmp_path: Path
+) -> None:
+    out_pandas = tmp_path / "scores.parquet"
+    run_cli(
+        [
+            "score",
+            NAME,
+            "--alias",
+            "production",
+            "--input",
+            str(big_parquet),
+            "--output",
+            str(out_pandas),
+            "--chunk-rows",
+            "30000",
+        ]
+    )
+    config = load_config(overrides=["experiment=scoring"])
+    result = score(
+        config,
+        NAME,
+        version=shared["version"],
+        input_uri=str(big_parquet),
+        output_uri=str(tmp_path / "spark-scores"),
+        engine="spark",
+        chunk_rows=30000,
+    )
+    bad_ids = sorted(row for row, _, _ in BAD)
+    assert (result.rows_scored, result.rows_rejected) == (ROWS - len(BAD), len(BAD))
+
+    by_pandas = pd.read_parquet(out_pandas).sort_values("id").reset_index(drop=True)
+    by_spark = pd.read_parquet(tmp_path / "spark-scores").sort_values("id").reset_index(drop=True)
+    assert len(by_pandas) == len(by_spark) == ROWS - len(BAD)
+    assert not set(by_pandas["id"]) & set(bad_ids)
+    assert list(by_pandas["id"]) == list(by_spark["id"])
+    assert_matches(by_spark, by_pandas)
+    assert set(by_pandas["model_version"]) == set(by_spark["model_version"]) == {"1"}
+
+    source = pd.read_parquet(big_parquet)
+    good = source[~source["id"].isin(bad_ids)].reset_index(drop=True)
+    assert_matches(by_pandas, reference(shared, good))
+
+    # each engine's run: its id in every row, the counts logged
+    client = mlflow.MlflowClient()
+    for scored, engine in ((by_pandas, "pandas"), (by_spark, "spark")):
+        (run_id,) = set(scored["scoring_run_id"])
+        run = client.get_run(run_id)
+        assert run.data.params["engine"] == engine
+        assert run.data.params["model_version"] == "1"
+        assert run.data.params["input"] == str(big_parquet)
+        assert run.data.metrics["rows_scored"] == ROWS - len(BAD)
+        assert run.data.metrics["rows_rejected"] == len(BAD)
+        assert run.data.metrics["rows_per_second"] > 0
+        assert run.info.status == "FINISHED"
+    assert result.run_id == by_spark["scoring_run_id"][0]
+
+    # rejects: the same rows from both engines, each with the column at fault
+    want = {row: col for row, col, _ in BAD}
+    for rejects in (
+        pd.read_csv(tmp_path / "scores-rejects.csv"),
+        pd.concat(pd.read_csv(p) for p in (tmp_path / "spark-scores-rejects.csv").glob("*.csv")),
+    ):
+        assert sorted(rejects["id"]) == bad_ids
+        for row_id, reason in zip(rejects["id"], rejects["reason"], strict=True):
+            assert f"'{want[row_id]}'" in reason, reason
+            assert "in row" not in reason
+
+
+# ---- CSV, folders and globs ----
+def write_csv_parts(folder: Path) -> pd.DataFrame:
+    """Three CSV files (one bad row among them); their rows, concatenated."""
+    folder.mkdir()
+    parts = []
+    for i in range(3):
+        part = pd.read_csv(make_csv(folder / f"part-{i}.csv", n=50, seed=i)).drop(columns="label")
+        part.insert(0, "id", np.arange(50) + 100 * i)
+        parts.append(part)
+    parts[1].loc[7, "x1"] = "abc"  # not a number: refused by name
+    for i, part in enumerate(parts):
+        part.to_csv(folder / f"part-{i}.csv", index=False)
+    (folder / "_SUCCESS").write_text("")
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.mark.slow
+def test_csv_folder_and_glob_with_pandas(shared: dict, tmp_path: Path) -> None:
+    rows = write_csv_parts(tmp_path / "in")
+    good = rows[rows["id"] != 107].reset_index(drop=True)
+    good["x1"] = good["x1"].astype(float)
+    expected = reference(shared, good)
+    for given, out in (
+        (tmp_path / "in", "folder.csv"),
+        (tmp_path / "in" / "part-*.csv", "glob.csv"),
+    ):
+        run_cli(
+            [
+                "score",
+                NAME,
+                "--input",
+                str(given),
+                "--output",
+                str(tmp_path / out),
+                "--chunk-rows",
+                "20",
+            ]
+        )
+        scored = pd.read_csv(tmp_path / out)
+        assert list(scored["id"]) == list(good["id"])
+        assert_matches(scored, expected)
+        rejects = pd.read_csv(tmp_path / out.replace(".csv", "-rejects.csv"))
+        assert list(rejects["id"]) == [107]
+        assert "column 'x1' must be numeric, got 'abc'" in rejects["reason"][0]
+
+
+@pytest.mark.slow
+def test_csv_with_spark(shared: dict, spark: Any, tmp_path: Path) -> None:
+    rows = write_csv_parts(tmp_path / "in")
+    result = score(
+        load_config(),
+        NAME,
+        input_uri=str(tmp_path / "in"),
+        output_uri=str(tmp_path / "out"),
+        engine="spark",
+    )
+    assert (result.rows_scored, result.rows_rejected) == (149, 1)
+    scored = pd.read_parquet(tmp_path / "out")
+    scored["id"] = scored["id"].astype(int)  # Spark reads CSV as text: other columns stay text
+    scored = scored.sort_values("id").reset_index(drop=True)
+    good = rows[rows["id"] != 107].reset_index(drop=True)
+    good["x1"] = good["x1"].astype(float)
+    assert list(scored["id"]) == list(good["id"])
+    assert scored["x1"].dtype == float  # the model's numeric columns as the contract read them
+    rejects = pd.concat(pd.read_csv(p) for p in (tmp_path / "out-rejects.csv").glob("*.csv"))
+    assert list(rejects["id"]) == [107]
+    assert "column 'x1' must be numeric, got 'abc'" in rejects["reason"].iloc[0]
+    assert_matches(scored, reference(shared, good))
+
+
+# ---- S3 through boto3 (moto's standalone server) ----
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on loopback; its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with running(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        {**os.environ, **S3_ENV},
+        port,
+        log,
+        timeout=60,
+        health="/moto-api/",
+    ) as endpoint:
+        yield endpoint
+
+
+@pytest.mark.slow
+def test_s3_parquet_and_csv_with_pandas(
+    shared: dict, s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    for key, value in {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=s3)
+    client.create_bucket(Bucket="lake")
+    rows = write_csv_parts(tmp_path / "in")
+    rows = rows[rows["id"] != 107].reset_index(drop=True)
+    rows["x1"] = rows["x1"].astype(float)
+    rows.to_parquet(tmp_path / "part.parquet", index=False, row_group_size=40)
+    client.upload_file(str(tmp_path / "part.parquet"), "lake", "data/day=1/part.parquet")
+    client.upload_file(str(tmp_path / "in" / "part-0.csv"), "lake", "csv/part-0.csv")
+    expected = reference(shared, rows)
+
+    run_cli(
+        [
+            "score",
+            NAME,
+            "--input",
+            "s3://lake/data/",
+            "--output",
+            str(tmp_path / "s.parquet"),
+            "--chunk-rows",
+            "25",
+        ]
+    )
+    assert_matches(pd.read_parquet(tmp_path / "s.parquet"), expected)
+    assert pq.ParquetFile(tmp_path / "s.parquet").metadata.num_row_groups > 1  # written by chunk
+
+    run_cli(["score", NAME, "--input", "s3://lake/csv/*.csv", "--output", "s3://lake/out/s.csv"])
+    body = client.get_object(Bucket="lake", Key="out/s.csv")["Body"]
+    assert_matches(pd.read_csv(body), expected.iloc[:50].reset_index(drop=True))
+
+
+# ---- what the job refuses, in one line ----
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--input", "missing.parquet"], "does not exist; pass a CSV or Parquet file"),
+        (["--input", "data.json"], "unknown format; pass .csv or .parquet"),
+        (["--input", "nothing/*.parquet"], "matches no file"),
+        (["--input", "ok.csv", "--output", "out.txt"], "end the file name with .parquet or .csv"),
+        (["--input", "ok.csv", "--alias", "nope"], "has no alias 'nope'"),
+        (["--input", "ok.csv", "--version", "7"], "cannot be downloaded"),
+        (["--input", "no_color.csv"], "missing required column(s) ['color']"),
+    ],
+)
+def test_bad_input_is_one_line(
+    shared: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: str,
+) -> None:
+    Path("data.json").write_text("{}")
+    make_csv(tmp_path / "ok.csv", n=5)
+    pd.read_csv(tmp_path / "ok.csv").drop(columns="color").to_csv("no_color.csv", index=False)
+    argv = ["score", NAME, "--output", "out.parquet", *args]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(argv)
+    assert exit_info.value.code in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert expected in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 3
+    assert not Path("out.parquet").exists() and not Path("out.txt").exists()
+
+
+def test_unreadable_s3_key_is_one_line(
+    shared: dict, s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ScoringInputError, match="cannot be read from .*NoSuchBucket"):
+        score(load_config(), NAME, input_uri="s3://no-such-bucket/x.parquet", output_uri="o.csv")
