@@ -16,8 +16,11 @@ run: $(VENV)/.installed
 
 # Install the test dependencies, make sure the services the tests use are up, lint, run
 # every test.
+# JOBS test processes (pytest-xdist), each taking whole files: one file's servers and fixtures stay
+# in one process.
+JOBS ?= 2
 test: $(VENV)/.installed-test services lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mlops pipelines tests benchmarks
@@ -25,10 +28,11 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # The same tests on the lowest MLflow the pin allows: a second environment that holds that
-# MLflow and takes every other package from $(VENV).
+# MLflow and takes every other package from $(VENV). The Docker image tests are not repeated:
+# the image installs the MLflow its model pins, and its build context is tested here too.
 test-lowest: $(VENV)/.installed-test services
 	bash scripts/lowest-mlflow.sh "$(VENV)" "$(LOWEST)" "$(MLFLOW_LOWEST)"
-	$(LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+	$(LOWEST)/bin/python -m pytest -n $(JOBS) --dist loadfile -m "not image" $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

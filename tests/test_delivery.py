@@ -186,6 +186,7 @@ def use_store(uri: str) -> mlflow.MlflowClient:
 
 
 @pytest.mark.slow
+@pytest.mark.image
 def test_workflow_steps_promote_package_and_write_manifests(delivered: dict[str, Any]) -> None:
     client = use_store(delivered["uri"])
     trained = json.loads((delivered["work"] / ".cicd" / "train.json").read_text())
@@ -304,6 +305,7 @@ def container(delivered: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.image
 def test_the_container_answers_every_format_as_the_pyfunc_does(
     delivered: dict[str, Any], container: tuple[str, str]
 ) -> None:
@@ -349,6 +351,7 @@ def test_the_container_answers_every_format_as_the_pyfunc_does(
 
 
 @pytest.mark.slow
+@pytest.mark.image
 def test_a_refused_gate_stops_the_step_with_the_report_as_summary(
     delivered: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -468,3 +471,75 @@ def test_serve_model_dir_options_are_checked(bundled: dict[str, Any]) -> None:
     assert out.exit_code == 2 and "--version" in out.output and "--checksum" in out.output
     out = runner.invoke(cli, ["serve", "bundled", "--version", "1", "--checksum", "ab"])
     assert out.exit_code == 2 and "--model-dir" in out.output
+
+
+def test_build_context_is_mlflows_dockerfile_with_the_server_and_verified_files(
+    bundled: dict[str, Any], tmp_path: Path
+) -> None:
+    """What `mlops package` hands to Docker (no Docker needed): MLflow's Dockerfile for the local
+    environment manager, then the server's layer; the model's files as registered."""
+    from mlops.artifacts import model_checksum
+    from mlops.delivery.contract import version_facts
+    from mlops.delivery.image import write_context
+
+    facts = version_facts("bundled", version="1")
+    context = tmp_path / "context"
+    context.mkdir()
+    dockerfile = write_context(facts, context, base_image="example/base:1").read_text()
+    assert dockerfile.startswith("# Build an image that can serve mlflow models.")
+    assert "FROM example/base:1" in dockerfile
+    assert f"RUN pip install mlflow=={mlflow.__version__}" in dockerfile
+    lines = dockerfile.splitlines()
+    # the server's packages and user before MLflow's install, the package before the model
+    assert lines.index(
+        next(x for x in lines if x.startswith("RUN pip install --no-cache-dir"))
+    ) < lines.index(f"RUN pip install mlflow=={mlflow.__version__}")
+    assert dockerfile.index("COPY mlops-lib") < dockerfile.index("COPY model_dir")
+    assert f"USER {contract.USER_ID}:{contract.USER_ID}" in lines
+    assert f"EXPOSE {contract.PORT}" in lines
+    assert lines[-2] == 'ENTRYPOINT ["python", "-m", "mlops.delivery.entrypoint"]'
+    assert f"MLOPS_MODEL_CHECKSUM={bundled['checksum']}" in dockerfile
+    copied = [p.parent for p in context.rglob("MLmodel")]
+    assert len(copied) == 1 and model_checksum(copied[0]) == bundled["checksum"]
+    assert (context / "mlops-lib" / "mlops" / "conf" / "default.yaml").is_file()
+    assert (context / "mlops-lib" / "mlops" / "delivery" / "entrypoint.py").is_file()
+
+
+def test_build_context_refuses_a_tampered_version(bundled: dict[str, Any], tmp_path: Path) -> None:
+    """A registered version whose stored files changed is not packaged, and nothing of it is
+    handed to Docker."""
+    from urllib.parse import unquote, urlparse
+
+    from mlops.artifacts import UntrustedArtifact
+    from mlops.delivery.contract import version_facts
+    from mlops.delivery.image import write_context
+
+    location = mlflow.MlflowClient().get_model_version_download_uri("bundled", "1")
+    stored = Path(unquote(urlparse(location).path))
+    (stored / "artifacts" / "metadata.json").write_text("{}")
+    context = tmp_path / "context"
+    context.mkdir()
+    with pytest.raises(UntrustedArtifact, match="checksum"):
+        write_context(version_facts("bundled", version="1"), context, base_image="b")
+    assert not (context / "Dockerfile").exists()
+
+
+def test_entrypoint_arguments_come_from_the_environment() -> None:
+    from mlops.delivery.entrypoint import arguments
+
+    base = {
+        "MLOPS_MODEL_NAME": "m",
+        "MLOPS_MODEL_VERSION": "3",
+        "MLOPS_MODEL_CHECKSUM": "ab" * 32,
+    }
+    pinned = arguments(base, [])
+    assert pinned[:3] == ["serve", "m", "--version"] and "--model-dir" in pinned
+    assert pinned[pinned.index("--port") + 1] == str(contract.PORT)
+    assert "--auth-token-env" not in pinned
+    secret = arguments({**base, "MLOPS_AUTH_TOKEN": "t0ken", "MLOPS_MONITORING": "true"}, [])
+    assert secret[secret.index("--auth-token-env") + 1] == "MLOPS_AUTH_TOKEN"
+    assert "t0ken" not in secret and "--monitor" in secret  # the token by name, never in argv
+    follow = arguments({**base, "MLOPS_FOLLOW_ALIAS": "production", "MLFLOW_TRACKING_URI": "x"}, [])
+    assert follow[:4] == ["serve", "m", "--alias", "production"] and "--model-dir" not in follow
+    with pytest.raises(SystemExit, match="MLFLOW_TRACKING_URI"):
+        arguments({**base, "MLOPS_FOLLOW_ALIAS": "production"}, [])

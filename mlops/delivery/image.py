@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_IMAGE = "mlops/python:3.11-bookworm"  # scripts/base-image.sh builds it
 # beyond MLflow and the model's own requirements: what `mlops serve` imports
-SERVER_PACKAGES = ("prometheus-client", "psycopg", "psycopg-binary", "boto3")
+# (and skops, which every model pins too: installed once here, not again per model)
+SERVER_PACKAGES = ("prometheus-client", "psycopg", "psycopg-binary", "boto3", "skops")
 _LIB = "/opt/mlops/lib"
 
 
@@ -117,10 +118,6 @@ def server_layer(facts: VersionFacts) -> str:
     )
     return f"""
 # ---- mlops: the production server (mlops serve) as a non-root user ----
-COPY mlops-lib {_LIB}
-RUN groupadd --system --gid {contract.USER_ID} {contract.USER_NAME} \\
- && useradd --system --uid {contract.USER_ID} --gid {contract.USER_ID} --no-create-home \\
-      --home-dir /nonexistent --shell /usr/sbin/nologin {contract.USER_NAME}
 ENV PYTHONPATH={_LIB} \\
     PYTHONDONTWRITEBYTECODE=1 \\
     MLOPS_CONF_DIR={_LIB}/mlops/conf \\
@@ -159,13 +156,20 @@ def write_context(facts: VersionFacts, folder: Path, *, base_image: str) -> Path
     dockerfile = folder / "Dockerfile"
     text = dockerfile.read_text()
     packages = " ".join(f"'{pin}'" for pin in _pins(SERVER_PACKAGES))
+    # before the model's files, so these layers stay cached while only the model changes
     extra = (
-        "# mlops: what its server needs beyond MLflow and the model's requirements\n"
+        "# mlops: what its server needs beyond MLflow and the model's requirements, its user\n"
         f"RUN pip install --no-cache-dir {packages}\n"
+        f"RUN groupadd --system --gid {contract.USER_ID} {contract.USER_NAME} \\\n"
+        f" && useradd --system --uid {contract.USER_ID} --gid {contract.USER_ID} "
+        f"--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
+        f"{contract.USER_NAME}\n"
     )
     anchor = "WORKDIR /opt/mlflow\n"
-    # before the model's files: this layer stays cached while only the model changes
     text = text.replace(anchor, anchor + "\n" + extra, 1) if anchor in text else text + extra
+    code = f"# mlops: the package itself (its server), its configuration\nCOPY mlops-lib {_LIB}\n"
+    model = "# Copy model to image"  # after MLflow's install, before the model: cached longer
+    text = text.replace(model, code + "\n" + model, 1) if model in text else text + code
     dockerfile.write_text(text + server_layer(facts))
     return dockerfile
 

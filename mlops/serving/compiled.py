@@ -18,6 +18,8 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
+SMALL_BATCH = 16  # up to this many rows a Python loop beats building a pandas column
+
 
 class CompiledPreprocess:
     """Median imputation + standard scaling, and most-frequent imputation + one-hot."""
@@ -38,6 +40,8 @@ class CompiledPreprocess:
         self.categories = categories
         self.width = width
         self.n_numeric = len(fill)
+        # hash lookups of a whole column at once, for batches (Python's equality, as the dicts)
+        self._indexes = [pd.Index(list(m), dtype=object) for m in categories]
 
     def transform(self, numeric: np.ndarray, categorical: np.ndarray | None) -> np.ndarray:
         n = numeric.shape[0]
@@ -55,6 +59,16 @@ class CompiledPreprocess:
             assert categorical is not None  # a model with categorical columns always gets them
             for j, mapping in enumerate(self.categories):
                 column = categorical[:, j]
+                if n > SMALL_BATCH:
+                    values = pd.Series(column, dtype=object, copy=False)
+                    missing = values.isna().to_numpy()
+                    if missing.any():
+                        values = values.where(~missing, self.cat_fill[j])
+                    codes = self._indexes[j].get_indexer(values)
+                    hit = np.flatnonzero(codes >= 0)  # unknown: all zeros (handle_unknown="ignore")
+                    onehot[hit, offset + codes[hit]] = 1.0
+                    offset += len(mapping)
+                    continue
                 for i in range(n):
                     value = column[i]
                     if value is None or (isinstance(value, float) and np.isnan(value)):
