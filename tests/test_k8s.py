@@ -31,7 +31,7 @@ from mlops.delivery.k8s import (
     validate_manifests,
 )
 from mlops.training import train
-from tests.conftest import using_store
+from tests.conftest import skip_or_fail, using_store
 from tests.helpers import make_csv
 
 NAME = "K8s_Churn.Model"  # not a Kubernetes name as it is: the app name is derived
@@ -300,7 +300,8 @@ def test_kustomize_builds_what_validates(written: tuple[Path, str], tmp_path: Pa
     """`kubectl kustomize` renders the folder: the ConfigMap (hash-named) is what pods read."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+        skip_or_fail("kubectl (with its built-in kustomize) is not installed")
+        return
     out, _ = written
     rendered = subprocess.run(
         [kubectl, "kustomize", str(out)], capture_output=True, text=True, timeout=60, check=True
