@@ -28,11 +28,12 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # The same tests on the lowest MLflow the pin allows: a second environment that holds that
-# MLflow and takes every other package from $(VENV). The Docker image tests are not repeated:
-# the image installs the MLflow its model pins, and its build context is tested here too.
+# MLflow and takes every other package from $(VENV). Not repeated here: the Docker image tests
+# (the image installs the MLflow its model pins; its build context is tested here too) and the
+# end-to-end tests of our own process handling (marked once: their MLflow calls run here too).
 test-lowest: $(VENV)/.installed-test services
 	bash scripts/lowest-mlflow.sh "$(VENV)" "$(LOWEST)" "$(MLFLOW_LOWEST)"
-	$(LOWEST)/bin/python -m pytest -n $(JOBS) --dist loadfile -m "not image" $(PYTEST_ARGS)
+	$(LOWEST)/bin/python -m pytest -n $(JOBS) --dist loadfile -m "not image and not once" $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -50,7 +51,7 @@ $(VENV)/.installed-test: $(VENV)/.installed setup.cfg
 	touch $@
 
 services:
-	@bash scripts/services.sh
+	@VENV=$(VENV) bash scripts/services.sh
 
 # The default base of `mlops package` (Debian bookworm + Python 3.11), built from Debian's mirror
 # where no image registry is reachable; FORCE=1 rebuilds it.

@@ -44,5 +44,12 @@ if ! $SUDO "$DOCKER" info >/dev/null 2>&1; then
   echo "Docker: daemon not reachable (image tests skip outside CI)"; exit 0
 fi
 echo "Docker: up ($($SUDO "$DOCKER" version --format '{{.Server.Version}}' 2>/dev/null))"
-bash "$(dirname "$0")/base-image.sh" || echo "delivery: the base image could not be built"
+bash "$(dirname "$0")/base-image.sh" || { echo "delivery: the base image could not be built"; exit 0; }
+# the layers every `mlops package` image starts with (MLflow, the server's packages), built in
+# the background while the other tests run; the image tests run last (tests/conftest.py)
+PY="${VENV:-.venv}/bin/python"
+if [ -x "$PY" ]; then
+  echo "Docker: warming the image cache in the background (log: /tmp/mlops-warm-cache.log)"
+  nohup "$PY" -m mlops.delivery.image --warm-cache >/tmp/mlops-warm-cache.log 2>&1 &
+fi
 exit 0

@@ -23,4 +23,8 @@ write_tool mlflow mlflow.cli cli
 write_tool mlops mlops.cli main
 write_tool uvicorn uvicorn.main main
 write_tool moto_server moto.server main
+# binary tools the main environment installed (actionlint)
+for tool in actionlint; do
+  if [ -x "$main/bin/$tool" ]; then ln -sf "$main/bin/$tool" "$lowest/bin/$tool"; fi
+done
 "$lowest/bin/python" -c "import mlflow, mlops; print('lowest-MLflow environment: mlflow', mlflow.__version__)"

@@ -144,3 +144,10 @@ def postgres_databases() -> Iterator:
             for name in names:
                 conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
         admin.dispose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with tests that build Docker images run last: meanwhile the image cache warms up
+    (scripts/delivery.sh builds the layers they share in the background)."""
+    image_files = {item.path for item in items if item.get_closest_marker("image")}
+    items.sort(key=lambda item: item.path in image_files)  # stable: the rest keep their order

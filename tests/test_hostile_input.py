@@ -505,6 +505,7 @@ def test_both_paths_still_serve_and_agree_on_plain_input(servers: dict[str, Any]
         assert json.loads(got[0][2]) == json.loads(got[1][2])
 
 
+@pytest.mark.once  # our process tree; serving on the lowest MLflow is covered by test_serving
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_everything_mlops_serve_started(store: dict[str, Any]) -> None:
     """Two workers on MLflow's path: guarded alike; SIGTERM to `mlops serve` alone leaves no

@@ -24,7 +24,8 @@ from mlops.config import load_config
 from mlops.tuning import tune
 from tests.servers import BIN, server_env
 
-pytestmark = pytest.mark.slow
+# once: our process supervision; the MLflow calls it makes are covered on the lowest MLflow too
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 FIT_SECONDS = 1.5  # per fit; a trial fits cv_folds (3) times
 OPEN_SECONDS = 2.0  # per trial run opened, where a test asks for slow opens

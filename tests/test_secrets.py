@@ -320,6 +320,7 @@ def test_unkeyed_hashes_of_an_older_log_are_masked_by_the_upgrade(tmp_path: Path
 
 # ---- end to end ----
 @pytest.mark.slow
+@pytest.mark.once  # the secrets are ours; each MLflow call it makes is tested on the lowest too
 def test_no_secret_at_rest_after_train_promote_tune_and_monitor(
     tmp_path: Path, tracking_uri: str, postgres_databases
 ) -> None:

@@ -136,6 +136,31 @@ CMD []
 """
 
 
+def prelude() -> str:
+    """The lines mlops puts right after MLflow's ``WORKDIR``, before anything of the model: MLflow
+    itself, the server's packages (pinned to this environment's versions) and its user. They
+    stay cached while only the model changes; :func:`warm_cache` builds them ahead of time."""
+    packages = " ".join(f"'{pin}'" for pin in _pins(("mlflow", *SERVER_PACKAGES)))
+    return (
+        "# mlops: MLflow and what its server needs beyond the model's requirements, its user\n"
+        f"RUN pip install --no-cache-dir {packages}\n"
+        f"RUN groupadd --system --gid {contract.USER_ID} {contract.USER_NAME} \\\n"
+        f" && useradd --system --uid {contract.USER_ID} --gid {contract.USER_ID} "
+        f"--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
+        f"{contract.USER_NAME}\n"
+    )
+
+
+def warm_cache(base_image: str = DEFAULT_BASE_IMAGE) -> None:
+    """Build the layers every image of this environment starts with (:func:`prelude` on
+    ``base_image``), so that a later ``mlops package`` finds them in Docker's cache."""
+    with tempfile.TemporaryDirectory(prefix="mlops-warm-") as tmp:
+        (Path(tmp) / "Dockerfile").write_text(
+            f"FROM {base_image}\nWORKDIR /opt/mlflow\n" + prelude()
+        )
+        docker("build", "--quiet", "--tag", "mlops/warm-cache:latest", tmp)
+
+
 def write_context(facts: VersionFacts, folder: Path, *, base_image: str) -> Path:
     """Write the build context of ``facts``'s image into ``folder``; returns its Dockerfile."""
     from mlflow.pyfunc.backend import PyFuncBackend
@@ -155,17 +180,8 @@ def write_context(facts: VersionFacts, folder: Path, *, base_image: str) -> Path
     _copy_mlops(folder / "mlops-lib")
     dockerfile = folder / "Dockerfile"
     text = dockerfile.read_text()
-    packages = " ".join(f"'{pin}'" for pin in _pins(SERVER_PACKAGES))
-    # before the model's files, so these layers stay cached while only the model changes
-    extra = (
-        "# mlops: what its server needs beyond MLflow and the model's requirements, its user\n"
-        f"RUN pip install --no-cache-dir {packages}\n"
-        f"RUN groupadd --system --gid {contract.USER_ID} {contract.USER_NAME} \\\n"
-        f" && useradd --system --uid {contract.USER_ID} --gid {contract.USER_ID} "
-        f"--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
-        f"{contract.USER_NAME}\n"
-    )
     anchor = "WORKDIR /opt/mlflow\n"
+    extra = prelude()
     text = text.replace(anchor, anchor + "\n" + extra, 1) if anchor in text else text + extra
     code = f"# mlops: the package itself (its server), its configuration\nCOPY mlops-lib {_LIB}\n"
     model = "# Copy model to image"  # after MLflow's install, before the model: cached longer
@@ -214,3 +230,11 @@ def package(
 def inspect_labels(image: str) -> dict[str, str]:
     out = docker("image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout
     return json.loads(out or "null") or {}
+
+
+if __name__ == "__main__":  # python -m mlops.delivery.image --warm-cache [BASE]
+    import sys
+
+    if sys.argv[1:2] != ["--warm-cache"]:
+        raise SystemExit("usage: python -m mlops.delivery.image --warm-cache [BASE_IMAGE]")
+    warm_cache(*sys.argv[2:3])
