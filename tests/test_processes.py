@@ -161,11 +161,12 @@ def _wait_for_no_running(seconds: float = CLEANUP_S) -> dict[str, str]:
 
 
 def _assert_killed(statuses: dict[str, str]) -> None:
-    """No run RUNNING: the search's parent run and its last trial's run (the one killed) FAILED,
-    the trials before it FINISHED (a loaded machine may finish one before the kill lands)."""
+    """No run RUNNING: the search's parent run FAILED, its last trial's run (the one killed)
+    FAILED, the trials before it FINISHED. On a loaded machine the trial seen running may finish
+    before the kill lands, and the kill then falls between trials: every trial FINISHED."""
     trials = sorted((n for n in statuses if n.startswith("trial-")), key=lambda n: int(n[6:]))
     assert trials and statuses.pop("tune-logreg") == "FAILED", statuses
-    assert statuses.pop(trials[-1]) == "FAILED", statuses
+    assert statuses.pop(trials[-1]) in ("FAILED", "FINISHED"), statuses
     assert set(statuses.values()) <= {"FINISHED"}, statuses
 
 
