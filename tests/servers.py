@@ -79,14 +79,20 @@ def running(
 
 
 def post(
-    base: str, body: Any, content_type: str = "application/json", path: str = "/invocations"
+    base: str,
+    body: Any,
+    content_type: str = "application/json",
+    path: str = "/invocations",
+    token: str | None = None,
 ) -> tuple[int, Any]:
-    """POST ``body`` (a JSON-able object, or str/bytes sent as is); return (status, parsed body)."""
+    """POST ``body`` (a JSON-able object, or str/bytes sent as is), with a bearer ``token`` if
+    given; return (status, parsed body)."""
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     data = data.encode() if isinstance(data, str) else data
-    request = urllib.request.Request(
-        base + path, data=data, headers={"Content-Type": content_type}, method="POST"
-    )
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             status, raw = resp.status, resp.read()

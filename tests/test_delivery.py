@@ -31,6 +31,7 @@ from mlops.artifacts import CHECKSUM_TAG
 from mlops.delivery import contract
 from mlops.delivery.image import DEFAULT_BASE_IMAGE, docker, image_exists, inspect_labels
 from tests.conftest import REPO, free_port, skip_or_fail
+from tests.servers import get, post
 
 WORKFLOW = REPO / ".github" / "workflows" / "model.yml"
 NAME = "delivery-model"
@@ -227,32 +228,6 @@ def test_workflow_steps_promote_package_and_write_manifests(delivered: dict[str,
     assert validate_manifests(sorted(k8s.glob("*.yaml")))
 
 
-def _request(
-    base: str,
-    path: str,
-    body: Any = None,
-    content_type: str = "application/json",
-    token: str | None = None,
-) -> tuple[int, Any]:
-    data = None
-    if body is not None:
-        data = (body if isinstance(body, str) else json.dumps(body)).encode()
-    request = urllib.request.Request(base + path, data=data, method="POST" if data else "GET")
-    if data:
-        request.add_header("Content-Type", content_type)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
 @pytest.fixture
 def container(delivered: dict[str, Any]) -> Iterator[tuple[str, str]]:
     token = "pytest-" + os.urandom(8).hex()
@@ -288,7 +263,7 @@ def container(delivered: dict[str, Any]) -> Iterator[tuple[str, str]]:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if _request(base, contract.PROBE_PATH)[0] == 200:
+                if get(base, contract.PROBE_PATH)[0] == 200:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -310,8 +285,8 @@ def test_the_container_answers_every_format_as_the_pyfunc_does(
     delivered: dict[str, Any], container: tuple[str, str]
 ) -> None:
     base, token = container
-    assert _request(base, "/health")[0] == 200
-    status, body = _request(base, "/invocations", {"dataframe_records": [{}]})
+    assert get(base, "/health")[0] == 200
+    status, body = post(base, {"dataframe_records": [{}]})
     assert status == 401 and "Bearer" in body["message"]
     use_store(delivered["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@production")
@@ -336,7 +311,7 @@ def test_the_container_answers_every_format_as_the_pyfunc_does(
     }
     version = str(want["model_version"].iloc[0])
     for fmt, (body, content_type) in formats.items():
-        status, answer = _request(base, "/invocations", body, content_type, token)
+        status, answer = post(base, body, content_type, token=token)
         assert status == 200, (fmt, answer)
         got = pd.DataFrame(answer["predictions"])
         assert list(got.columns) == list(want.columns), fmt
@@ -344,9 +319,7 @@ def test_the_container_answers_every_format_as_the_pyfunc_does(
         probas = [c for c in want.columns if c.startswith("proba_")]
         assert probas and np.allclose(got[probas].to_numpy(float), want[probas].to_numpy(float))
         assert set(got["model_version"].astype(str)) == {version}, fmt
-    status, answer = _request(
-        base, "/invocations", {"dataframe_records": [{"nope": 1}]}, token=token
-    )
+    status, answer = post(base, {"dataframe_records": [{"nope": 1}]}, token=token)
     assert status == 400 and "missing required column" in answer["message"]
 
 
@@ -432,8 +405,8 @@ def test_serve_model_dir_needs_no_registry_and_refuses_other_files(
     command = serve_bundle(bundled["dir"], bundled["checksum"], port)
     with running(command, env, port, tmp_path / "serve.log", timeout=120) as base:
         frame = pd.read_csv(tmp_path / "d.csv").drop(columns=["label"]).head(3)
-        status, answer = _request(
-            base, "/invocations", {"dataframe_records": json.loads(frame.to_json(orient="records"))}
+        status, answer = post(
+            base, {"dataframe_records": json.loads(frame.to_json(orient="records"))}
         )
         assert status == 200, answer
         assert {row["model_version"] for row in answer["predictions"]} == {"1"}

@@ -19,7 +19,6 @@ package mirror.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata as importlib_metadata
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from mlops.artifacts import download_model, model_checksum, verify_model_dir
 from mlops.delivery import contract
 from mlops.delivery.contract import VersionFacts
 from mlops.errors import MlopsError
+from mlops.serving.flavor import pinned
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +88,6 @@ def image_exists(image: str) -> bool:
     return docker("image", "inspect", image, check=False).returncode == 0
 
 
-def _pins(names: tuple[str, ...]) -> list[str]:
-    pins = []
-    for name in names:
-        try:
-            pins.append(f"{name}=={importlib_metadata.version(name)}")
-        except importlib_metadata.PackageNotFoundError:
-            pins.append(name)
-    return pins
-
-
 def _copy_mlops(dst: Path) -> None:
     """The running mlops package (and its YAML configuration, as mlops.conf) into ``dst``."""
     import mlops
@@ -140,7 +130,7 @@ def prelude() -> str:
     """The lines mlops puts right after MLflow's ``WORKDIR``, before anything of the model: MLflow
     itself, the server's packages (pinned to this environment's versions) and its user. They
     stay cached while only the model changes; :func:`warm_cache` builds them ahead of time."""
-    packages = " ".join(f"'{pin}'" for pin in _pins(("mlflow", *SERVER_PACKAGES)))
+    packages = " ".join(f"'{pin}'" for pin in pinned(("mlflow", *SERVER_PACKAGES)))
     return (
         "# mlops: MLflow and what its server needs beyond the model's requirements, its user\n"
         f"RUN pip install --no-cache-dir {packages}\n"

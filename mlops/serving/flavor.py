@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,11 @@ def requirements_for(family: str) -> list[str]:
     ]
     if family == "keras_mlp":
         names += ["tensorflow", "keras"]
+    return pinned(names)
+
+
+def pinned(names: Sequence[str]) -> list[str]:
+    """``name==version`` as installed here (the bare name where a package is not installed)."""
     pins = []
     for name in names:
         try:
