@@ -59,6 +59,34 @@ class SplitConfig(_Strict):
         return self
 
 
+class ColumnRule(_Strict):
+    """Data quality rules for one column (``data.rules.columns.<name>``)."""
+
+    min: float | None = None  # values below are a violation
+    max: float | None = None  # values above are a violation
+    allowed: list[Any] | None = None  # any other (non-null) value is a violation
+    not_null: bool = False  # a null is a violation
+    max_null_share: float | None = Field(None, ge=0, le=1)  # of a dataset (not checked per row)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnRule:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"'min' ({self.min:g}) must not be above 'max' ({self.max:g})")
+        if self.allowed is not None and not self.allowed:
+            raise ValueError("'allowed' must list at least one value (or be left out)")
+        return self
+
+
+class RulesConfig(_Strict):
+    """Data quality rules: checked at prepare and train, written into the model's contract and
+    checked again on every served row."""
+
+    columns: dict[str, ColumnRule] = Field(default_factory=dict)
+    max_duplicate_share: float | None = Field(None, ge=0, le=1)  # per dataset
+    # the share of rows that may break row rules before prepare/train fails (0: any breaks it)
+    tolerance: float = Field(0.0, ge=0, le=1)
+
+
 class DataConfig(_Strict):
     dataset: str = "sklearn:breast_cancer"
     target: str | None = None
@@ -66,6 +94,24 @@ class DataConfig(_Strict):
     categorical: list[str] = Field(default_factory=list)
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_columns: int = Field(10_000, gt=0)  # a file with more columns is refused before it is read
+    # the database a ``sql:SELECT ...`` dataset is read from (SQLAlchemy URL; a password as ${VAR})
+    sql_url: str | None = None
+    # per column: {transform: NAME, ...its options} (see mlops/features.py and conf/default.yaml)
+    features: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
+    # each training run stores its splits as Parquet up to this size; beyond: source and digest
+    log_data_max_mb: float = Field(50.0, ge=0)
+
+
+class ExplainConfig(_Strict):
+    """Global explanations logged by every training run, and per-row ones on request."""
+
+    enabled: bool = True  # permutation importance and SHAP on every training run
+    permutation_repeats: int = Field(5, gt=0)
+    background_rows: int = Field(100, gt=0)  # SHAP background sample drawn from training data
+    sample_rows: int = Field(200, gt=0)  # validation rows explained for the global summary
+    kernel_samples: int = Field(200, gt=0)  # kernel/deep explainers: model calls per explained row
+    max_top_k: int = Field(20, gt=0)  # the most contributions a request may ask for
 
 
 class ModelConfig(_Strict):
@@ -128,6 +174,9 @@ class ServingConfig(_Strict):
     coerce_numbers: bool = False  # true: numeric strings ("1.5") and booleans accepted as numbers
     reload_interval: float = Field(10.0, gt=0)  # seconds between mlops serve's alias checks
     shadow_queue: int = Field(1000, gt=0)  # requests waiting for a shadow; beyond: dropped, counted
+    # a served row that breaks a data rule: reject (400 naming column, rule, value) | flag
+    # (answered, with a ``violations`` column)
+    on_rule_violation: Literal["reject", "flag"] = "reject"
 
 
 class TeamServerConfig(_Strict):
@@ -204,7 +253,7 @@ class TuningConfig(_Strict):
     timeout: float | None = Field(None, gt=0)
     storage: str | None = None  # None: in memory; sqlite:///optuna.db; postgresql://...
     study_name: str | None = None  # default: "<experiment>-<family>"
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     cv_folds: int = Field(3, ge=2)  # scikit-learn families: fold scores feed the pruner
     heartbeat_interval: int = Field(10, gt=0)
@@ -342,6 +391,7 @@ class Config(_Strict):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     server: TeamServerConfig = Field(default_factory=TeamServerConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, credentials in its URLs hidden (for showing
@@ -402,6 +452,7 @@ class Config(_Strict):
 
 
 _URL_KEYS = (
+    ("data", "sql_url"),
     ("registry", "audit_url"),
     ("monitoring", "log_url"),
     ("monitoring", "webhook"),

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,7 @@ class DatasetSplit:
     source: str
     n_rows: int
     n_duplicates_dropped: int
+    quality: dict[str, Any] | None = None  # the data quality report (data.rules), if any rule
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
@@ -83,12 +84,19 @@ def prepare(config: Config) -> DatasetSplit:
         >>> split = prepare(load_config(overrides=["data.dataset=sklearn:wine"]))
         >>> len(split.train), len(split.validation), len(split.test)
     """
+    from mlops.features import string_columns
+    from mlops.rules import check_dataset
+
     data_cfg = config.data
     frame, target, default_task = load_source(data_cfg)
-    validate_frame(frame, target, data_cfg.categorical, data_cfg.dataset)
-    frame, n_dupes = clean(frame, target, data_cfg.categorical)
+    # string columns of the input: declared categorical, or read by a string feature transform
+    strings = list(dict.fromkeys([*data_cfg.categorical, *string_columns(data_cfg.features)]))
+    validate_frame(frame, target, strings, data_cfg.dataset)
+    # the rules see the data as it came (duplicates included), before anything is dropped
+    quality = check_dataset(frame, data_cfg.rules, source=data_cfg.dataset)
+    frame, n_dupes = clean(frame, target, strings)
     task = _infer_task(frame[target], data_cfg.task, default_task)
-    categorical = tuple(c for c in frame.columns if c != target and c in data_cfg.categorical)
+    categorical = tuple(c for c in frame.columns if c != target and c in strings)
     numeric = tuple(c for c in frame.columns if c != target and c not in categorical)
     classes: tuple[str, ...] | None = None
     if task == "classification":
@@ -121,6 +129,7 @@ def prepare(config: Config) -> DatasetSplit:
         source=_describe_source(data_cfg.dataset),
         n_rows=len(frame),
         n_duplicates_dropped=n_dupes,
+        quality=quality,
     )
     logger.info(
         "prepared %s: %d rows (%d duplicates dropped), split %d/%d/%d, hash %s",
@@ -402,6 +411,8 @@ def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
             "data_test_rows": len(split.test),
         }
     )
+    if split.quality is not None:
+        mlflow.log_dict(split.quality, "data/quality_report.json")
     if with_files:
         with tempfile.TemporaryDirectory() as tmp:
             for context in ("train", "validation", "test"):

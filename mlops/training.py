@@ -60,6 +60,10 @@ def train(
         data_step.log_split(split)
         pipeline, metrics = fit_and_evaluate(config, split)
         _log_plots(pipeline, split)
+        if config.explain.enabled:
+            from mlops.explain import log_global_explanations
+
+            metrics.update(log_global_explanations(pipeline, split, config))
         info = log_model(pipeline, split, config)
         version = None
         if register:

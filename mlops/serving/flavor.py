@@ -48,12 +48,17 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
         "classes": list(split.classes) if split.classes else None,
         "data_hash": split.content_hash,
         "registered_model_name": config.registry.model_name,
+        # the data contract beyond types: rules checked on every served row, declared transforms
+        "rules": config.data.rules.model_dump(mode="json"),
+        "features": config.data.features,
         # serving defaults; a server may override each through its model config
         "serving": {
             "max_rows": config.serving.max_rows,
             "impute_missing": config.serving.impute_missing,
             "max_body_bytes": config.serving.max_body_bytes,
             "coerce_numbers": config.serving.coerce_numbers,
+            "on_rule_violation": config.serving.on_rule_violation,
+            "max_explain": config.explain.max_top_k,
             "monitoring": config.monitoring.enabled,
             # "": beside the serving process's tracking store, resolved at load; a literal
             # password or token is never stored with the model, a ${VAR} placeholder is

@@ -49,6 +49,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "impute_missing": False,
     "max_body_bytes": 10 * 1024 * 1024,
     "coerce_numbers": False,
+    "on_rule_violation": "reject",  # a served row breaking a data rule: reject (400) | flag
+    "max_explain": 20,  # the most contributions a request may ask for ({"params": {"explain": k}})
     "model_name": "",
     "model_version": "",
     "model_checksum": "",  # from a server that verified a bundled copy (serve --model-dir)
