@@ -5,10 +5,12 @@ by `mlflow models serve` (one worker each) on loopback and sent the same request
 in alternating rounds so machine noise hits both alike. The floor is the bare estimator's
 predict on one preprocessed NumPy row, in-process.
 
-    .venv/bin/python benchmarks/serving.py [--requests 400] [--batches 20]
+    .venv/bin/python benchmarks/serving.py [--requests 400] [--batches 20] [--explain]
 
 Prints 1-row p50/p99 latency, 1-row requests/s with 8 concurrent clients, rows/s for
-1000-row batches, and the ratios ours/stock.
+1000-row batches, and the ratios ours/stock. With ``--explain``, also the cost of
+``{"params": {"explain": 3}}`` on our server: 1-row and 100-row p50 without and with it, in
+alternating rounds on the same server, their ratio and the added milliseconds per row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -88,6 +91,11 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, default=20, help="1000-row requests per batch round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help='also measure {"params": {"explain": 3}} against no params on our server',
+    )
     args = parser.parse_args()
 
     from conftest import free_port
@@ -170,6 +178,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 latencies(port, batch, args.batches)
                 results[name]["rows"].append(1000 * args.batches / (time.perf_counter() - t0))
+        explained = explain_costs(po, X, args) if args.explain else None
 
     summary = {}
     for name, r in results.items():
@@ -206,6 +215,35 @@ def main() -> None:
         "ours keeps its signature: "
         f"{mlflow.models.get_model_info(ours.model_uri).signature is not None}"
     )
+    if explained is not None:
+        print('\nexplain: {"params": {"explain": 3}} on our server (p50, same server, alternating)')
+        print(f"{'rows':>6}{'plain ms':>12}{'explain ms':>12}{'ratio':>8}{'ms/row added':>15}")
+        for rows, (plain, with_explain) in explained.items():
+            print(
+                f"{rows:>6}{plain:12.2f}{with_explain:12.2f}{with_explain / plain:8.1f}"
+                f"{(with_explain - plain) / rows:15.3f}"
+            )
+
+
+def explain_costs(port: int, X: Any, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
+    """p50 ms per request size: without params, and with explain: 3 (alternating rounds)."""
+    out = {}
+    for rows in (1, 100):
+        sample = X.sample(rows, replace=True, random_state=1)
+        split = {"columns": list(sample.columns), "data": sample.to_numpy().tolist()}
+        plain = json.dumps({"dataframe_split": split})
+        explain = json.dumps({"dataframe_split": split, "params": {"explain": 3}})
+        n = max(args.requests // (10 if rows > 1 else 1), 5)
+        latencies(port, explain, 5)  # the explainer is built at the first explain request
+        times: dict[str, list[float]] = {"plain": [], "explain": []}
+        for _ in range(args.rounds):
+            times["plain"] += latencies(port, plain, n)
+            times["explain"] += latencies(port, explain, n)
+        out[rows] = (
+            float(np.percentile(times["plain"], 50)) * 1000,
+            float(np.percentile(times["explain"], 50)) * 1000,
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ TRUSTED_EXACT = frozenset(
         "numpy.dtype",
         "mlops.models.keras_mlp.KerasMLPClassifier",
         "mlops.models.keras_mlp.KerasMLPRegressor",
+        # the declarative feature transforms (data.features), plain attributes and arrays
+        "mlops.features.Log1p",
+        "mlops.features.Clip",
+        "mlops.features.DateParts",
+        "mlops.features.TextTfidf",
+        "mlops.features.FrequencyEncoder",
     }
 )
 

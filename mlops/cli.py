@@ -109,7 +109,7 @@ def prepare(
         mlops prepare --dataset data/churn.csv --target churned
         mlops prepare --dataset sklearn:wine --seed 7
     """
-    from mlops import data
+    from mlops import data, lineage
     from mlops.tracking import step_run
 
     config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed)
@@ -119,13 +119,19 @@ def prepare(
         mlflow.log_params(config.params(model_params=False))
         mlflow.log_text(config.to_yaml(), "config.yaml")
         split = data.prepare(config)
-        data.log_split(split, with_files=True)
+        lineage.log_split(split, with_files=True, max_mb=config.data.log_data_max_mb)
     click.echo(
         f"prepared {split.source}: {split.n_rows} rows ({split.n_duplicates_dropped} duplicates "
         "dropped), "
         f"train/validation/test = {len(split.train)}/{len(split.validation)}/{len(split.test)}, "
         f"hash {split.content_hash[:12]}, run {run.info.run_id}"
     )
+    if split.quality is not None:
+        from mlops.rules import summary
+
+        line = summary(split.quality)
+        if line:
+            click.echo(line)
 
 
 @cli.command()
@@ -195,6 +201,42 @@ def train(
         }
         Path(output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(output_json).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option(
+    "--checkout/--no-checkout",
+    default=True,
+    help="Where the code changed since the run, train at the run's git commit (a temporary "
+    "worktree) [default], or with the code here.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="Largest absolute metric difference accepted [0 for scikit-learn families, 0.01 for "
+    "keras_mlp].",
+)
+def reproduce(run_id: str, checkout: bool, tolerance: float | None) -> None:
+    """Re-run training run RUN_ID from its own record (config, data, code) and print each
+    metric beside the original; exits 1 when any differs beyond the tolerance.
+
+    \b
+    Example:
+        mlops reproduce 3f2a9c0d51e84b7a9f0e2d6c1b8a7e55
+    """
+    from mlops.reproduce import describe
+    from mlops.reproduce import reproduce as run_reproduce
+
+    outcome = run_reproduce(run_id, checkout=checkout, tolerance=tolerance)
+    for line in describe(outcome):
+        click.echo(line)
+    if not outcome.matches:
+        raise click.ClickException(
+            f"run {outcome.run_id} does not reproduce run {run_id}: metrics differ beyond "
+            f"{outcome.tolerance:g} (see above)"
+        )
 
 
 @cli.command()
@@ -1232,6 +1274,77 @@ def score(
         + f", {result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s); "
         f"run {result.run_id}"
     )
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--alias", default=None, help="Alias of the version to explain [production].")
+@click.option("--version", "version", default=None, help="Explain this version, not an alias.")
+@click.option(
+    "--input",
+    "input_path",
+    default=None,
+    help="CSV (with a header row) or Parquet file of the rows to explain.",
+)
+@click.option(
+    "--request-id",
+    default=None,
+    help="Explain the rows of this served request, from the prediction log (monitoring on); "
+    "by default with the version that answered it.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Contributions printed per row, largest first.",
+)
+@_config_option
+@_set_option
+def explain(
+    name: str | None,
+    alias: str | None,
+    version: str | None,
+    input_path: str | None,
+    request_id: str | None,
+    top: int,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Explain a registered version's answers: each row's largest feature contributions.
+
+    Contributions are SHAP values per original feature (see the README's Explanations); with
+    the expected value they add up to the model output named on each row. The version's
+    files are verified against their registered checksum before it is loaded; every
+    contribution is logged as the table explain/contributions.json of a new run.
+
+    \b
+    Example:
+        mlops explain churn-model --alias production --input rows.csv --top 3
+        mlops explain churn-model --request-id 3f2a... --top 5
+    """
+    from mlops.registry import check_name
+    from mlops.scoring.explain import explain_version
+
+    if version is not None and alias is not None:
+        raise click.UsageError("--version and --alias both name a version: pass one of them")
+    if (input_path is None) == (request_id is None):
+        raise click.UsageError("give the rows to explain: --input FILE or --request-id ID")
+    config = build_config(config_path, overrides)
+    name = check_name(name or config.registry.model_name)
+    result = explain_version(
+        config, name, alias=alias, version=version, input_path=input_path, request_id=request_id
+    )
+    for i, record in enumerate(result.contributions.as_records(top)):
+        click.echo(
+            f"row {i}: {record['explains']} = {record['value']:.6g} "
+            f"(expected {record['expected_value']:.6g})"
+        )
+        for item in record["contributions"]:
+            click.echo(f"  {item['contribution']:+.6g}  {item['feature']}")
+        if record["others"]:
+            click.echo(f"  {record['others']:+.6g}  (the other features)")
+    click.echo(f"{name} version {result.version}: run {result.run_id}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -102,6 +102,15 @@ class DataConfig(_Strict):
     # each training run stores its splits as Parquet up to this size; beyond: source and digest
     log_data_max_mb: float = Field(50.0, ge=0)
 
+    @field_validator("features")
+    @classmethod
+    def _known_features(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not value:
+            return value
+        from mlops.features import validate_features  # lazily: it imports scikit-learn
+
+        return validate_features(value)
+
 
 class ExplainConfig(_Strict):
     """Global explanations logged by every training run, and per-row ones on request."""
@@ -219,6 +228,9 @@ class ParamSpace(_Strict):
     log: bool = False
     step: float | None = None
     choices: list[Any] | None = None
+    # tuning.sampler=grid: points tried between low and high of a float without a step (evenly
+    # spaced, or geometrically with log); ints and stepped floats try every step
+    grid: int = Field(5, ge=2)
 
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpace:

@@ -1,15 +1,18 @@
 """Data preparation: load, validate, clean, split 70/20/10, hash and log to MLflow.
 
-The public entry point is :func:`prepare`; :func:`log_split` records a split on the active
-MLflow run as dataset inputs (contexts ``train``, ``validation``, ``test``).
+The public entry point is :func:`prepare`. ``data.dataset`` names a CSV or Parquet file, a
+folder or glob of them (local or ``s3://``), ``sql:SELECT ...`` run on ``data.sql_url``, or a
+bundled ``sklearn:NAME``. What a run records of its data (dataset inputs, the parts as Parquet)
+is :mod:`mlops.lineage`.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +23,32 @@ import pandas as pd
 from pandas.api import types as ptypes
 from sklearn.model_selection import train_test_split
 
-from mlops.config import Config, DataConfig
+from mlops.config import Config, DataConfig, redact_url
 from mlops.errors import DataValidationError
+from mlops.sources import (
+    CSV,
+    PARQUET,
+    Source,
+    SourceError,
+    format_of,
+    is_glob,
+    list_sources,
+    open_source,
+)
 
 if TYPE_CHECKING:
-    from mlflow.data.dataset import Dataset
-    from mlflow.data.dataset_source import DatasetSource
     from sklearn.utils import Bunch
 
 logger = logging.getLogger(__name__)
 
+Opener = Callable[[], Any]  # opens a binary stream of a file (the caller closes it)
+
 SKLEARN_PREFIX = "sklearn:"
 SKLEARN_TARGET = "target"
+SQL_PREFIX = "sql:"
+PARTS = ("train", "validation", "test")
+MANIFEST = "data/manifest.json"
+QUALITY_REPORT = "data/quality_report.json"
 
 
 def _sklearn_loader(name: str) -> Callable[..., Bunch]:
@@ -84,13 +101,14 @@ def prepare(config: Config) -> DatasetSplit:
         >>> split = prepare(load_config(overrides=["data.dataset=sklearn:wine"]))
         >>> len(split.train), len(split.validation), len(split.test)
     """
-    from mlops.features import string_columns
+    from mlops.features import check_features, string_columns
     from mlops.rules import check_dataset
 
     data_cfg = config.data
     frame, target, default_task = load_source(data_cfg)
     # string columns of the input: declared categorical, or read by a string feature transform
     strings = list(dict.fromkeys([*data_cfg.categorical, *string_columns(data_cfg.features)]))
+    check_features(data_cfg.features, frame, target)  # first: it names the transform
     validate_frame(frame, target, strings, data_cfg.dataset)
     # the rules see the data as it came (duplicates included), before anything is dropped
     quality = check_dataset(frame, data_cfg.rules, source=data_cfg.dataset)
@@ -126,7 +144,7 @@ def prepare(config: Config) -> DatasetSplit:
         categorical_columns=categorical,
         classes=classes,
         content_hash=content_hash(frame),
-        source=_describe_source(data_cfg.dataset),
+        source=describe_source(data_cfg),
         n_rows=len(frame),
         n_duplicates_dropped=n_dupes,
         quality=quality,
@@ -168,30 +186,193 @@ def load_source(data_cfg: DataConfig) -> tuple[pd.DataFrame, str, str | None]:
             )
         return frame, SKLEARN_TARGET, task
 
-    path = Path(dataset)
-    if not path.is_file():
-        raise DataValidationError(
-            f"data.dataset: file '{dataset}' not found; pass an existing CSV path or one of "
-            + ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
-        )
-    _check_width(path, dataset, data_cfg.max_columns)
-    _check_unique_header(path, dataset)
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataValidationError(
-            f"data.dataset: '{dataset}' is empty; give a CSV with a header row and data"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataValidationError(
-            f"data.dataset: '{dataset}' is not a readable CSV ({exc}); fix the file"
-        ) from None
+    if dataset.startswith(SQL_PREFIX):
+        frame = _read_sql(data_cfg)
+    else:
+        frame = _read_files(dataset, data_cfg.max_columns)
     if not data_cfg.target:
         raise DataValidationError(
-            f"data.target: not set for CSV '{dataset}'; pass --target COLUMN (columns: "
+            f"data.target: not set for '{_clip_text(dataset)}'; pass --target COLUMN (columns: "
             f"{', '.join(map(str, frame.columns))})"
         )
     return frame, data_cfg.target, None
+
+
+def _read_files(dataset: str, max_columns: int) -> pd.DataFrame:
+    """A CSV or Parquet file, or a folder or glob of them (local or ``s3://``), as one frame.
+
+    Every part must have the same columns (in any order: the first part's order is kept).
+    """
+    on_s3 = dataset.startswith("s3://")
+    if not on_s3 and Path(dataset).is_file():
+        # a single local file: by its suffix, and as CSV when it has none we know
+        sources = [Source(dataset, format_of(dataset) or CSV)]
+    elif not on_s3 and not Path(dataset).exists() and not is_glob(dataset):
+        raise DataValidationError(
+            f"data.dataset: file '{dataset}' not found; pass an existing CSV or Parquet file, a "
+            "folder or glob of them, s3://bucket/key, sql:SELECT ... (with data.sql_url), or "
+            "one of " + ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_DATASETS)
+        )
+    else:
+        try:
+            sources = list_sources(dataset)
+        except SourceError as exc:
+            raise DataValidationError(f"data.dataset: {exc}") from None
+    frames: list[pd.DataFrame] = []
+    for source in sources:
+        frame = (
+            _read_parquet(source, max_columns)
+            if source.format == PARQUET
+            else _read_csv(source, max_columns)
+        )
+        if frames:
+            frame = _same_columns(frame, frames[0], source.uri, sources[0].uri)
+        frames.append(frame)
+    if len(frames) == 1:
+        return frames[0]
+    logger.info("read %d files of %s", len(frames), dataset)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _same_columns(
+    frame: pd.DataFrame, first: pd.DataFrame, name: str, first_name: str
+) -> pd.DataFrame:
+    """``frame`` in ``first``'s column order; a part with other columns is refused by name."""
+    columns, expected = [str(c) for c in frame.columns], [str(c) for c in first.columns]
+    if columns == expected:
+        return frame
+    missing = [c for c in expected if c not in columns]
+    extra = [c for c in columns if c not in expected]
+    if missing or extra:
+        raise DataValidationError(
+            f"data.dataset: part '{name}' does not have the columns of '{first_name}' "
+            f"(missing {_clip(missing)}, extra {_clip(extra)}); every file of a folder or glob "
+            "must have the same columns: fix or move that file"
+        )
+    return frame[expected]
+
+
+def _read_csv(source: Source, max_columns: int) -> pd.DataFrame:
+    """One CSV: its header checked (width, unique names) before it is read whole."""
+    name = source.uri
+    if source.on_s3:
+        try:
+            with open_source(source) as body:
+                raw = body.read()
+        except SourceError as exc:
+            raise DataValidationError(f"data.dataset: {exc}") from None
+        if name.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+
+        def opener() -> Any:
+            return io.BytesIO(raw)
+
+        target: Any = io.BytesIO(raw)
+    else:
+        path = Path(name)
+        if name.lower().endswith(".gz"):
+
+            def opener() -> Any:
+                return gzip.GzipFile(path, "rb")
+
+        else:
+
+            def opener() -> Any:
+                return open(path, "rb")
+
+        target = path
+    _check_width(opener, name, max_columns)
+    _check_unique_header(opener, name)
+    try:
+        return pd.read_csv(target)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(
+            f"data.dataset: '{name}' is empty; give a CSV with a header row and data"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataValidationError(
+            f"data.dataset: '{name}' is not a readable CSV ({exc}); fix the file"
+        ) from None
+
+
+def _read_parquet(source: Source, max_columns: int) -> pd.DataFrame:
+    """One Parquet file: its schema checked (width, unique names) before the data is read."""
+    import pyarrow.parquet as pq
+
+    name = source.uri
+    try:
+        with open_source(source) as fh:
+            try:
+                parquet = pq.ParquetFile(fh)
+                columns = parquet.schema_arrow.names
+                if len(columns) > max_columns:
+                    raise DataValidationError(
+                        f"data.dataset: '{name}' has {len(columns):,} columns in its schema, "
+                        f"more than data.max_columns ({max_columns:,}); drop columns from the "
+                        f"file, or raise the limit with --set data.max_columns={len(columns)}"
+                    )
+                _check_unique(columns, name)
+                table = parquet.read()
+            except DataValidationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any unreadable file: name it
+                raise DataValidationError(
+                    f"data.dataset: '{name}' is not a readable Parquet file ("
+                    f"{type(exc).__name__}: {_clip_text(str(exc))}); fix or replace the file, or "
+                    "give a CSV file a .csv suffix"
+                ) from None
+    except SourceError as exc:
+        raise DataValidationError(f"data.dataset: {exc}") from None
+    return table.to_pandas()
+
+
+def _read_sql(data_cfg: DataConfig) -> pd.DataFrame:
+    """The rows of ``data.dataset``'s query on ``data.sql_url``.
+
+    The URL's ``${VAR}`` placeholders are filled from the environment only in the engine
+    (:func:`mlops.db.create_engine`); messages show the URL redacted and the database's error
+    with every secret scrubbed out.
+    """
+    import sqlalchemy as sa
+
+    from mlops.db import create_engine, scrub
+
+    dataset = data_cfg.dataset
+    query = dataset[len(SQL_PREFIX) :].strip()
+    if not query:
+        raise DataValidationError(
+            "data.dataset: 'sql:' holds no query; write sql:SELECT ... FROM a_table"
+        )
+    url = data_cfg.sql_url
+    if not url:
+        raise DataValidationError(
+            f"data.sql_url: not set, but data.dataset is a query ('{_clip_text(dataset)}'); set "
+            "data.sql_url to the database's SQLAlchemy URL with the password as ${VAR}, e.g. "
+            "--set data.sql_url='postgresql+psycopg://reader:${DB_PASSWORD}@db/sales'"
+        )
+    engine = None
+    try:
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            frame = pd.read_sql_query(query, conn)
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip()
+        first = scrub(detail.splitlines()[0] if detail else type(exc).__name__, url)
+        raise DataValidationError(
+            f"data.dataset: the query failed on {redact_url(url)} ({_clip_text(first)}); fix the "
+            "query or data.sql_url"
+        ) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+    if len(frame.columns) > data_cfg.max_columns:
+        raise DataValidationError(
+            f"data.dataset: the query returns {len(frame.columns):,} columns, more than "
+            f"data.max_columns ({data_cfg.max_columns:,}); select fewer columns, or raise the "
+            f"limit with --set data.max_columns={len(frame.columns)}"
+        )
+    _check_unique([str(c) for c in frame.columns], dataset)
+    return frame
 
 
 # how much of a file's header :func:`header_width` reads at most, and in pieces of what size
@@ -208,12 +389,16 @@ def header_width(path: str | Path, limit: int | None = None) -> tuple[int, bool]
     double quotes do not count, nor do line ends inside them; blank lines before the header are
     skipped, as ``pandas.read_csv`` skips them. An empty file has 0 columns.
     """
+    return _header_width(lambda: open(path, "rb"), limit)
+
+
+def _header_width(opener: Opener, limit: int | None) -> tuple[int, bool]:
     limit = HEADER_SCAN_BYTES if limit is None else limit
     columns = 0  # separators seen outside quotes in the header so far
     quoted = False
     started = False  # a byte of the header (not of a blank line before it) was seen
     read = 0
-    with open(path, "rb") as stream:
+    with opener() as stream:
         while read < limit:
             chunk = stream.read(min(_HEADER_CHUNK, limit - read))
             if not chunk:
@@ -240,9 +425,9 @@ def header_width(path: str | Path, limit: int | None = None) -> tuple[int, bool]
     return columns + 1, False
 
 
-def _check_width(path: Path, dataset: str, max_columns: int) -> None:
+def _check_width(opener: Opener, dataset: str, max_columns: int) -> None:
     """Refuse a CSV wider than ``data.max_columns`` before it is read whole."""
-    count, whole = header_width(path)
+    count, whole = _header_width(opener, None)
     if count <= max_columns:
         return
     counted = f"{count:,} columns" if whole else f"at least {count:,} columns"
@@ -253,10 +438,15 @@ def _check_width(path: Path, dataset: str, max_columns: int) -> None:
     )
 
 
-def _check_unique_header(path: Path, dataset: str) -> None:
+def _check_unique_header(opener: Opener, dataset: str) -> None:
     """Refuse a header that names a column twice (pandas would rename the copy ``a.1``)."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with opener() as raw:
+        fh = io.TextIOWrapper(raw, newline="", encoding="utf-8", errors="replace")
         header = next(csv.reader(line for line in fh if line.strip()), [])
+    _check_unique(header, dataset)
+
+
+def _check_unique(header: list[str], dataset: str) -> None:
     seen: set[str] = set()
     for name in header:
         if name in seen:
@@ -268,7 +458,10 @@ def _check_unique_header(path: Path, dataset: str) -> None:
 
 
 def _clip(value: object, limit: int = 100) -> str:
-    text = repr(value)
+    return _clip_text(repr(value), limit)
+
+
+def _clip_text(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -361,94 +554,27 @@ def content_hash(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def log_split(split: DatasetSplit, *, with_files: bool = False) -> None:
-    """Log the three parts as MLflow dataset inputs and the hash as a tag, on the active run.
+def describe_source(data_cfg: DataConfig) -> str:
+    """Where the data came from, as logged: ``sklearn:NAME``, the absolute path (file, folder
+    or glob), the ``s3://`` URI, or for a query the redacted ``data.sql_url`` and the query.
 
-    With ``with_files``, the parts are also stored as CSV artifacts under ``data/``.
+    Never a password: a URL is shown as :func:`mlops.config.redact_url` shows it.
     """
-    import tempfile
-
-    import mlflow
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.pandas_dataset import from_pandas
-
-    if split.source.startswith(SKLEARN_PREFIX):
-        source: str | DatasetSource = CodeDatasetSource(tags={"dataset": split.source})
-    else:
-        source = split.source
-    base = (
-        Path(split.source).stem
-        if not split.source.startswith(SKLEARN_PREFIX)
-        else split.source[len(SKLEARN_PREFIX) :]
-    )
-    for context in ("train", "validation", "test"):
-        frame = getattr(split, context)
-        with warnings.catch_warnings():
-            # MLflow registers the local-file source under two schemes and warns that a plain
-            # path matches both; either reading is the same source.
-            warnings.filterwarnings(
-                "ignore", message="The specified dataset source can be interpreted"
-            )
-            dataset = from_pandas(
-                frame, source=source, targets=split.target, name=f"{base}-{context}"
-            )
-        _log_input(dataset, context, split.content_hash)
-    mlflow.set_tags(
-        {
-            "mlops.data_hash": split.content_hash,
-            "mlops.data_source": split.source,
-            "mlops.task": split.task,
-        }
-    )
-    mlflow.log_params(
-        {"data_hash": split.content_hash, "data_rows": split.n_rows, "task": split.task}
-    )
-    mlflow.log_metrics(
-        {
-            "data_duplicates_dropped": split.n_duplicates_dropped,
-            "data_train_rows": len(split.train),
-            "data_validation_rows": len(split.validation),
-            "data_test_rows": len(split.test),
-        }
-    )
-    if split.quality is not None:
-        mlflow.log_dict(split.quality, "data/quality_report.json")
-    if with_files:
-        with tempfile.TemporaryDirectory() as tmp:
-            for context in ("train", "validation", "test"):
-                getattr(split, context).to_csv(Path(tmp) / f"{context}.csv", index=False)
-            mlflow.log_artifacts(tmp, artifact_path="data")
+    dataset = data_cfg.dataset
+    if dataset.startswith(SQL_PREFIX):
+        # the URL first: a redacted URL holds no space, so the first space ends it
+        return f"{redact_url(data_cfg.sql_url or '')} {dataset}"
+    if dataset.startswith((SKLEARN_PREFIX, "s3://")):
+        return dataset
+    return str(Path(dataset).resolve())
 
 
-_CONFLICT_CODES = frozenset({"BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"})
-
-
-def _log_input(dataset: Dataset, context: str, data_hash: str, attempts: int = 3) -> None:
-    """``mlflow.log_input``, retried when another process logged the same dataset meanwhile.
-
-    MLflow's SQL store looks the dataset up and then inserts it: two workers of one tuning
-    study starting together both miss it and one insert fails on the unique key, which the
-    store reports as ``BAD_REQUEST`` (a tracking server: ``RESOURCE_ALREADY_EXISTS``). On a
-    retry the dataset is there and is only linked to this run; any other error is raised at
-    once, and a conflict that outlives the retries too.
-    """
-    import time
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            mlflow.log_input(dataset, context=context, tags={"mlops.data_hash": data_hash})
-            return
-        except MlflowException as exc:
-            if attempt == attempts - 1 or exc.error_code not in _CONFLICT_CODES:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def _describe_source(dataset: str) -> str:
-    return dataset if dataset.startswith(SKLEARN_PREFIX) else str(Path(dataset).resolve())
+def _source_parts(source: str) -> tuple[str | None, str]:
+    """A split's source as (redacted URL of a query or None, what ``data.dataset`` held)."""
+    url, _, query = source.partition(" ")
+    if query.startswith(SQL_PREFIX):
+        return url, query
+    return None, source
 
 
 def _infer_task(target: pd.Series, configured: str, known: str | None) -> str:

@@ -23,6 +23,10 @@ class RegistryError(MlopsError, RuntimeError):
     """A registry operation could not be carried out (unknown model, version, store)."""
 
 
+class ReproductionError(MlopsError):
+    """A run cannot be reproduced from its record (not a training run, no config, no checkout)."""
+
+
 class GateFailed(MlopsError):
     """A promotion was refused by one or more validation gates; nothing was changed."""
 

@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 
 from mlops.data import DatasetSplit, encode_target
 
-CLASSIFICATION = ("accuracy", "f1", "roc_auc", "log_loss")
+CLASSIFICATION = ("accuracy", "f1", "precision", "recall", "roc_auc", "log_loss")
 REGRESSION = ("rmse", "mae", "r2")
 LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 
@@ -30,20 +30,21 @@ def classification(
     classes: Sequence[Any],
     proba: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Accuracy and F1, and with ``proba`` log loss and ROC AUC (when every class occurs)."""
+    """Accuracy, F1, precision and recall, and with ``proba`` log loss and ROC AUC (when every
+    class occurs)."""
     truth, pred = _labels(y_true), _labels(y_pred)
     labels = list(classes)
     out = {"accuracy": float(np.mean(truth == pred)) if len(truth) else float("nan")}
-    if len(labels) == 2:
-        out["f1"] = float(
-            skm.f1_score(
-                truth, pred, pos_label=labels[1], average="binary", labels=labels, zero_division=0
-            )
-        )
-    else:
-        out["f1"] = float(
-            skm.f1_score(truth, pred, average="macro", labels=labels, zero_division=0)
-        )
+    # binary: of the positive class (classes[1]); more classes: the unweighted mean over classes
+    averaging: dict[str, Any] = (
+        {"pos_label": labels[1], "average": "binary"} if len(labels) == 2 else {"average": "macro"}
+    )
+    for name, score in (
+        ("f1", skm.f1_score),
+        ("precision", skm.precision_score),
+        ("recall", skm.recall_score),
+    ):
+        out[name] = float(score(truth, pred, labels=labels, zero_division=0, **averaging))
     if proba is not None and len(truth):
         proba = np.asarray(proba, dtype=float)
         codes = _codes(truth, labels)

@@ -24,6 +24,8 @@ from mlops.config import CONFIG_ARTIFACT, Config
 logger = logging.getLogger(__name__)
 
 GIT_COMMIT_TAG = "mlops.git_commit"
+GIT_DIRTY_TAG = "mlops.git_dirty"  # "true": the package had uncommitted changes at that commit
+CODE_HASH_TAG = "mlops.code_hash"  # SHA-256 of the package's Python files as they ran
 STEP_TAG = "mlops.step"
 
 
@@ -68,9 +70,11 @@ def step_run(config: Config, run_name: str) -> Iterator[Run]:
         if resumed:
             name_project_run(run_name)
         commit = git_commit()
-        tags = {STEP_TAG: run_name.split("-")[0]}
+        tags = {STEP_TAG: run_name.split("-")[0], CODE_HASH_TAG: code_hash()}
         if commit:
             tags[GIT_COMMIT_TAG] = commit
+            if git_dirty():
+                tags[GIT_DIRTY_TAG] = "true"
         mlflow.set_tags(tags)
         yield mlflow.get_run(run.info.run_id)
 
@@ -168,3 +172,33 @@ def project_store_url(configured: str | None, filename: str) -> str:
     folder = Path(os.environ.get("MLOPS_HOME", Path.home() / ".mlops")) / "stores" / key
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / filename}"
+
+
+def git_dirty() -> bool:
+    """Whether the package's files differ from the checkout's commit (uncommitted changes)."""
+    package = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", str(package)],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def code_hash() -> str:
+    """SHA-256 of the package's Python files (paths and contents, in path order): the code that
+    runs, committed or not."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()

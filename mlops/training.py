@@ -23,6 +23,7 @@ from sklearn.preprocessing import label_binarize  # noqa: E402
 from mlops import data as data_step  # noqa: E402
 from mlops.config import Config  # noqa: E402
 from mlops.data import DatasetSplit, encode_target  # noqa: E402
+from mlops.lineage import log_split  # noqa: E402
 from mlops.metrics import evaluate  # noqa: E402
 from mlops.models import build_model, fit_model  # noqa: E402
 from mlops.serving.flavor import log_model  # noqa: E402
@@ -57,7 +58,7 @@ def train(
         log_config(config)
         if split is None:
             split = data_step.prepare(config)
-        data_step.log_split(split)
+        log_split(split, max_mb=config.data.log_data_max_mb)
         pipeline, metrics = fit_and_evaluate(config, split)
         _log_plots(pipeline, split)
         if config.explain.enabled:
@@ -95,6 +96,7 @@ def fit_and_evaluate(
         numeric_columns=split.numeric_columns,
         categorical_columns=split.categorical_columns,
         seed=config.seed,
+        features=config.data.features,
     )
     X_train, y_train = split.xy("train")
     X_val, y_val = split.xy("validation")
@@ -189,3 +191,31 @@ def _log_plots(pipeline: Any, split: DatasetSplit) -> None:
         fig.tight_layout()
         mlflow.log_figure(fig, "plots/roc_curve.png")
         plt.close(fig)
+        _log_precision_recall(y_true, proba, classes)
+
+
+def _log_precision_recall(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> None:
+    """The precision-recall curve on the test split: of the positive class (binary), or of each
+    class against the rest with their micro-average (more classes)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    if len(classes) == 2:
+        skm.PrecisionRecallDisplay.from_predictions(
+            y_true, proba[:, 1], name=f"{classes[1]} vs {classes[0]}", ax=ax, plot_chance_level=True
+        )
+        positive = f"positive class: {classes[1]}"
+    else:
+        onehot = label_binarize(y_true, classes=list(range(len(classes))))
+        for i, cls in enumerate(classes):
+            if onehot[:, i].any():
+                skm.PrecisionRecallDisplay.from_predictions(
+                    onehot[:, i], proba[:, i], name=f"{cls} vs rest", ax=ax
+                )
+        skm.PrecisionRecallDisplay.from_predictions(
+            onehot.ravel(), proba.ravel(), name="micro-average", ax=ax, linestyle="--"
+        )
+        positive = "each class vs the rest"
+    ax.set(xlabel=f"Recall ({positive})", ylabel=f"Precision ({positive})")
+    ax.set_title("Precision-recall curve (test)")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "plots/precision_recall_curve.png")
+    plt.close(fig)

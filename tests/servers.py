@@ -107,3 +107,25 @@ def post(
 def get(base: str, path: str) -> tuple[int, str]:
     with urllib.request.urlopen(base + path, timeout=10) as resp:
         return resp.status, resp.read().decode()
+
+
+# credentials moto's S3 server accepts (any will do); set them with MLFLOW_S3_ENDPOINT_URL
+MOTO_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def moto_s3(port: int, log: Path) -> Iterator[str]:
+    """moto's standalone S3 server on loopback ``port``, awaited; yields its endpoint URL."""
+    with running(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        {**os.environ, **MOTO_S3_ENV},
+        port,
+        log,
+        timeout=60,
+        health="/moto-api/",
+    ) as endpoint:
+        yield endpoint

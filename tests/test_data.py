@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from mlops.config import load_config
-from mlops.data import content_hash, log_split, prepare
+from mlops.data import content_hash, prepare
 from mlops.errors import DataValidationError
+from mlops.lineage import log_split
 from tests.helpers import make_csv
 
 
@@ -229,7 +230,7 @@ def test_a_dataset_logged_by_another_worker_meanwhile_is_retried_other_errors_ar
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST
 
-    from mlops import data
+    from mlops import lineage
 
     calls: list[str] = []
 
@@ -239,7 +240,7 @@ def test_a_dataset_logged_by_another_worker_meanwhile_is_retried_other_errors_ar
             raise MlflowException("UNIQUE constraint failed: datasets", error_code=BAD_REQUEST)
 
     monkeypatch.setattr(mlflow, "log_input", conflict_once)
-    data._log_input(object(), "train", "h")
+    lineage._log_input(object(), "train", "h")
     assert calls == ["train", "train"]
 
     def refused(dataset: object, context: str, tags: dict) -> None:
@@ -249,7 +250,7 @@ def test_a_dataset_logged_by_another_worker_meanwhile_is_retried_other_errors_ar
     calls.clear()
     monkeypatch.setattr(mlflow, "log_input", refused)
     with pytest.raises(MlflowException, match="no such run"):
-        data._log_input(object(), "train", "h")
+        lineage._log_input(object(), "train", "h")
     assert calls == ["train"]
 
 

@@ -46,14 +46,19 @@ def test_train_logs_everything_and_the_model_predicts(
 
     metrics = run.data.metrics
     if result.task == "classification":
-        expected = {"accuracy", "f1", "roc_auc", "log_loss"}
-        plots = {"plots/confusion_matrix.png", "plots/roc_curve.png"}
+        expected = {"accuracy", "f1", "precision", "recall", "roc_auc", "log_loss"}
+        plots = {
+            "plots/confusion_matrix.png",
+            "plots/roc_curve.png",
+            "plots/precision_recall_curve.png",
+        }
     else:
         expected = {"rmse", "mae", "r2"}
         plots = {"plots/residuals.png"}
     for part in ("validation", "test"):
         for name in expected:
             assert np.isfinite(metrics[f"{part}_{name}"]), f"{part}_{name}"
+    plots |= {"plots/permutation_importance.png", "plots/shap_summary.png"}  # explain.enabled
     assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == plots
 
     contexts = {
@@ -148,3 +153,33 @@ def test_each_run_goes_to_its_configured_experiment() -> None:
         client.get_experiment(client.get_run(r.run_id).info.experiment_id).name for r in (a, b)
     }
     assert names == {"first", "second"}
+
+
+@pytest.mark.parametrize(
+    "truth,pred,classes",
+    [
+        (["a", "b", "b", "a", "b", "b"], ["a", "b", "a", "a", "b", "a"], ["a", "b"]),
+        ([0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 0, 2, 1], [0, 1, 2]),
+    ],
+    ids=["binary", "multiclass"],
+)
+def test_precision_and_recall_follow_the_metric_conventions(
+    truth: list[object], pred: list[object], classes: list[object]
+) -> None:
+    """Binary: of the positive class (the second label); more classes: the macro mean."""
+    from sklearn import metrics as skm
+
+    from mlops.metrics import classification
+
+    out = classification(truth, pred, classes)
+    if len(classes) == 2:
+        # positive class "b": predicted b 2 times, both right; 4 true b, 2 found
+        assert out["precision"] == 1.0
+        assert out["recall"] == 0.5
+    else:
+        # per class precision 3/4, 1/2, 1/1 and recall 3/3, 1/2, 1/2
+        assert out["precision"] == pytest.approx(0.75)
+        assert out["recall"] == pytest.approx(2 / 3)
+        assert out["precision"] == pytest.approx(
+            skm.precision_score(truth, pred, average="macro", zero_division=0)
+        )

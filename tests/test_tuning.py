@@ -507,3 +507,44 @@ def test_a_sigkilled_worker_loses_no_trial_and_leaves_no_run_running(
     killed_run = mlflow.MlflowClient().get_run(failed.user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED"
     assert result.n_complete >= 1
+
+
+def test_grid_search_tries_every_point_once_then_stops() -> None:
+    """tuning.sampler=grid: 3 values of C (log-spaced) x 2 class weights = 6 trials, each point
+    once, and the study stops there although n_trials allows more."""
+    config = load_config(
+        overrides=[
+            *SMALL_LOGREG,
+            "tuning.n_trials=20",
+            "tuning.sampler=grid",
+            "tuning.pruner=none",
+            "tuning.register_best=false",
+            "tuning.search_space={C: {type: float, low: 0.01, high: 1.0, log: true, grid: 3}, "
+            "class_weight: {type: categorical, choices: [null, balanced]}}",
+        ]
+    )
+    result = tune(config, progress=False)
+    assert result.n_complete == 6
+    tried = sorted(
+        (float(r.data.params["C"]), r.data.params["class_weight"])
+        for r in children(result.parent_run_id)
+    )
+    assert tried == sorted((c, w) for c in (0.01, 0.1, 1.0) for w in ("None", "balanced")), tried
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        (
+            "{max_iter: {type: int, low: 1, high: 200000}, C: {type: float, low: 0.1, high: 1}}",
+            r"1,000,000 points \(max_iter: 200000, C: 5\)",
+        ),
+    ],
+)
+def test_a_grid_too_large_is_refused_before_any_trial(space: str, message: str) -> None:
+    config = load_config(
+        overrides=["model.family=logreg", "tuning.sampler=grid", f"tuning.search_space={space}"]
+    )
+    with pytest.raises(ConfigError, match=message):
+        tune(config, progress=False)
+    assert not mlflow.search_runs(search_all_experiments=True).shape[0]

@@ -124,10 +124,13 @@ def build_model(
     numeric_columns: tuple[str, ...] | list[str],
     categorical_columns: tuple[str, ...] | list[str] = (),
     seed: int | None = None,
+    features: dict[str, dict[str, Any]] | None = None,
 ) -> Pipeline:
     """A fresh, unfitted ``Pipeline(preprocess, model)`` for the family and task.
 
-    Unknown hyperparameters fail with the family's valid parameter names.
+    Unknown hyperparameters fail with the family's valid parameter names. ``features``
+    (``data.features``) gives configured columns their own transform (see
+    :func:`build_preprocessor`).
     """
     family = get_family(family_name)
     factory = family.estimator_class(task)
@@ -157,17 +160,31 @@ def build_model(
         ) from None
     return Pipeline(
         [
-            ("preprocess", build_preprocessor(numeric_columns, categorical_columns)),
+            (
+                "preprocess",
+                build_preprocessor(numeric_columns, categorical_columns, features=features),
+            ),
             ("model", estimator),
         ]
     )
 
 
 def build_preprocessor(
-    numeric_columns: tuple[str, ...] | list[str], categorical_columns: tuple[str, ...] | list[str]
+    numeric_columns: tuple[str, ...] | list[str],
+    categorical_columns: tuple[str, ...] | list[str],
+    *,
+    features: dict[str, dict[str, Any]] | None = None,
 ) -> ColumnTransformer:
-    """Imputation and scaling for numeric columns, imputation and one-hot for categorical ones."""
+    """Imputation and scaling for numeric columns, imputation and one-hot for categorical ones.
+
+    Each column of ``features`` (``data.features``) is instead its own entry
+    ``feature_<column>`` over that single column (:func:`mlops.features.feature_entries`); the
+    ``numeric`` and ``categorical`` entries leave those columns out.
+    """
     transformers: list[tuple[str, Any, list[str]]] = []
+    if features:
+        numeric_columns = [c for c in numeric_columns if c not in features]
+        categorical_columns = [c for c in categorical_columns if c not in features]
     if numeric_columns:
         transformers.append(
             (
@@ -191,7 +208,15 @@ def build_preprocessor(
                 list(categorical_columns),
             )
         )
-    return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+    if not features:
+        return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+    from mlops.features import feature_entries
+
+    transformers.extend(feature_entries(features))
+    # dense output whatever a transform returns: every model family and the wrapper take arrays
+    return ColumnTransformer(
+        transformers, remainder="drop", verbose_feature_names_out=False, sparse_threshold=0.0
+    )
 
 
 def fit_model(

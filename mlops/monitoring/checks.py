@@ -15,8 +15,12 @@ prediction distribution and labelled accuracy or RMSE, and the test of their dif
 What clients cannot steer: their own errors (4xx: a bad request, a wrong type) are counted
 apart as ``client_error_rate`` and never in ``server_error_rate`` or the latencies, which
 measure the requests the model accepted; and a rule fires only over at least its
-``min_requests`` requests (accepted ones; any, for a rule on ``client_error_rate``), so a
-handful of requests cannot raise an alert or roll production back.
+``min_requests`` requests (accepted ones; any, for a rule on ``client_error_rate`` or
+``rule_violation_rate``), so a handful of requests cannot raise an alert or roll production back.
+
+A model with data rules (``data.rules``) logs how many each row broke; the check reports
+``rule_violation_rate`` (the share of checked rows, flagged or refused, that broke one), which an
+alert rule can name like any other metric.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ PRODUCTION = "production"
 MONITOR_USER = "mlops-monitor"
 NOTES_TAG = "mlops.monitor.notes"
 COMPARE_TAG = "mlops.monitor.compare"
+# metrics measured over every request, the ones refused as the client's error included
+EVERY_REQUEST = frozenset({"client_error_rate", "rule_violation_rate"})
 
 
 def experiment_name(model: str) -> str:
@@ -129,6 +135,7 @@ def check(
     m = result.metrics
     per_request = frame.drop_duplicates("request_id")
     _request_metrics(per_request, m)
+    _rule_violations(frame, m)
     ok = frame[frame["status"] == 200]
     m["predictions"] = float(len(ok))
     written, dropped = store.writer_counts(name, version, at - window_s, at)
@@ -182,6 +189,18 @@ def check(
 def _request_metrics(per_request: pd.DataFrame, m: dict[str, float]) -> None:
     """Request counts, error rates and latencies: see :func:`compare.request_metrics`."""
     m.update(request_metrics(per_request))
+
+
+def _rule_violations(frame: pd.DataFrame, m: dict[str, float]) -> None:
+    """``rule_violation_rate``: the share of the rows checked against the model's data rules
+    that broke one, flagged (answered) or refused (a refused request is one logged row, so it
+    counts once); ``rule_violations`` their count. Absent when no row was checked (a model
+    without ``data.rules``)."""
+    checked = pd.to_numeric(frame["violations"], errors="coerce").dropna()
+    if len(checked):
+        broken = int((checked > 0).sum())
+        m["rule_violations"] = float(broken)
+        m["rule_violation_rate"] = broken / len(checked)
 
 
 def _drift(
@@ -427,8 +446,9 @@ def _bound(rule: AlertRule) -> float:
 
 def requests_for(metric: str, metrics: dict[str, float]) -> int:
     """The requests a rule on ``metric`` is measured over: every request for the clients'
-    error rate, the accepted ones (not refused as the client's error) for anything else."""
-    key = "requests" if metric == "client_error_rate" else "requests_accepted"
+    error rate and the rule violation rate (refused requests count there), the accepted ones
+    (not refused as the client's error) for anything else."""
+    key = "requests" if metric in EVERY_REQUEST else "requests_accepted"
     return int(metrics.get(key, metrics.get("requests", 0.0)))
 
 
@@ -443,7 +463,7 @@ def _alerts(config: Config, store: MonitoringStore, result: CheckResult) -> None
             result.held.append(rule.name)
             result.notes.append(
                 f"rule '{rule.name}' not fired: {metric} = {value:.4g} is {side} {bound:g}, but "
-                f"over only {seen} {'' if metric == 'client_error_rate' else 'accepted '}"
+                f"over only {seen} {'' if metric in EVERY_REQUEST else 'accepted '}"
                 f"request(s), fewer than its min_requests ({rule.min_requests})"
             )
             continue

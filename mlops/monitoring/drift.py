@@ -73,9 +73,13 @@ def categorical_drift(reference: dict[str, Any], values: Sequence[Any]) -> dict[
 def _category_shares(
     reference: dict[str, Any], values: Sequence[Any]
 ) -> tuple[list[str], list[float], list[float] | None]:
-    """Category names (+ "(new)"), their reference shares and their shares in ``values``."""
+    """Category names (+ "(new)"), their reference shares and their shares in ``values``.
+
+    "(new)" is every value the reference does not list: new ones, and for a column with more
+    categories than a profile keeps (free text), the training data's rarer ones, whose share
+    the profile records as ``other_share``."""
     cats = list(reference["shares"])
-    ref = [reference["shares"][c] for c in cats] + [0.0]
+    ref = [reference["shares"][c] for c in cats] + [float(reference.get("other_share", 0.0))]
     series = pd.Series(values, dtype=object).dropna().astype(str)
     if series.empty:
         return cats + ["(new)"], ref, None

@@ -64,6 +64,7 @@ class _Request:
     predictions: np.ndarray | None
     scores: np.ndarray | None
     rows: int
+    violations: np.ndarray | int | None = None  # data rules broken, per row (or one for all)
 
 
 COLUMNS = (
@@ -82,6 +83,7 @@ COLUMNS = (
     "scores",
     "arm",
     "shadow",
+    "violations",
 )
 
 
@@ -223,8 +225,13 @@ class PredictionLogger:
         scores: np.ndarray | None = None,
         status: int = 200,
         error: str | None = None,
+        violations: np.ndarray | int | None = None,
     ) -> bool:
-        """Buffer one request's rows; False (and counted as dropped) when the buffer is full."""
+        """Buffer one request's rows; False (and counted as dropped) when the buffer is full.
+
+        ``violations``: for a model with data rules, the rules each row broke (an array, or one
+        number for every row); on a refused request, the count of its rows that broke one.
+        """
         rows = int(numeric.shape[0]) if numeric is not None else 1
         with self._lock:
             if self._buffered + rows > self.capacity:
@@ -244,6 +251,7 @@ class PredictionLogger:
                 predictions,
                 scores,
                 rows,
+                violations,
             )
         )
         if self._buffered >= self.batch_rows:
@@ -354,6 +362,7 @@ class PredictionLogger:
                 None,
                 self.arm,
                 self.shadow,
+                None if it.violations is None else int(it.violations),
             )
             for it in items
             if it.numeric is None
@@ -447,8 +456,23 @@ class PredictionLogger:
             scores,
             repeat(self.arm),
             repeat(self.shadow),
+            self._violations(done, n),
         )
         return out
+
+    @staticmethod
+    def _violations(done: list[_Request], n: int) -> Any:
+        """Each row's count of broken data rules (None where its model has no rules)."""
+        if all(it.violations is None for it in done):
+            return repeat(None)
+        values: list[Any] = []
+        for it in done:
+            v = it.violations
+            if isinstance(v, np.ndarray):
+                values += v.tolist()
+            else:
+                values += [None if v is None else int(v)] * it.rows
+        return values
 
     def _mask(self, value: Any) -> str | None:
         if value is None:

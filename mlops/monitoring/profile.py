@@ -24,6 +24,8 @@ from mlops.metrics import evaluate
 
 PROFILE_ARTIFACT = "reference_profile"
 PROFILE_VERSION = 1
+# a categorical feature lists at most this many categories (a free-text column has thousands)
+MAX_CATEGORIES = 100
 
 
 def numeric_reference(values: np.ndarray, bins: int) -> dict[str, Any]:
@@ -45,10 +47,23 @@ def numeric_reference(values: np.ndarray, bins: int) -> dict[str, Any]:
     }
 
 
-def categorical_reference(values: Sequence[Any]) -> dict[str, Any]:
+def categorical_reference(
+    values: Sequence[Any], max_categories: int = MAX_CATEGORIES
+) -> dict[str, Any]:
+    """Category shares; past ``max_categories`` distinct values (free text) only the most common
+    are listed, and the rest's total share is ``other_share``."""
     series = pd.Series(values, dtype=object).dropna().astype(str)
-    shares = series.value_counts(normalize=True).sort_index()
-    return {"kind": "categorical", "shares": {str(k): float(v) for k, v in shares.items()}}
+    shares = series.value_counts(normalize=True)
+    ref: dict[str, Any] = {"kind": "categorical"}
+    if len(shares) > max_categories:
+        # most common first, ties by value, so the same data gives the same profile
+        ordered = sorted(shares.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        kept = pd.Series(dict(ordered[:max_categories]))
+        ref["other_share"] = float(1.0 - kept.sum())
+        ref["distinct"] = int(len(shares))
+        shares = kept
+    ref["shares"] = {str(k): float(v) for k, v in shares.sort_index().items()}
+    return ref
 
 
 def masked_reference(kind: str) -> dict[str, Any]:

@@ -48,6 +48,9 @@ PREDICTIONS = sa.Table(
     sa.Column("arm", sa.String(64)),  # the alias answered for on a production server, if any
     # a shadow's rows: the same request scored off the request path; no client saw them
     sa.Column("shadow", sa.Boolean, nullable=False, server_default=sa.false()),
+    # data rules (data.rules) the row broke; on a refused request's row, its rows that broke
+    # one; null where the model has no rules (or the row was logged before they existed)
+    sa.Column("violations", sa.Integer),
     sa.Index("ix_mlops_predictions_model_at", "model", "at"),
 )
 LAYOUTS = sa.Table(
@@ -148,6 +151,7 @@ class MonitoringStore:
             "prediction",
             "arm",
             "shadow",
+            "violations",
         ]
         query = sa.select(*(p.c[n] for n in names)).where(
             p.c.model == model, p.c.at >= since, p.c.at < until

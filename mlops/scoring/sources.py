@@ -4,52 +4,51 @@
 (an empty glob, an unknown suffix or an unreadable S3 key is a :class:`ScoringInputError`
 naming the fix); :func:`read_chunks` reads one of them as pandas frames of at most
 ``chunk_rows`` rows, never the whole file: Parquet by record batches, CSV by pandas chunks.
-S3 is reached through boto3 with the endpoint in ``MLFLOW_S3_ENDPOINT_URL``, as the rest of the
-project reaches it; a Parquet object is read by ranged GETs, so only its footer and the row
-groups being scored are fetched.
+Listing and opening files (S3 through boto3 on ``MLFLOW_S3_ENDPOINT_URL``, a Parquet object by
+ranged GETs, so only its footer and the row groups being scored are fetched) live in
+:mod:`mlops.sources`, which training data reads through too.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
-import io
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from mlops.errors import MlopsError
+# the listing and opening of files are shared with training data (mlops.data), one level down
+from mlops.sources import (
+    CSV,
+    PARQUET,
+    SUFFIXES,
+    Source,
+    SourceError,
+    format_of,
+    list_sources,
+    open_source,
+    s3_client,
+    split_s3,
+)
 
-PARQUET, CSV = "parquet", "csv"
-SUFFIXES = {".parquet": PARQUET, ".pq": PARQUET, ".parq": PARQUET, ".csv": CSV, ".csv.gz": CSV}
-_GLOB_CHARS = frozenset("*?[")
+__all__ = [
+    "CSV",
+    "PARQUET",
+    "SUFFIXES",
+    "Chunk",
+    "ScoringInputError",
+    "Source",
+    "format_of",
+    "open_source",
+    "read_chunks",
+    "resolve_inputs",
+    "s3_client",
+    "split_s3",
+]
 
-
-class ScoringInputError(MlopsError, ValueError):
-    """The input (or output) of a scoring job cannot be used as given."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """One file to score: a local path or an ``s3://bucket/key`` URI, and its format."""
-
-    uri: str
-    format: str
-
-    @property
-    def on_s3(self) -> bool:
-        return self.uri.startswith("s3://")
-
-
-def format_of(path: str) -> str | None:
-    """``parquet`` or ``csv`` from a file name's suffix; None for anything else."""
-    name = path.lower()
-    return next((fmt for suffix, fmt in SUFFIXES.items() if name.endswith(suffix)), None)
+# the input (or output) of a scoring job cannot be used as given: a source error by its
+# scoring name, so what catches one catches the other
+ScoringInputError = SourceError
 
 
 def resolve_inputs(uri: str) -> list[Source]:
@@ -61,164 +60,13 @@ def resolve_inputs(uri: str) -> list[Source]:
     """
     if not uri or not uri.strip():
         raise ScoringInputError("--input is empty; pass a CSV or Parquet file, folder or glob")
-    paths = _list_s3(uri) if uri.startswith("s3://") else _list_local(uri)
-    formats = {p: format_of(p) for p in paths}
-    unknown = [p for p, f in formats.items() if f is None]
-    if unknown:
-        raise ScoringInputError(
-            f"input {unknown[0]!r}: unknown format; pass .csv or .parquet files "
-            f"({', '.join(sorted(SUFFIXES))})"
-        )
-    found = sorted({f for f in formats.values() if f})
+    sources = list_sources(uri)
+    found = sorted({s.format for s in sources})
     if len(found) > 1:
         raise ScoringInputError(
             f"input {uri!r} mixes formats {found}; score CSV and Parquet files separately"
         )
-    return [Source(p, formats[p] or "") for p in paths]
-
-
-def _list_local(uri: str) -> list[str]:
-    if _GLOB_CHARS & set(uri):
-        paths = sorted(p for p in glob.glob(uri, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise ScoringInputError(
-                f"input glob {uri!r} matches no file; check the pattern (quote it so the shell "
-                "does not expand it) or pass a file or folder"
-            )
-        return paths
-    path = Path(uri)
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        paths = sorted(
-            str(p)
-            for p in path.rglob("*")
-            if p.is_file() and format_of(p.name) and not _hidden(p.relative_to(path))
-        )
-        if not paths:
-            raise ScoringInputError(
-                f"input folder {uri!r} holds no .csv or .parquet file; pass the folder that "
-                "holds the data, or a glob such as data/*.parquet"
-            )
-        return paths
-    raise ScoringInputError(
-        f"input {uri!r} does not exist; pass a CSV or Parquet file, a folder of them, or a glob "
-        "such as 'data/*.parquet'"
-    )
-
-
-def _hidden(relative: Path) -> bool:
-    """Spark's and Hadoop's bookkeeping files (``_SUCCESS``, ``.part.crc``) are not data."""
-    return any(part.startswith(("_", ".")) for part in relative.parts)
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` as ``(bucket, key)``."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise ScoringInputError(f"{uri!r} names no bucket; write s3://bucket/key")
-    return bucket, key
-
-
-def s3_client() -> Any:
-    """A boto3 S3 client on ``MLFLOW_S3_ENDPOINT_URL`` (AWS when unset), as MLflow's own."""
-    import boto3
-
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
-
-
-def _s3_problem(uri: str, exc: Exception) -> ScoringInputError:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
-    return ScoringInputError(
-        f"input {uri!r} cannot be read from {endpoint} ({code}); check the bucket and key, the "
-        "AWS_* credentials and MLFLOW_S3_ENDPOINT_URL"
-    )
-
-
-def _list_s3(uri: str) -> list[str]:
-    import botocore.exceptions
-
-    bucket, key = split_s3(uri)
-    pattern = key if _GLOB_CHARS & set(key) else None
-    prefix = key[: min(key.index(c) for c in _GLOB_CHARS if c in key)] if pattern else key
-    client = s3_client()
-    keys: list[str] = []
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise _s3_problem(uri, exc) from None
-    if pattern:
-        keys = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
-    elif key in keys:
-        keys = [key]
-    else:  # a prefix: the data files under it, as a folder
-        folder = key if key.endswith("/") or not key else key + "/"
-        keys = [
-            k
-            for k in keys
-            if k.startswith(folder) and format_of(k) and not _hidden(Path(k[len(folder) :]))
-        ]
-    if not keys:
-        raise ScoringInputError(
-            f"input {uri!r} matches no object; check the bucket and key (a folder is a prefix "
-            "ending in /, a glob such as s3://bucket/data/*.parquet)"
-        )
-    return [f"s3://{bucket}/{k}" for k in sorted(keys)]
-
-
-class S3File(io.RawIOBase):
-    """A seekable, read-only view of one S3 object through ranged GETs (for Parquet's footer
-    and row groups: only what is read is fetched)."""
-
-    def __init__(self, client: Any, bucket: str, key: str) -> None:
-        self.client, self.bucket, self.key = client, bucket, key
-        self.size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        if self.pos >= self.size or not len(buffer):
-            return 0
-        end = min(self.pos + len(buffer), self.size) - 1
-        body = self.client.get_object(
-            Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{end}"
-        )
-        data = body["Body"].read()
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def open_source(source: Source) -> Any:
-    """A binary file object for ``source`` (seekable for Parquet); the caller closes it."""
-    if not source.on_s3:
-        return open(source.uri, "rb")
-    import botocore.exceptions
-
-    bucket, key = split_s3(source.uri)
-    client = s3_client()
-    try:
-        if source.format == PARQUET:
-            return io.BufferedReader(S3File(client, bucket, key), buffer_size=8 << 20)
-        return client.get_object(Bucket=bucket, Key=key)["Body"]
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise _s3_problem(source.uri, exc) from None
+    return sources
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ a guard that holds every request to one input contract, whichever path parses it
   scores, but the contract reads the body first: MLflow's schema enforcement turns booleans
   and numeric strings into numbers before ``predict`` could refuse them, and merges repeated
   CSV headers. What the contract refuses is refused with the contract's words on both paths;
-  what it accepts and MLflow refuses is answered by the contract;
+  what it accepts and MLflow refuses is answered by the contract. A JSON body naming
+  ``"params"`` (``{"explain": k}``) is answered by ``respond`` on both paths: MLflow hands
+  params only to a model whose signature declares them;
 - errors: every failure leaves as MLflow's error JSON (``{"error_code": ..., "message": ...}``)
   with no stack trace and no more than 100 characters of any value sent: 400 for the input's
   fault, 500 only for a failure of the model or the server.
@@ -62,6 +64,7 @@ _JSON, _CSV, _PARQUET = "application/json", "text/csv", "application/vnd.apache.
 CONTENT_TYPES = [_CSV, _JSON, _PARQUET]  # what MLflow's server reads, in its order
 TOO_LARGE = 413
 _BOM = b"\xef\xbb\xbf"
+_PARAMS = ('"params"', b'"params"')  # indexed by isinstance(body, bytes)
 
 _fast: weakref.WeakSet[Any] = weakref.WeakSet()  # wrappers whose JSON and CSV skip MLflow's parsing
 
@@ -220,7 +223,9 @@ def _invoke(
         return _answer(too_large(limit), TOO_LARGE)
     if data[:3] == _BOM or data[:1] == "\ufeff":
         data = data[3:] if isinstance(data, bytes) else data[1:]
-    if wrapper in _fast:
+    if wrapper in _fast or (mime == _JSON and _PARAMS[isinstance(data, bytes)] in data):
+        # a body with "params" (e.g. {"explain": 3}) is answered by the wrapper on both paths:
+        # MLflow passes params only to a model whose signature declares them
         return _answer(respond(data, mime))
     # MLflow's path: the contract reads the body first
     try:

@@ -22,6 +22,7 @@ from mlops.data import DatasetSplit
 from mlops.db import secret_free_url
 from mlops.errors import ConfigError
 from mlops.monitoring.profile import PROFILE_ARTIFACT, build_profile
+from mlops.rules import keeping
 from mlops.serving.wrapper import METADATA_ARTIFACT, PIPELINE_ARTIFACT, MlopsModel
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -108,6 +109,7 @@ def requirements_for(family: str) -> list[str]:
         "skops",
         "pyyaml",
         "pydantic",
+        "shap",  # per-row explanations on request ({"params": {"explain": k}})
     ]
     if family == "keras_mlp":
         names += ["tensorflow", "keras"]
@@ -145,15 +147,23 @@ def log_model(
             f"choose from {list(split.feature_columns)}"
         )
     meta = model_metadata(split, config)
+    # what the model explains rows with (serving's {"params": {"explain": k}}): aggregates of
+    # the transformed training data, so no file is read on the request path
+    from mlops.explain import METADATA_KEY, explain_metadata
+
+    meta[METADATA_KEY] = explain_metadata(pipeline, split, config)
     if config.monitoring.log_url and meta["serving"]["monitoring_url"] != config.monitoring.log_url:
         logger.warning(
             "monitoring.log_url: its password is not stored with the model; name it as a "
             "${VAR} placeholder in the URL, or give it to the serving process (PGPASSWORD or "
             "~/.pgpass for PostgreSQL)"
         )
-    X_example = masked(
-        split.train[list(split.feature_columns)].head(5), split.train, config
-    ).reset_index(drop=True)
+    features = split.train[list(split.feature_columns)]
+    # the example is what MLflow (and a reader) sends the served model: rows that keep the data
+    # rules, or a served model in reject mode would refuse its own example
+    keep = keeping(features, config.data.rules)
+    rows = features[keep] if keep.any() else features
+    X_example = masked(rows.head(5), split.train, config).reset_index(drop=True)
     wrapper = (
         MlopsModel()
     )  # configured, not loaded: the caller's pipeline is used as it is, never changed

@@ -145,6 +145,14 @@ class InputContract:
             return _from_parquet(self, data)
         return _from_csv(self, data) if mime == CSV else _from_json(self, data)
 
+    def parse_with_params(self, data: bytes | str, mime: str) -> tuple[Arrays, dict[str, Any]]:
+        """:meth:`parse`, and the request's ``params`` object (MLflow's inference parameters,
+        a JSON body's ``"params"``; empty for CSV and Parquet, which carry none)."""
+        if mime == PARQUET or mime == CSV:
+            return self.parse(data, mime), {}
+        params: dict[str, Any] = {}
+        return _from_json(self, data, params=params), params
+
     def from_frame(self, frame: Any) -> Arrays:
         """A DataFrame (or anything pandas reads as one) as checked arrays, by the same rules."""
         if not isinstance(frame, pd.DataFrame):
@@ -377,7 +385,11 @@ def decode_json(data: bytes | str) -> Any:
         raise invalid(f"request body holds a value that cannot be read ({clip(exc)})") from None
 
 
-def _from_json(contract: InputContract, data: bytes | str) -> Arrays:
+def _from_json(
+    contract: InputContract, data: bytes | str, *, params: dict[str, Any] | None = None
+) -> Arrays:
+    """The arrays of a JSON body; its ``"params"`` object is copied into ``params`` when given
+    (else ignored, as MLflow ignores params a model's signature does not declare)."""
     payload = decode_json(data)
     if not isinstance(payload, dict):
         raise invalid(
@@ -392,6 +404,14 @@ def _from_json(contract: InputContract, data: bytes | str) -> Arrays:
             f"request body must have exactly one of the keys {list(FORMATS)} (and optionally "
             f"'params'); got {found}"
         )
+    if params is not None and payload.get("params") is not None:
+        given = payload["params"]
+        if not isinstance(given, dict):
+            raise invalid(
+                f"'params' must be an object of parameter names and values, got {clip(given)}; "
+                'send for example {"params": {"explain": 3}}'
+            )
+        params.update(given)
     key = keys[0]
     body = payload[key]
     if key == "dataframe_split":
@@ -434,6 +454,21 @@ def _from_json(contract: InputContract, data: bytes | str) -> Arrays:
     raise invalid(
         f"'{key}' must be a list of objects (one per row) or an object of columns, got {clip(body)}"
     )
+
+
+def explain_param(params: dict[str, Any], limit: int) -> int | None:
+    """The ``explain`` parameter of a request (how many contributions per row it asks for):
+    None when not asked, else an integer from 1 to ``limit``; anything else is refused."""
+    value = params.get("explain")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise invalid(
+            f"params 'explain' must be an integer from 1 to {limit} (the number of feature "
+            f"contributions per row), got {clip(value)}; send for example "
+            '{"params": {"explain": 3}}'
+        )
+    return value
 
 
 def _unnamed(contract: InputContract, where: str) -> InvalidInput:

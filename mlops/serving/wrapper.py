@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from mlops.artifacts import CHECKSUM_TAG
+from mlops.rules import RowRules, RowViolations
 from mlops.serving.compiled import compile_pipeline
-from mlops.serving.inputs import Arrays, InputContract, clip, failed, unreadable
+from mlops.serving.inputs import (
+    Arrays,
+    InputContract,
+    InvalidInput,
+    clip,
+    explain_param,
+    failed,
+    unreadable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +50,11 @@ PREDICTION_COLUMN = "prediction"
 PROBA_PREFIX = "proba_"
 NAME_COLUMN = "model_name"
 VERSION_COLUMN = "model_version"
+VIOLATIONS_COLUMN = "violations"  # on_rule_violation=flag: the data rules each row broke
 REQUEST_ID_COLUMN = "request_id"  # with monitoring on: the id `mlops feedback` joins labels on
+# with {"params": {"explain": k}}: per row, what is explained, its value and expected value, the
+# top k contributions per original feature and the sum of the rest (mlops.explain.RowContributions)
+EXPLANATION_COLUMN = "explanation"
 PROBA_KEY = "__proba__"
 # serving options: logged in metadata.json; a server may override each through its model
 # config (SERVING_MODEL_CONFIG, or load_model(model_config=...))
@@ -119,9 +133,11 @@ class MlopsModel(PythonModel):
             impute_missing=options["impute_missing"],
             max_body_bytes=options["max_body_bytes"],
             coerce_numbers=options["coerce_numbers"],
+            on_rule_violation=options["on_rule_violation"],
             model_name=str(name),
             model_version=str(version),
         )
+        self.max_explain = int(options.get("max_explain") or DEFAULT_OPTIONS["max_explain"])
         if _truthy(options["monitoring"]) and serving:
             from mlops.monitoring.store import LOG_FILE
             from mlops.tracking import project_store_url
@@ -152,6 +168,7 @@ class MlopsModel(PythonModel):
         impute_missing: bool | None = None,
         max_body_bytes: int | None = None,
         coerce_numbers: bool | None = None,
+        on_rule_violation: str | None = None,
         model_name: str = "",
         model_version: str = "",
     ) -> None:
@@ -179,6 +196,20 @@ class MlopsModel(PythonModel):
         if self.has_proba and self.classes is not None:
             self.output_columns += [f"{PROBA_PREFIX}{c}" for c in self.classes]
         self.output_columns += [NAME_COLUMN, VERSION_COLUMN]
+        # data.rules on served rows: None (no work per request) without a rule on an input
+        # column, or when configured to log a model (no on_rule_violation: its example rows are
+        # training rows, which may break a rule within data.rules.tolerance)
+        mode = on_rule_violation
+        if mode not in (None, "reject", "flag"):
+            raise MlflowException(
+                f"serving option on_rule_violation is {mode!r}; use 'reject' (a 400) or 'flag' "
+                f"(a '{VIOLATIONS_COLUMN}' output column)"
+            )
+        rules = meta.get("rules") if mode is not None else None
+        self.rules = RowRules.build(rules, self.numeric, self.categorical)
+        self.flag_violations = self.rules is not None and mode == "flag"
+        if self.flag_violations:
+            self.output_columns.append(VIOLATIONS_COLUMN)
         sample = pd.DataFrame(meta["sample"]) if meta.get("sample") else None
         self.compiled = compile_pipeline(pipeline, self.numeric, self.categorical, sample)
 
@@ -227,10 +258,19 @@ class MlopsModel(PythonModel):
     ) -> pd.DataFrame:
         """Scores for a DataFrame (MLflow's own parsing, a notebook), checked by the same
         contract as a raw body: a refusal is an ``InvalidInput`` (400), a model failure a
-        ``PredictionFailed`` (500)."""
-        return pd.DataFrame(
-            self.answer(lambda: self.contract.from_frame(model_input)), columns=self.output_columns
-        )
+        ``PredictionFailed`` (500). ``params={"explain": k}`` adds the ``explanation`` column
+        (see :meth:`explain_rows`)."""
+        if not params or params.get("explain") is None:
+            return pd.DataFrame(
+                self.answer(lambda: self.contract.from_frame(model_input)),
+                columns=self.output_columns,
+            )
+        k = explain_param(params, self.explain_limit)
+        parsed: list[Arrays] = []
+        result = self.answer(lambda: _kept(parsed, self.contract.from_frame(model_input)))
+        frame = pd.DataFrame(result, columns=self.output_columns)
+        frame[EXPLANATION_COLUMN] = self.explain_rows(*parsed[0], k or 1)
+        return frame
 
     def respond(
         self,
@@ -241,11 +281,96 @@ class MlopsModel(PythonModel):
         scored: Scored | None = None,
     ) -> str:
         """The scoring server's JSON body for a raw request body (``{"predictions": [...]}``);
-        ``request_id`` and ``scored`` as for :meth:`answer`."""
+        ``request_id`` and ``scored`` as for :meth:`answer`.
+
+        A JSON body with ``{"params": {"explain": k}}`` also gets an ``explanation`` per row
+        (:meth:`explain_rows`); a body without ``"params"`` costs one substring test more."""
+        if mime == JSON_MIME and _mentions_params(data):
+            return self._respond_with_params(data, mime, request_id=request_id, scored=scored)
         result = self.answer(
             lambda: self.contract.parse(data, mime), request_id=request_id, scored=scored
         )
         return records_json([(name, result[name]) for name in self.output_columns])
+
+    def _respond_with_params(
+        self,
+        data: bytes | str,
+        mime: str,
+        *,
+        request_id: str | None,
+        scored: Scored | None,
+    ) -> str:
+        asked: list[Any] = []
+
+        def parse() -> Arrays:  # a bad `explain` is refused like bad input (400, logged)
+            arrays, params = self.contract.parse_with_params(data, mime)
+            asked[:] = [explain_param(params, self.explain_limit), arrays]
+            return arrays
+
+        result = self.answer(parse, request_id=request_id, scored=scored)
+        columns = [(name, result[name]) for name in self.output_columns]
+        k, (numeric, categorical) = asked
+        if k is not None:
+            columns.append((EXPLANATION_COLUMN, self.explain_rows(numeric, categorical, k)))
+        return records_json(columns)
+
+    @property
+    def explain_limit(self) -> int:
+        """The most contributions per row a request may ask for (serving option
+        ``max_explain``)."""
+        limit = getattr(self, "max_explain", None)
+        if limit is None:
+            limit = (self.meta.get("serving") or {}).get("max_explain")
+        return int(limit or DEFAULT_OPTIONS["max_explain"])
+
+    def explain_rows(
+        self, numeric: np.ndarray, categorical: np.ndarray | None, k: int
+    ) -> np.ndarray:
+        """Per row, a dict ``{"explains": what output, "value": it, "expected_value": ...,
+        "contributions": [{"feature": ..., "contribution": ...}, ... the top k by size],
+        "others": sum of the rest}``; ``expected_value + sum(contributions) + others ==
+        value``. The explainer is built at the first call from the model's metadata alone."""
+        explainer = self._explainer_once()
+        try:
+            if self.compiled is not None:  # the preprocessing as scoring runs it (no DataFrame)
+                Xt = np.asarray(self.compiled.transform(numeric, categorical), dtype=float)
+                contributions = explainer.explain_transformed(Xt)
+            else:
+                X = pd.DataFrame(numeric, columns=self.numeric)
+                for j, col in enumerate(self.categorical):
+                    assert categorical is not None  # parsed whenever the model has them
+                    X[col] = categorical[:, j]
+                contributions = explainer.explain(X[self.features])
+            records = contributions.as_records(k)
+        except Exception as exc:  # noqa: BLE001 - the model's failure, not the input's
+            logger.exception("explanation failed")
+            raise failed(exc) from exc
+        out = np.empty(len(records), dtype=object)
+        for i, record in enumerate(records):
+            out[i] = record
+        return out
+
+    def _explainer_once(self) -> Any:
+        explainer = getattr(self, "explainer", None)
+        if explainer is not None:
+            return explainer
+        with _EXPLAINER_LOCK:
+            explainer = getattr(self, "explainer", None)
+            if explainer is None:
+                try:
+                    from mlops.explain import Explainer
+
+                    explainer = Explainer.for_model(self.pipeline, self.meta)
+                except ImportError as exc:
+                    need = "explanations need the shap package in the serving environment"
+                    raise failed(RuntimeError(f"{need} ({exc})")) from exc
+                except ValueError as exc:
+                    raise InvalidInput(
+                        f"model version {self.model_version} cannot explain its answers ({exc}); "
+                        "ask without params 'explain'"
+                    ) from exc
+                self.explainer = explainer
+        return explainer
 
     def answer(
         self,
@@ -270,6 +395,7 @@ class MlopsModel(PythonModel):
         started = time.perf_counter()
         try:
             numeric, categorical = _parsed(parse)
+            found = None if self.rules is None else self._ruled(numeric, categorical)
             result = _scored(self, numeric, categorical)
         except MlflowException as exc:
             if monitor is not None:
@@ -278,8 +404,13 @@ class MlopsModel(PythonModel):
                     latency_ms=(time.perf_counter() - started) * 1000,
                     status=exc.get_http_status_code(),
                     error=getattr(exc, "detail", exc.message)[:1000],
+                    violations=getattr(exc, "violations", None),
                 )
             raise
+        if self.flag_violations:
+            result[VIOLATIONS_COLUMN] = (
+                found.labels() if found is not None else np.full(numeric.shape[0], "", dtype=object)
+            )
         if scored is not None:
             request_id = request_id or os.urandom(16).hex()
             scored(request_id, numeric, categorical)
@@ -295,8 +426,17 @@ class MlopsModel(PythonModel):
             categorical=categorical,
             predictions=result[PREDICTION_COLUMN],
             scores=result.get(PROBA_KEY),
+            violations=None if self.rules is None else 0 if found is None else found.counts,
         )
         return result
+
+    def _ruled(self, numeric: np.ndarray, categorical: np.ndarray | None) -> RowViolations | None:
+        """The data rules the rows broke (``flag``), or the 400 naming the first (``reject``)."""
+        assert self.rules is not None  # called only when the model has row rules
+        found = self.rules.check(numeric, categorical)
+        if found is not None and not self.flag_violations:
+            raise RuleViolated(found.message(numeric, categorical), found.rows)
+        return found
 
     def answer_many(self, parts: list[tuple[str, np.ndarray, np.ndarray | None]]) -> list[bool]:
         """Score several parsed requests in one call (a shadow's queue) and, with monitoring
@@ -315,6 +455,8 @@ class MlopsModel(PythonModel):
             categorical = None
             if parts[0][2] is not None:
                 categorical = np.concatenate([c for _, _, c in parts])
+            # reject mode: a broken rule refuses its request alone, on the one-by-one path
+            found = None if self.rules is None else self._ruled(numeric, categorical)
             result = self.score(numeric, categorical)
         except Exception:  # noqa: BLE001 - one by one: each failure logged against its request
             outcomes = []
@@ -330,6 +472,7 @@ class MlopsModel(PythonModel):
             elapsed_ms = (time.perf_counter() - started) * 1000
             total = numeric.shape[0]
             scores = result.get(PROBA_KEY)
+            counts = None if self.rules is None else 0 if found is None else found.counts
             start = 0
             for rid, n, c in parts:
                 stop = start + n.shape[0]
@@ -340,6 +483,7 @@ class MlopsModel(PythonModel):
                     categorical=c,
                     predictions=result[PREDICTION_COLUMN][start:stop],
                     scores=None if scores is None else scores[start:stop],
+                    violations=counts[start:stop] if isinstance(counts, np.ndarray) else counts,
                 )
                 start = stop
         return [True] * len(parts)
@@ -375,6 +519,30 @@ class MlopsModel(PythonModel):
         out[NAME_COLUMN] = np.full(n, self.model_name, dtype=object)
         out[VERSION_COLUMN] = np.full(n, self.model_version, dtype=object)
         return out
+
+
+class RuleViolated(InvalidInput):
+    """A served row broke a data rule (``on_rule_violation: reject``): the contract's 400,
+    with the count of rows of the request that broke one (for the prediction log)."""
+
+    def __init__(self, message: str, violations: int) -> None:
+        super().__init__(message)
+        self.violations = violations
+
+
+_EXPLAINER_LOCK = threading.Lock()
+JSON_MIME = "application/json"
+_PARAMS, _PARAMS_BYTES = '"params"', b'"params"'
+
+
+def _mentions_params(data: bytes | str) -> bool:
+    """Whether a JSON body may hold ``"params"`` (a substring test: no parsing)."""
+    return _PARAMS_BYTES in data if isinstance(data, bytes) else _PARAMS in data
+
+
+def _kept(store: list[Arrays], arrays: Arrays) -> Arrays:
+    store.append(arrays)
+    return arrays
 
 
 def _truthy(value: Any) -> bool:

@@ -30,6 +30,7 @@ from mlops import data as data_step
 from mlops.config import CONFIG_ARTIFACT, Config
 from mlops.data import DatasetSplit, encode_target
 from mlops.errors import ConfigError
+from mlops.lineage import log_split
 from mlops.metrics import evaluate
 from mlops.models import build_model, fit_model, get_family
 from mlops.tracking import log_config, step_run
@@ -109,11 +110,15 @@ def _search(
         else (config.seed * 1_000_003 + os.getpid() + time.time_ns()) % 2**32
     )
     # constant liar: workers sharing a study do not all pick the point the others are running
-    sampler = (
-        optuna.samplers.TPESampler(seed=seed, constant_liar=storage is not None)
-        if tcfg.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=seed)
-    )
+    sampler: optuna.samplers.BaseSampler
+    if tcfg.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=storage is not None)
+    elif tcfg.sampler == "grid":
+        # every point once, in a seeded random order; workers sharing a study skip the points
+        # others ran, and the study stops when the grid is done (even before n_trials)
+        sampler = optuna.samplers.GridSampler(grid_points(tcfg.search_space), seed=seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     pruner = {
         "median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
         "hyperband": optuna.pruners.HyperbandPruner(),
@@ -144,7 +149,7 @@ def _search(
         mlflow.set_tags(
             {"mlops.study_name": study_name, "mlops.tuning_metric": f"validation_{metric}"}
         )
-        data_step.log_split(split)
+        log_split(split)
         objective = _Objective(config, split, metric, runs)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         bar = _progress(tcfg.n_trials, done, enabled=progress)
@@ -197,6 +202,8 @@ def check_search_space(config: Config) -> None:
             f"tuning.search_space: {unknown} not parameters of {family}; valid: "
             f"{', '.join(sorted(valid))}"
         )
+    if config.tuning.sampler == "grid":
+        grid_points(space)
 
 
 class _Objective:
@@ -262,6 +269,7 @@ class _Objective:
             numeric_columns=split.numeric_columns,
             categorical_columns=split.categorical_columns,
             seed=config.seed,
+            features=config.data.features,
         )
         X_train, y_train = split.xy("train")
         if "on_epoch_end" in inspect.signature(pipeline.steps[-1][1].fit).parameters:
@@ -313,6 +321,38 @@ class _Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after fold {step}")
         return float(np.mean(scores))
+
+
+MAX_GRID = 100_000  # points of a grid search; a larger one is refused before any trial
+
+
+def grid_points(space: dict[str, Any]) -> dict[str, list[Any]]:
+    """The values a grid search tries per parameter (``tuning.sampler: grid``): a categorical
+    parameter's choices, every step of an int or stepped float, and ``grid`` points (evenly or
+    geometrically spaced) of a float without a step."""
+    points: dict[str, list[Any]] = {}
+    for name, spec in space.items():
+        if spec.type == "categorical":
+            values: list[Any] = list(spec.choices)
+        elif spec.type == "int":
+            values = list(range(int(spec.low), int(spec.high) + 1, int(spec.step or 1)))
+        elif spec.step is not None:
+            count = int(np.floor((spec.high - spec.low) / spec.step + 1e-9)) + 1
+            values = [float(spec.low + i * spec.step) for i in range(count)]
+        elif spec.log:
+            values = [float(v) for v in np.geomspace(spec.low, spec.high, spec.grid)]
+        else:
+            values = [float(v) for v in np.linspace(spec.low, spec.high, spec.grid)]
+        points[name] = values
+    total = int(np.prod([len(v) for v in points.values()], dtype=float))
+    if total > MAX_GRID:
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in points.items())
+        raise ConfigError(
+            f"tuning.sampler=grid: the search space has {total:,} points ({sizes}), more than "
+            f"{MAX_GRID:,}; give ints a larger step, floats fewer grid points (grid: N), or "
+            "use sampler tpe"
+        )
+    return points
 
 
 def _suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
