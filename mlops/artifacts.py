@@ -229,6 +229,7 @@ def download_model(
                     else:
                         files.append(info.path)
         targets = []
+        root.mkdir(parents=True, exist_ok=True)
         for path in files:
             target = (root / path).resolve()
             if not target.is_relative_to(root) or target == root:
@@ -236,8 +237,9 @@ def download_model(
                     f"{name} version {version}: the artifact store lists {path!r}, a path "
                     "outside the model folder; refusing to download it"
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            targets.append(pool.submit(repo._download_file, path, str(target)))
+            # the public call: it asks the store whether ``path`` is a folder (one more
+            # round trip per file, concurrent here) before it downloads the file
+            targets.append(pool.submit(repo.download_artifacts, path, str(root)))
         for future in targets:
             future.result()
     return root

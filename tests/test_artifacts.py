@@ -254,9 +254,11 @@ def test_download_model_refuses_a_listed_path_outside_its_folder(
         def list_artifacts(self, path):
             return [FileInfo("MLmodel", False, 1), FileInfo("../../escaped", False, 1)]
 
-        def _download_file(self, remote, local):
-            written.append(local)
-            Path(local).write_text("x")
+        def download_artifacts(self, path, dst_path):
+            local = Path(dst_path) / path
+            written.append(str(local))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text("x")
 
     monkeypatch.setattr(registry, "get_artifact_repository", lambda uri: HostileStore())
     with pytest.raises(UntrustedArtifact, match="outside the model folder"):

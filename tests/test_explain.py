@@ -342,8 +342,10 @@ def test_predict_with_the_explain_param_adds_an_explanation_per_row(store: dict)
     out = model.predict(None, frame, params={"explain": 2})
     pd.testing.assert_frame_equal(out.drop(columns="explanation"), plain)
     assert [len(e["contributions"]) for e in out["explanation"]] == [2, 2, 2]
+    # 0 is the default the signature declares: no explanation
+    pd.testing.assert_frame_equal(model.predict(None, frame, params={"explain": 0}), plain)
     with pytest.raises(MlflowException, match="params 'explain' must be an integer from 1 to 20"):
-        model.predict(None, frame, params={"explain": 0})
+        model.predict(None, frame, params={"explain": 21})
 
 
 def test_a_tampered_pipeline_is_refused_before_it_is_read(
@@ -410,7 +412,9 @@ def check_explain_answers(base: str, bodies: dict[str, dict]) -> None:
             # the log-odds explained are those of the answered probability
             assert abs(1 / (1 + np.exp(-explanation["value"])) - before["proba_yes"]) < 1e-9
     body = next(iter(bodies.values()))
-    for bad in (0, 21, "3", 2.5, True, [3]):
+    # 0 is the default the model's signature declares: no explanation
+    assert post(base, {**body, "params": {"explain": 0}}) == post(base, body)
+    for bad in (-1, 21, "3", 2.5, True, [3]):
         status, answer = post(base, {**body, "params": {"explain": bad}})
         assert status == 400, (bad, answer)
         assert "'explain'" in answer["message"] and "1 to 20" in answer["message"], answer

@@ -134,3 +134,12 @@ def test_changed_code_trains_at_the_runs_commit_in_a_worktree(
         ["git", "worktree", "list"], cwd=clone, capture_output=True, text=True, check=True
     ).stdout
     assert len(listed.strip().splitlines()) == 1, listed
+
+
+@pytest.mark.slow
+def test_a_keras_run_reproduces_within_its_stated_tolerance(tmp_path: Path) -> None:
+    csv = make_csv(tmp_path / "data.csv", n=150)
+    original = train(_config(csv, "model.family=keras_mlp", "model.params.epochs=5"))
+    outcome = reproduce(original.run_id)
+    assert outcome.tolerance == 0.01
+    assert outcome.matches, [m for m in outcome.metrics if m.difference != 0]

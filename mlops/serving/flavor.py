@@ -168,7 +168,8 @@ def log_model(
         MlopsModel()
     )  # configured, not loaded: the caller's pipeline is used as it is, never changed
     wrapper._configure(pipeline, meta, model_name=config.registry.model_name, model_version="1")
-    signature = infer_signature(X_example, wrapper.predict(None, X_example))
+    # `explain` declared (0: no explanation), so MLflow's own predict passes it to the wrapper
+    signature = infer_signature(X_example, wrapper.predict(None, X_example), params={"explain": 0})
     with tempfile.TemporaryDirectory() as tmp:
         pipe_path = save_pipeline(pipeline, tmp)
         meta["pipeline_sha256"] = file_sha256(pipe_path)  # checked before the file is read

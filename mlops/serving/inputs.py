@@ -458,14 +458,15 @@ def _from_json(
 
 def explain_param(params: dict[str, Any], limit: int) -> int | None:
     """The ``explain`` parameter of a request (how many contributions per row it asks for):
-    None when not asked, else an integer from 1 to ``limit``; anything else is refused."""
+    None when not asked (absent, or 0: the default the model's signature declares), else an
+    integer from 1 to ``limit``; anything else is refused."""
     value = params.get("explain")
-    if value is None:
+    if value is None or (value == 0 and not isinstance(value, bool)):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         raise invalid(
             f"params 'explain' must be an integer from 1 to {limit} (the number of feature "
-            f"contributions per row), got {clip(value)}; send for example "
+            f"contributions per row; 0 for none), got {clip(value)}; send for example "
             '{"params": {"explain": 3}}'
         )
     return value

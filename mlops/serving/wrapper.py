@@ -260,16 +260,16 @@ class MlopsModel(PythonModel):
         contract as a raw body: a refusal is an ``InvalidInput`` (400), a model failure a
         ``PredictionFailed`` (500). ``params={"explain": k}`` adds the ``explanation`` column
         (see :meth:`explain_rows`)."""
-        if not params or params.get("explain") is None:
+        k = explain_param(params, self.explain_limit) if params else None
+        if k is None:
             return pd.DataFrame(
                 self.answer(lambda: self.contract.from_frame(model_input)),
                 columns=self.output_columns,
             )
-        k = explain_param(params, self.explain_limit)
         parsed: list[Arrays] = []
         result = self.answer(lambda: _kept(parsed, self.contract.from_frame(model_input)))
         frame = pd.DataFrame(result, columns=self.output_columns)
-        frame[EXPLANATION_COLUMN] = self.explain_rows(*parsed[0], k or 1)
+        frame[EXPLANATION_COLUMN] = self.explain_rows(*parsed[0], k)
         return frame
 
     def respond(
