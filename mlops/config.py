@@ -112,6 +112,16 @@ class DataConfig(_Strict):
         return validate_features(value)
 
 
+class ExportConfig(_Strict):
+    """``mlops export``: ONNX conversion of a registered version, with parity checked."""
+
+    opset: int = Field(17, ge=13)  # the ONNX operator set the graph targets
+    # float32 parity: probabilities (or regression values) within this of the native model's
+    tolerance: float = Field(1e-4, gt=0)
+    # a quantized (int8/fp16) export may lose at most this much accuracy (or add this much RMSE)
+    max_metric_drop: float = Field(0.005, ge=0)
+
+
 class ExplainConfig(_Strict):
     """Global explanations logged by every training run, and per-row ones on request."""
 
@@ -186,6 +196,10 @@ class ServingConfig(_Strict):
     # a served row that breaks a data rule: reject (400 naming column, rule, value) | flag
     # (answered, with a ``violations`` column)
     on_rule_violation: Literal["reject", "flag"] = "reject"
+    # auto: ONNX Runtime where the version has an export that passed parity, else native |
+    # native (scikit-learn / Keras) | onnx (the export, or no start)
+    runtime: Literal["auto", "native", "onnx"] = "auto"
+    onnx_variant: Literal["float32", "int8", "fp16"] = "float32"  # which export auto/onnx use
 
 
 class TeamServerConfig(_Strict):
@@ -404,6 +418,7 @@ class Config(_Strict):
     server: TeamServerConfig = Field(default_factory=TeamServerConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"dotted.key": value}``, credentials in its URLs hidden (for showing

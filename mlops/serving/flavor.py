@@ -59,6 +59,8 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
             "max_body_bytes": config.serving.max_body_bytes,
             "coerce_numbers": config.serving.coerce_numbers,
             "on_rule_violation": config.serving.on_rule_violation,
+            "runtime": config.serving.runtime,
+            "onnx_variant": config.serving.onnx_variant,
             "max_explain": config.explain.max_top_k,
             "monitoring": config.monitoring.enabled,
             # "": beside the serving process's tracking store, resolved at load; a literal
@@ -110,6 +112,7 @@ def requirements_for(family: str) -> list[str]:
         "pyyaml",
         "pydantic",
         "shap",  # per-row explanations on request ({"params": {"explain": k}})
+        "onnxruntime",  # serving.runtime auto/onnx: a version's ONNX export (mlops export)
     ]
     if family == "keras_mlp":
         names += ["tensorflow", "keras"]

@@ -64,6 +64,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "max_body_bytes": 10 * 1024 * 1024,
     "coerce_numbers": False,
     "on_rule_violation": "reject",  # a served row breaking a data rule: reject (400) | flag
+    "runtime": "auto",  # auto | native | onnx (a version's ONNX export, see mlops.export)
+    "onnx_variant": "float32",  # the export auto/onnx serve: float32 | int8 | fp16
     "max_explain": 20,  # the most contributions a request may ask for ({"params": {"explain": k}})
     "model_name": "",
     "model_version": "",
