@@ -6,11 +6,19 @@ in alternating rounds so machine noise hits both alike. The floor is the bare es
 predict on one preprocessed NumPy row, in-process.
 
     .venv/bin/python benchmarks/serving.py [--requests 400] [--batches 20] [--explain]
+    .venv/bin/python benchmarks/serving.py --family random_forest [--requests 400]
 
 Prints 1-row p50/p99 latency, 1-row requests/s with 8 concurrent clients, rows/s for
 1000-row batches, and the ratios ours/stock. With ``--explain``, also the cost of
 ``{"params": {"explain": 3}}`` on our server: 1-row and 100-row p50 without and with it, in
 alternating rounds on the same server, their ratio and the added milliseconds per row.
+
+With ``--family F`` (logreg, random_forest, hist_gb, keras_mlp) it compares, for that family
+trained and registered as ``mlops train --register`` does, four servers of the same fitted
+model in one run: stock MLflow (the sklearn flavor of the pipeline, cloudpickled), ours on the
+native runtime, ours on the ONNX export (``mlops export``, float32) and ours on its int8
+export; it prints 1-row p50/p99, 1-row requests/s with 8 clients, each ratio to stock, ONNX
+against native, and the exports' sizes and metric drops from their parity reports.
 """
 
 from __future__ import annotations
@@ -96,7 +104,16 @@ def main() -> None:
         action="store_true",
         help='also measure {"params": {"explain": 3}} against no params on our server',
     )
+    parser.add_argument(
+        "--family",
+        choices=["logreg", "random_forest", "hist_gb", "keras_mlp"],
+        default=None,
+        help="compare stock, ours native, ours ONNX and ours ONNX int8 for this family",
+    )
     args = parser.parse_args()
+    if args.family:
+        family_runtimes(args)
+        return
 
     from conftest import free_port
     from servers import running, server_env  # tests/servers.py: start, await /ping, always stop
@@ -244,6 +261,138 @@ def explain_costs(port: int, X: Any, args: argparse.Namespace) -> dict[int, tupl
             float(np.percentile(times["explain"], 50)) * 1000,
         )
     return out
+
+
+def serve_cmd(uri_: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        uri_,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def family_runtimes(args: argparse.Namespace) -> None:
+    """Stock vs ours native vs ours ONNX (float32, int8) for one family, in one run."""
+    from contextlib import ExitStack
+
+    from conftest import free_port
+    from servers import running, server_env
+
+    from mlops.artifacts import download_model, load_pipeline
+    from mlops.export import export
+    from mlops.training import train
+
+    work = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
+    os.chdir(work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    name = f"bench-{args.family}"
+    overrides = [
+        f"model.family={args.family}",
+        f"registry.model_name={name}",
+        "explain.enabled=false",
+    ]
+    if args.family == "keras_mlp":
+        overrides.append("model.params.epochs=20")
+    config = load_config(overrides=overrides)
+    result = train(config, register=True)
+    version = str(result.registered_version)
+    reports = {
+        variant: export(name, version, config, quantize=None if variant == "float32" else variant)
+        for variant in ("float32", "int8")
+    }
+    folder = download_model(name, version, work / "native")
+    meta = json.loads((folder / "artifacts" / "metadata.json").read_text())
+    pipeline = load_pipeline(
+        folder / "artifacts" / "pipeline.skops", sha256=meta.get("pipeline_sha256")
+    )
+    split = prepare(config)
+    X = split.train[list(split.feature_columns)]
+    with mlflow.start_run():
+        stock = mlflow.sklearn.log_model(
+            pipeline,
+            name="stock",
+            signature=infer_signature(X.head(), pipeline.predict(X.head())),
+            input_example=X.head(),
+            serialization_format="cloudpickle",
+        )
+    row = X.head(1)
+    one = json.dumps(
+        {"dataframe_split": {"columns": list(row.columns), "data": row.to_numpy().tolist()}}
+    )
+    servers = {
+        "stock": (stock.model_uri, None),
+        "native": (f"models:/{name}/{version}", {"runtime": "native"}),
+        "onnx": (f"models:/{name}/{version}", {"runtime": "onnx"}),
+        "onnx_int8": (f"models:/{name}/{version}", {"runtime": "onnx", "onnx_variant": "int8"}),
+    }
+    results: dict[str, dict[str, list[float]]] = {k: {"lat": [], "rps": []} for k in servers}
+    with ExitStack() as stack:
+        ports = {}
+        for key, (model_uri, model_config) in servers.items():
+            port = free_port()
+            extra = {"SERVING_MODEL_CONFIG": json.dumps(model_config)} if model_config else {}
+            env = server_env(uri, MLFLOW_MODELS_WORKERS="1", **extra)
+            stack.enter_context(running(serve_cmd(model_uri, port), env, port, work / f"{key}.log"))
+            ports[key] = port
+        for port in ports.values():  # warm up
+            latencies(port, one, 50)
+        for _ in range(args.rounds):
+            for key, port in ports.items():
+                results[key]["lat"] += latencies(port, one, args.requests)
+                results[key]["rps"].append(throughput(port, one, args.requests))
+    summary = {
+        key: (
+            float(np.percentile(np.array(r["lat"]) * 1000, 50)),
+            float(np.percentile(np.array(r["lat"]) * 1000, 99)),
+            statistics.median(r["rps"]),
+        )
+        for key, r in results.items()
+    }
+    stock_p50, _, stock_rps = summary["stock"]
+    print(
+        f"family {args.family}: machine {os.cpu_count()} cores; {args.rounds} alternating "
+        "rounds; one worker per server; breast cancer, 1-row requests"
+    )
+    print(
+        f"{'server':12}{'p50 ms':>10}{'p99 ms':>10}{'req/s (8)':>12}"
+        f"{'p50/stock':>11}{'rps/stock':>11}"
+    )
+    for key, (p50, p99, rps) in summary.items():
+        print(
+            f"{key:12}{p50:10.2f}{p99:10.2f}{rps:12.0f}"
+            f"{p50 / stock_p50:11.2f}{rps / stock_rps:11.2f}"
+        )
+    best = min(("native", "onnx", "onnx_int8"), key=lambda k: summary[k][0])
+    print(
+        f"best of ours ({best}): p50 {summary[best][0] / stock_p50:.2f} of stock (goal <= 0.33), "
+        f"req/s {summary[best][2] / stock_rps:.2f}x stock (goal >= 3)"
+    )
+    print(
+        f"ONNX / native 1-row p50: {summary['onnx'][0] / summary['native'][0]:.2f} "
+        "(goal for tree families <= 0.2)"
+    )
+    for variant, done in reports.items():
+        report, metric = done.report, done.report["metric"]
+        print(
+            f"export {variant}: {report['size_bytes']:,} bytes, {report['size_ratio']:.3f} of the "
+            f"native pipeline file; {metric['name']} native {metric['native']:.4f}, onnx "
+            f"{metric['onnx']:.4f}, drop {metric['drop']:+.4f}"
+        )
+    int8, float32 = (reports[v].report["size_bytes"] for v in ("int8", "float32"))
+    print(f"int8 / float32 size: {int8 / float32:.2f} (goal <= 0.5)")
 
 
 if __name__ == "__main__":

@@ -1347,6 +1347,76 @@ def explain(
     click.echo(f"{name} version {result.version}: run {result.run_id}")
 
 
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--version", "version", required=True, help="The registered version to export.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx"]),
+    default="onnx",
+    show_default=True,
+    help="The export format.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "fp16"]),
+    default=None,
+    help="Export a quantized variant (int8: dynamic quantization of weights; fp16: float16 "
+    "weights, float32 inputs/outputs) instead of float32.",
+)
+@click.option(
+    "--register",
+    is_flag=True,
+    help="Also register the exported model as a new version (tagged mlops.onnx_export_of), "
+    "so it can pass the gates like any version.",
+)
+@_config_option
+@_set_option
+def export(
+    name: str | None,
+    version: str,
+    fmt: str,
+    quantize: str | None,
+    register: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Export a registered version as one ONNX graph (preprocessing and model).
+
+    The version's files are verified against their registered checksum before it is loaded.
+    The export is compared with the native model on the run's test split (export.tolerance,
+    export.max_metric_drop); only when it passes are onnx/<variant>/model.onnx and report.json
+    logged to the version's run and the version tagged mlops.onnx.<variant>.sha256.
+
+    \b
+    Example:
+        mlops export churn-model --version 3 --format onnx
+        mlops export churn-model --version 3 --format onnx --quantize int8 --register
+    """
+    from mlops.export import export as run_export
+    from mlops.registry import check_name
+
+    config = build_config(config_path, overrides)
+    name = check_name(name or config.registry.model_name)
+    result = run_export(name, version, config, quantize=quantize, register=register)
+    report = result.report
+    metric = report["metric"]
+    click.echo(
+        f"{name} version {result.version}: ONNX {result.variant} (opset {report['opset']}) "
+        f"parity passed on {report['rows_compared']} test rows: max abs difference "
+        f"{report['max_abs_difference']:.3g}, {report['label_mismatches']} label mismatches, "
+        f"{metric['name']} {metric['native']:.4f} native vs {metric['onnx']:.4f} onnx "
+        f"(drop {metric['drop']:.4g})"
+    )
+    click.echo(
+        f"  {result.artifact_path} on run {result.run_id}: {report['size_bytes']:,} bytes, "
+        f"{report['size_ratio']:.3g}x the native pipeline ({report['native_size_bytes']:,} bytes)"
+    )
+    if result.registered_version:
+        click.echo(f"  registered as {name} version {result.registered_version}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: runs the CLI, mapping MlopsError to one line and exit 1."""
     try:

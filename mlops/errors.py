@@ -33,3 +33,8 @@ class GateFailed(MlopsError):
     def __init__(self, message: str, gates: list = ()) -> None:  # type: ignore[assignment]
         super().__init__(message)
         self.gates = list(gates)
+
+
+class ExportError(MlopsError):
+    """A version could not be exported (no converter for a part of it) or its export failed
+    parity with the native model; nothing was logged or tagged."""

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# the most rows predicted in one call of the network; a larger batch goes through
+# ``model.predict`` in slices of this size
+SMALL_BATCH = 1024
 
 
 def _keras():
@@ -135,19 +139,42 @@ class _KerasMLP(BaseEstimator):
             verbose=self.verbose,
         )
         self.model_ = model
+        self.__dict__.pop("_forward_fn", None)  # a graph of the network fitted before, if any
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         self.n_epochs_ = len(next(iter(self.history_.values()), []))
         self.n_features_in_ = X.shape[1]
         return self
 
     def _forward(self, X: Any) -> np.ndarray:
-        # Calling the model directly avoids model.predict's per-call set-up (tens of ms),
-        # which dominates for the small batches a scoring server sees.
         X = np.asarray(X, dtype="float32")
-        return np.asarray(self.model_(X, training=False))
+        if X.shape[0] > SMALL_BATCH:  # memory stays bounded: Keras feeds it in slices
+            return np.asarray(self.model_.predict(X, batch_size=SMALL_BATCH, verbose=0))
+        # a scoring server's request is a few rows: ``model.predict`` costs tens of ms a call
+        # (its data adapter and loop), an eager call a few ms (each layer's ops dispatched one
+        # by one); one graph traced once answers in a fraction of a millisecond
+        forward = self.__dict__.get("_forward_fn") or self._compile_forward()
+        return np.asarray(forward(X))
+
+    def _compile_forward(self) -> Callable[[np.ndarray], Any]:
+        """The network as one TensorFlow graph over ``[rows, features]``, traced at its first
+        call and kept (not persisted); a direct call where Keras runs on another backend."""
+        keras, model = _keras(), self.model_
+        if keras.backend.backend() != "tensorflow":
+            forward: Callable[[np.ndarray], Any] = lambda X: model(X, training=False)  # noqa: E731
+        else:
+            import tensorflow as tf
+
+            graph = tf.function(
+                lambda x: model(x, training=False),
+                input_signature=[tf.TensorSpec([None, self.n_features_in_], tf.float32)],
+            )
+            forward = lambda X: graph(tf.convert_to_tensor(X, dtype=tf.float32))  # noqa: E731
+        self._forward_fn = forward
+        return forward
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state.pop("_forward_fn", None)  # rebuilt at the first prediction after loading
         model = state.pop("model_", None)
         if model is not None:
             with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,9 @@
 Its own ASGI app (Starlette) speaks MLflow's scoring protocol exactly: ``POST /invocations``
 with the same formats, content types and error bodies (each request answered by
 :func:`mlops.serving.adapter.answer`, the guard ``mlflow models serve`` answers through),
-``/ping``, ``/health``, ``/version`` (MLflow's version as MLflow answers it, and the version
-serving each alias in the ``X-Mlops-Served`` header), and ``GET /metrics`` for Prometheus
+``/ping``, ``/health``, ``/version`` (MLflow's version as MLflow answers it, the version
+serving each alias in the ``X-Mlops-Served`` header and what scores it, ``native`` or
+``onnx/<variant>``, in ``X-Mlops-Runtime``), and ``GET /metrics`` for Prometheus
 (:mod:`mlops.serving.metrics`).
 
 What it serves follows the registry: each alias is resolved every ``serving.reload_interval``
@@ -62,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 SPEC_ENV = "MLOPS_SERVE_SPEC"  # what each worker serves (a ServeSpec as JSON)
 SERVED_HEADER = "X-Mlops-Served"  # on /version: {"alias": "version", ...} as JSON
+# on /version: what scores each alias's version, {"alias": "native" | "onnx/<variant>"} as JSON
+RUNTIME_HEADER = "X-Mlops-Runtime"
 TIMEOUT_BODY = "Request processing time exceeded limit"  # MLflow's 504, word for word
 STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that could not start: not restarted
 _ROUTE_KEY = ROUTE_HEADER.lower().encode()  # as ASGI gives header names
@@ -388,7 +391,10 @@ class ProductionServer:
             return Response(
                 content=mlflow.__version__,
                 media_type="application/json",
-                headers={SERVED_HEADER: json.dumps(self.served())},
+                headers={
+                    SERVED_HEADER: json.dumps(self.served()),
+                    RUNTIME_HEADER: json.dumps(self.runtimes()),
+                },
             )
 
         async def metrics(request: Request) -> Response:
@@ -420,6 +426,13 @@ class ProductionServer:
     def served(self) -> dict[str, str]:
         """The version serving each alias now (the pinned one as ``pinned``)."""
         return {follower.arm: follower.current.version for follower in self.followers}
+
+    def runtimes(self) -> dict[str, str]:
+        """What scores the version serving each alias: ``native`` or ``onnx/<variant>``."""
+        return {
+            follower.arm: str(getattr(follower.current.wrapper, "runtime", "native"))
+            for follower in self.followers
+        }
 
     def close(self) -> None:
         """Stop following, score what the shadow has queued, flush every prediction log."""

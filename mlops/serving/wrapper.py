@@ -38,6 +38,7 @@ from mlops.serving.inputs import (
     failed,
     unreadable,
 )
+from mlops.serving.onnx_runtime import OnnxScorer, load_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +104,26 @@ class MlopsModel(PythonModel):
         serving = adapter.in_scoring_server()
         model_dir = Path(context.artifacts[METADATA_ARTIFACT]).resolve().parent.parent
         name, version = options.get("model_name"), options.get("model_version")
-        recorded = None
+        recorded, registered = None, None  # registered: the version's ModelVersion, where looked up
+        runtime = str(options.get("runtime") or "auto")
         downloaded = _downloaded_as(model_dir)
         if downloaded is not None and not (name and version):
             # loaded from models:/NAME/V or models:/NAME@ALIAS (in a server or not): that very
             # version's recorded checksum, wherever else its files are registered
             name, version = downloaded
-            recorded = _recorded_checksum(name, version)
+            registered, recorded = _registered(name, version)
         elif not (name and version):
-            name, version, recorded = _identify(model_dir, meta, serving=serving)
-        elif serving:
-            # a server that verified a bundled copy itself names its checksum (no registry)
-            recorded = options.get("model_checksum") or _recorded_checksum(str(name), str(version))
+            name, version, registered = _identify(model_dir, meta, serving=serving)
+            recorded = (registered.tags or {}).get(CHECKSUM_TAG) if registered else None
+        elif serving and options.get("model_checksum"):
+            # a server that verified a bundled copy itself names its checksum (no registry; its
+            # ONNX export is looked up only when runtime onnx asks for it)
+            recorded = options["model_checksum"]
+            if runtime == "onnx":
+                registered, _ = _registered(str(name), str(version))
+        elif serving or runtime == "onnx":
+            registered, recorded = _registered(str(name), str(version))
+            recorded = recorded if serving else None
         try:
             if recorded:  # a registered version: every file as registered, before any is read
                 verify_model_dir(model_dir, recorded, f"{name} version {version}")
@@ -140,6 +149,23 @@ class MlopsModel(PythonModel):
             model_version=str(version),
         )
         self.max_explain = int(options.get("max_explain") or DEFAULT_OPTIONS["max_explain"])
+        self.onnx = load_runtime(
+            runtime,
+            str(options.get("onnx_variant") or "float32"),
+            name=str(name),
+            version=str(version),
+            registered=registered,
+            numeric=self.numeric,
+            categorical=self.categorical,
+            n_classes=len(self.classes) if self.classes is not None else None,
+        )
+        self.runtime = "native" if self.onnx is None else f"onnx/{self.onnx.variant}"
+        logger.info(
+            "serving %s version %s %s",
+            name,
+            version,
+            "natively" if self.onnx is None else f"with onnxruntime ({self.onnx.variant} export)",
+        )
         if _truthy(options["monitoring"]) and serving:
             from mlops.monitoring.store import LOG_FILE
             from mlops.tracking import project_store_url
@@ -214,6 +240,9 @@ class MlopsModel(PythonModel):
             self.output_columns.append(VIOLATIONS_COLUMN)
         sample = pd.DataFrame(meta["sample"]) if meta.get("sample") else None
         self.compiled = compile_pipeline(pipeline, self.numeric, self.categorical, sample)
+        # what scores (load_context may set the version's ONNX export): "native" | "onnx/<variant>"
+        self.onnx = None
+        self.runtime = "native"
 
     def enable_monitoring(
         self,
@@ -493,6 +522,8 @@ class MlopsModel(PythonModel):
     # ---- model ----
     def score(self, numeric: np.ndarray, categorical: np.ndarray | None) -> dict[str, Any]:
         """Predictions as output columns (``prediction``, ``proba_<class>``, name, version)."""
+        if self.onnx is not None:
+            return self._scored_onnx(self.onnx, numeric, categorical)
         if self.compiled is not None:
             X = self.compiled.transform(numeric, categorical)
             model = self.estimator
@@ -518,6 +549,27 @@ class MlopsModel(PythonModel):
                 out[PREDICTION_COLUMN] = classes[np.asarray(model.predict(X), dtype=int)]
         else:
             out[PREDICTION_COLUMN] = np.asarray(model.predict(X), dtype=float).reshape(-1)
+        return self._named(out, n)
+
+    def _scored_onnx(
+        self, onnx: OnnxScorer, numeric: np.ndarray, categorical: np.ndarray | None
+    ) -> dict[str, Any]:
+        """:meth:`score` through the version's ONNX export: the same columns, decoded alike."""
+        values = onnx.run(numeric, categorical)
+        out: dict[str, Any] = {}
+        if self.task != "classification":
+            out[PREDICTION_COLUMN] = values
+        else:
+            classes = self.classes
+            assert classes is not None  # a classifier's metadata lists its classes
+            out[PREDICTION_COLUMN] = classes[np.argmax(values, axis=1)]
+            if self.has_proba:
+                out[PROBA_KEY] = values
+                for i, col in enumerate(self.output_columns[1 : 1 + values.shape[1]]):
+                    out[col] = values[:, i]
+        return self._named(out, numeric.shape[0])
+
+    def _named(self, out: dict[str, Any], n: int) -> dict[str, Any]:
         out[NAME_COLUMN] = np.full(n, self.model_name, dtype=object)
         out[VERSION_COLUMN] = np.full(n, self.model_version, dtype=object)
         return out
@@ -610,21 +662,29 @@ def _downloaded_as(model_dir: Path) -> tuple[str, str] | None:
     return str(name), str(version)
 
 
-def _recorded_checksum(name: str, version: str) -> str | None:
-    from mlops.artifacts import recorded_checksum
-
+def _registered(name: str, version: str) -> tuple[Any, str | None]:
+    """Registered ``name`` version ``version`` (an MLflow ``ModelVersion``: its tags name the
+    recorded checksum and any ONNX export, its run holds the export) and its recorded checksum;
+    one registry call at load. (None, None) where the store cannot be reached."""
     try:
-        return recorded_checksum(name, version)
+        registered = mlflow.MlflowClient().get_model_version(name, version)
     except Exception as exc:  # the store may be unreachable from the server
         logger.warning("could not read the recorded checksum of %s v%s: %s", name, version, exc)
-        return None
+        return None, None
+    recorded = (registered.tags or {}).get(CHECKSUM_TAG)
+    if not recorded:
+        logger.warning(
+            "%s version %s has no recorded checksum (registered outside mlops): its files "
+            "cannot be verified; register versions with mlops",
+            name,
+            version,
+        )
+    return registered, recorded
 
 
-def _identify(
-    model_dir: Path, meta: dict[str, Any], *, serving: bool
-) -> tuple[str, str, str | None]:
-    """The registered name and version this model was loaded as, and its recorded checksum,
-    looked up once at load.
+def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[str, str, Any]:
+    """The registered name and version this model was loaded as, and the registered version
+    (its tags: the recorded checksum, any ONNX export), looked up once at load.
 
     Outside a scoring server (a notebook, batch scoring) no store is contacted: the logged
     model id stands in for the version, and only the pipeline file's own checksum is checked.
@@ -658,7 +718,7 @@ def _identify(
         return fallback
     preferred = [v for v in versions if v.name == meta.get("registered_model_name")] or versions
     best = max(preferred, key=lambda v: int(v.version))
-    return best.name, str(best.version), (best.tags or {}).get(CHECKSUM_TAG)
+    return best.name, str(best.version), best
 
 
 _HEX = re.compile(r"[0-9a-f]{1,64}")
