@@ -206,6 +206,9 @@ def convert(pipeline: Any, meta: dict[str, Any], opset: int, *, fp16: bool = Fal
 
     Converted is a copy in which the categorical imputer takes ``""`` as missing (skl2onnx
     converts a string imputer only with a string missing value); the statistics are the same.
+    For a tree model (a forest) the copy's numeric scaler is folded into the trees'
+    thresholds (:func:`mlops.export_trees.fold_numeric_scaler`), so the graph takes the same
+    branches as scikit-learn; ``pipeline`` itself is left as it is.
     """
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
@@ -239,9 +242,38 @@ def convert(pipeline: Any, meta: dict[str, Any], opset: int, *, fp16: bool = Fal
             net = convert_float_to_float16(net, keep_io_types=True)
         model = join(pre, net)
     else:
+        from mlops.export_trees import fold_numeric_scaler
+
+        # a tree compares float32(scaled) with a float64 threshold natively: compare the raw
+        # float32 input with the matching float32 raw threshold instead (mlops.export_trees)
+        folded = fold_numeric_scaler(copied)
+        if folded:
+            logger.debug("folded the numeric scaler into %d tree thresholds", folded)
         options = {id(copied.steps[-1][1]): {"zipmap": False}} if classify else None
         model = _skl2onnx(copied, types, opset, options, type(estimator).__name__)
-    return _named_outputs(model, classify)
+    columns = list(meta["numeric_columns"]) + list(meta["categorical_columns"])
+    return _named_outputs(_named_inputs(model, columns), classify)
+
+
+def _named_inputs(model: Any, columns: list[str]) -> Any:
+    """``model`` with its inputs named exactly as the columns, in order: skl2onnx makes a name
+    like ``mean radius`` a C identifier (``mean_radius``), and the contract is the column's own
+    name."""
+    graph = model.graph
+    if len(graph.input) != len(columns):
+        raise ExportError(
+            f"the converted graph has {len(graph.input)} inputs for {len(columns)} columns"
+        )
+    renamed = {i.name: c for i, c in zip(graph.input, columns, strict=True) if i.name != c}
+    if not renamed:
+        return model
+    for value in graph.input:
+        value.name = renamed.get(value.name, value.name)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+    return model
 
 
 def _skl2onnx(obj: Any, types: list[Any], opset: int, options: Any, what: str) -> Any:

@@ -318,3 +318,32 @@ def test_the_skl2onnx_tree_fix_still_matches_the_library() -> None:
 
     params = inspect.signature(tree_ensemble.add_node).parameters
     assert "nodes_missing_value_tracks_true" in params
+
+
+def test_columns_named_with_spaces_keep_their_names_in_the_graph(
+    in_store: dict, tmp_path: Path
+) -> None:
+    """The default dataset's columns ('mean radius'): skl2onnx would name the inputs
+    'mean_radius'; the contract (and the serving side) wants the column's own name."""
+    config = load_config(
+        overrides=["registry.model_name=spaced", "explain.enabled=false", "seed=3"]
+    )
+    result = train(config, register=True)
+    done = export("spaced", str(result.registered_version), config)
+    session = ort.InferenceSession(
+        logged_onnx(done.run_id, "float32", tmp_path)[0], providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    assert "mean radius" in names and "worst fractal dimension" in names
+    uri = f"models:/spaced/{result.registered_version}"
+    onnx_model = mlflow.pyfunc.load_model(uri, model_config={"runtime": "onnx"})
+    native = mlflow.pyfunc.load_model(uri, model_config={"runtime": "native"})
+    assert onnx_model.unwrap_python_model().runtime == "onnx/float32"
+    from sklearn.datasets import load_breast_cancer
+
+    rows = load_breast_cancer(as_frame=True).data.head(20)
+    a, b = onnx_model.predict(rows), native.predict(rows)
+    assert (a["prediction"] == b["prediction"]).all()
+    assert (
+        np.abs(a.filter(like="proba_").to_numpy() - b.filter(like="proba_").to_numpy()).max() < 1e-4
+    )
