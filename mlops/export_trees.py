@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from mlops.errors import ExportError
+
 NUMERIC = "numeric"  # the ColumnTransformer entry of mlops.models.build_preprocessor
-_MAX_STEPS = 64  # float32 steps from the rounded estimate to the exact cutoff (1 or 2 seen)
+_MAX_STEPS = 64  # search rounds (a bracket doubles each round, bisection halves it)
 
 
 def fold_numeric_scaler(pipeline: Any) -> int:
@@ -61,7 +63,10 @@ def fold_numeric_scaler(pipeline: Any) -> int:
         threshold = structure.threshold  # a view of the tree's nodes: written in place
         threshold[split] = cutoff
         if not np.array_equal(structure.threshold[split], cutoff):
-            raise RuntimeError("the tree's thresholds are not writable in this scikit-learn")
+            raise ExportError(
+                "the tree thresholds could not be rewritten in this scikit-learn version; "
+                "serve the version natively"
+            )
         rewritten += int(split.sum())
     scaler.mean_ = np.zeros(n)
     scaler.scale_ = np.ones(n)
@@ -72,32 +77,61 @@ def fold_numeric_scaler(pipeline: Any) -> int:
 
 def raw_cutoff(threshold: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Per node, the largest float32 raw value ``c`` whose shortest decimal scikit-learn sends
-    left (``float32((decimal(c) - mean) / scale) <= threshold``), as float64."""
+    left (``float32((decimal(c) - mean) / scale) <= threshold``), as float64.
+
+    Going left is monotone in ``c``, so it is a search over float32 values in order: bracket
+    from ``threshold * scale + mean`` rounded down, then bisect (a column with a small scale
+    maps many raw float32 values to one scaled float32)."""
     threshold = np.asarray(threshold, dtype=np.float64)
+    mean = np.broadcast_to(np.asarray(mean, dtype=np.float64), threshold.shape)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), threshold.shape)
 
-    def left(raw: np.ndarray) -> np.ndarray:
-        decimal = raw.astype(str).astype(np.float64)  # numpy writes a float32 shortest
+    def left(key: np.ndarray, at: np.ndarray) -> np.ndarray:
+        decimal = _float32(key).astype(str).astype(np.float64)  # numpy writes the shortest
         with np.errstate(over="ignore", invalid="ignore"):
-            scaled = ((decimal - mean) / scale).astype(np.float32)
-        return np.asarray(scaled <= threshold)
+            scaled = ((decimal - mean[at]) / scale[at]).astype(np.float32)
+        return np.asarray(scaled <= threshold[at])
 
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         estimate = threshold * scale + mean
-        cut = estimate.astype(np.float32)
-    up, down = np.float32(np.inf), np.float32(-np.inf)
-    cut = np.where(cut > estimate, np.nextafter(cut, down), cut)  # rounded down
-    for _ in range(_MAX_STEPS):  # up while the next float32 still goes left
-        step = np.nextafter(cut, up)
-        move = left(step) & np.isfinite(step)
-        if not move.any():
+        first = estimate.astype(np.float32)
+    first = np.where(first > estimate, np.nextafter(first, np.float32(-np.inf)), first)
+    low = _key(first)  # grows down until it goes left, `high` up until it goes right
+    high = np.minimum(low + 1, _MAX_KEY)
+    for bound, goes_left, sign in ((low, False, -1), (high, True, 1)):
+        step = np.ones_like(bound)
+        at = np.flatnonzero(left(bound, np.arange(bound.size)) == goes_left)
+        for _ in range(_MAX_STEPS):
+            if not at.size:
+                break
+            moved = np.clip(bound[at] + sign * step[at], -_MAX_KEY, _MAX_KEY)
+            stuck = moved == bound[at]
+            bound[at], step[at] = moved, step[at] * 2
+            at = at[(left(moved, at) == goes_left) & ~stuck]
+    at = np.flatnonzero(high - low > 1)
+    for _ in range(_MAX_STEPS):
+        if not at.size:
             break
-        cut = np.where(move, step, cut)
-    for _ in range(_MAX_STEPS):  # down while this one goes right
-        move = ~left(cut) & np.isfinite(cut)
-        if not move.any():
-            break
-        cut = np.where(move, np.nextafter(cut, down), cut)
-    return cut.astype(np.float64)
+        middle = (low[at] + high[at]) // 2
+        went = left(middle, at)
+        low[at[went]], high[at[~went]] = middle[went], middle[~went]
+        at = at[high[at] - low[at] > 1]
+    return _float32(low).astype(np.float64)
+
+
+_MAX_KEY = 0x7F7FFFFF  # the largest finite float32's bits
+
+
+def _key(values: np.ndarray) -> np.ndarray:
+    """float32 values as int64 keys in the same order (one step = one float32)."""
+    bits = np.asarray(values, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _float32(key: np.ndarray) -> np.ndarray:
+    magnitude = np.abs(key).astype(np.uint32)
+    bits = np.where(key >= 0, magnitude, magnitude | np.uint32(0x80000000)).astype(np.uint32)
+    return bits.view(np.float32)
 
 
 def _trees(estimator: Any) -> list[Any]:

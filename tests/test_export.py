@@ -199,6 +199,7 @@ def test_a_failed_parity_shows_the_worst_rows_and_logs_nothing(in_store: dict) -
     name, version = in_store["versions"]["keras_mlp"]
     client = mlflow.MlflowClient()
     run_id = client.get_model_version(name, version).run_id
+    assert run_id
     before = {a.path for a in client.list_artifacts(run_id, "onnx")}
     with pytest.raises(ExportError) as caught:
         export(name, version, config_of("keras_mlp", "export.tolerance=1e-12"), quantize=None)
@@ -347,3 +348,77 @@ def test_columns_named_with_spaces_keep_their_names_in_the_graph(
     assert (
         np.abs(a.filter(like="proba_").to_numpy() - b.filter(like="proba_").to_numpy()).max() < 1e-4
     )
+
+
+def _native_with_meta(name: str, version: str):
+    from mlops.artifacts import load_pipeline
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    meta = json.loads(next(folder.rglob("metadata.json")).read_text())
+    pipeline = load_pipeline(next(folder.rglob(PIPELINE_FILE)), sha256=meta["pipeline_sha256"])
+    return pipeline, meta
+
+
+def test_a_random_forest_on_the_default_dataset_matches_natively_on_every_row(
+    in_store: dict, tmp_path: Path
+) -> None:
+    """scikit-learn scales in float64 and a tree compares float32(scaled) with a float64
+    threshold; a float32 graph used to take the other branch where a breast cancer value lies
+    on a threshold (0.005 off). The scaler is folded into the trees of the converted copy."""
+    from sklearn.datasets import load_breast_cancer
+
+    from mlops.export import convert
+
+    config = load_config(
+        overrides=[
+            "model.family=random_forest",
+            "registry.model_name=rf-bc",
+            "explain.enabled=false",
+        ]
+    )
+    version = str(train(config, register=True).registered_version)
+    done = export("rf-bc", version, config)
+    assert done.report["passed"] and done.report["max_abs_difference"] <= 1e-4
+    assert done.report["label_mismatches"] == 0
+
+    pipeline, meta = _native_with_meta("rf-bc", version)
+    data = load_breast_cancer(as_frame=True).data
+    numeric = list(meta["numeric_columns"])
+    assert numeric == list(data.columns) and not meta["categorical_columns"]
+    session = ort.InferenceSession(
+        logged_onnx(done.run_id, "float32", tmp_path)[0], providers=["CPUExecutionProvider"]
+    )
+    label, probabilities = session.run(None, onnx_inputs(data, numeric, []))
+    native = pipeline.predict_proba(data)
+    np.testing.assert_allclose(probabilities, native, atol=1e-4)
+    np.testing.assert_array_equal(label, native.argmax(axis=1))
+
+    # converting works on a copy: the native trees and scaler keep their values
+    forest = pipeline.steps[-1][1]
+    scaler = pipeline.steps[0][1].named_transformers_["numeric"].steps[-1][1]
+    thresholds = [tree.tree_.threshold.copy() for tree in forest.estimators_]
+    mean, scale = scaler.mean_.copy(), scaler.scale_.copy()
+    convert(pipeline, meta, config.export.opset)
+    for tree, before in zip(forest.estimators_, thresholds, strict=True):
+        np.testing.assert_array_equal(tree.tree_.threshold, before)
+    np.testing.assert_array_equal(scaler.mean_, mean)
+    np.testing.assert_array_equal(scaler.scale_, scale)
+    assert pipeline.predict_proba(data) == pytest.approx(native, abs=0)
+
+
+def test_a_folded_threshold_is_the_last_float32_the_native_tree_sends_left() -> None:
+    from mlops.export_trees import raw_cutoff
+
+    rng = np.random.default_rng(0)
+    mean, scale = rng.normal(size=500) * 100, np.exp(rng.normal(size=500))
+    # thresholds right on decimal values (midpoints of 3-decimal data), as trees make them
+    decimals = np.round(rng.normal(size=500) * 50, 3) + 0.0005
+    threshold = (decimals - mean) / scale
+    cut = raw_cutoff(threshold, mean, scale).astype(np.float32)
+
+    def left(raw: np.ndarray) -> np.ndarray:
+        scaled = ((raw.astype(str).astype(np.float64) - mean) / scale).astype(np.float32)
+        return scaled <= threshold
+
+    assert left(cut).all()
+    assert not left(np.nextafter(cut, np.float32(np.inf))).any()
