@@ -337,3 +337,27 @@ def test_a_regressor_is_served_through_its_export(tmp_path: Path) -> None:
     got = model.predict(frame)
     assert list(got.columns) == list(native.columns)
     np.testing.assert_allclose(got["prediction"], native["prediction"], atol=1e-4, rtol=0)
+
+
+def test_a_batch_runs_on_the_batch_session_with_the_same_answers(store: dict) -> None:
+    """From BATCH_ROWS rows a request runs on a second session (several threads), made at the
+    first such request from the same verified bytes; it answers as the small-request one."""
+    from mlops.serving.onnx_runtime import BATCH_ROWS
+
+    model = loaded(store, EXPORTED)
+    scorer = model.unwrap_python_model().onnx
+    frame = pd.concat([rows(store)] * (BATCH_ROWS // 16 + 1), ignore_index=True)
+    assert len(frame) >= BATCH_ROWS and scorer._batch is None
+    small = pd.concat(
+        [model.predict(frame.iloc[i : i + 16]) for i in range(0, len(frame), 16)],
+        ignore_index=True,
+    )
+    assert scorer._batch is None  # small requests never build it
+    whole = model.predict(frame)
+    assert scorer._batch is not None and scorer.session_for(len(frame)) is scorer._batch
+    assert scorer.session_for(1) is scorer.session
+    assert whole["prediction"].tolist() == small["prediction"].tolist()
+    probas = [c for c in whole.columns if c.startswith("proba_")]
+    np.testing.assert_allclose(
+        whole[probas].to_numpy(float), small[probas].to_numpy(float), atol=1e-6, rtol=0
+    )

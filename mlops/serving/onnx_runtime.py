@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,14 @@ def export_command(name: str, version: str) -> str:
     return f"mlops export {name} --version {version} --format onnx"
 
 
+BATCH_ROWS = 256  # from this many rows a request runs on the batch session (several threads)
+
+
 class OnnxScorer:
-    """One ONNX Runtime session over a verified export, fed the wrapper's parsed arrays."""
+    """ONNX Runtime sessions over a verified export, fed the wrapper's parsed arrays: one tuned
+    for small requests (:func:`session_options`), and, built at the first request of
+    :data:`BATCH_ROWS` rows or more from the same verified bytes, one for batches
+    (:func:`batch_session_options`)."""
 
     def __init__(
         self,
@@ -57,12 +64,32 @@ class OnnxScorer:
         variant: str,
         numeric: Sequence[str],
         categorical: Sequence[str],
+        data: bytes | None = None,
     ) -> None:
         self.session = session
         self.variant = variant
         self.numeric, self.categorical = list(numeric), list(categorical)
         outputs = {o.name for o in session.get_outputs()}
         self.output = PROBABILITIES if PROBABILITIES in outputs else VARIABLE
+        self._data = data  # the verified bytes the batch session is made from
+        self._batch: Any = None
+        self._lock = threading.Lock()
+
+    def session_for(self, rows: int) -> Any:
+        """The session a request of ``rows`` rows runs on."""
+        if rows < BATCH_ROWS or self._data is None:
+            return self.session
+        if self._batch is None:
+            with self._lock:
+                if self._batch is None:
+                    import onnxruntime as ort
+
+                    self._batch = ort.InferenceSession(
+                        self._data,
+                        sess_options=batch_session_options(),
+                        providers=["CPUExecutionProvider"],
+                    )
+        return self._batch
 
     def feeds(self, numeric: np.ndarray, categorical: np.ndarray | None) -> dict[str, np.ndarray]:
         """One ``[N, 1]`` array per graph input: float32 numbers (NaN stays NaN), strings with
@@ -84,7 +111,8 @@ class OnnxScorer:
     def run(self, numeric: np.ndarray, categorical: np.ndarray | None) -> np.ndarray:
         """Class probabilities ``[N, n_classes]`` (a classifier) or values ``[N]`` (a
         regressor), as float64 like the native path's."""
-        (result,) = self.session.run([self.output], self.feeds(numeric, categorical))
+        session = self.session_for(numeric.shape[0])
+        (result,) = session.run([self.output], self.feeds(numeric, categorical))
         values = np.asarray(result, dtype=np.float64)
         return values if self.output == PROBABILITIES else values.reshape(-1)
 
@@ -173,7 +201,7 @@ def load_runtime(
     _verify(data, recorded, f"{name} version {version}: {export_path(variant)}/{MODEL_FILE}")
     session = _session(data, name=name, version=version, variant=variant)
     _check_graph(session, numeric, categorical, n_classes, f"{name} version {version}")
-    return OnnxScorer(session, variant, numeric, categorical)
+    return OnnxScorer(session, variant, numeric, categorical, data)
 
 
 def _download(run_id: str, variant: str, *, name: str, version: str) -> bytes:
@@ -204,6 +232,24 @@ def _verify(data: bytes, recorded: str, what: str) -> None:
         verify_checksum(hashlib.sha256(data).hexdigest(), recorded, what)
     except UntrustedArtifact as exc:
         raise MlflowException(str(exc)) from None
+
+
+def batch_session_options() -> Any:
+    """ONNX Runtime options for batches (:data:`BATCH_ROWS` rows or more): the operators'
+    work split over the machine's cores (``intra_op_num_threads=0``: ONNX Runtime's default,
+    one per physical core), which pays once a request holds enough rows to share; threads do
+    not spin between requests (``session.intra_op.allow_spinning=0``), so an idle batch session
+    takes no CPU from the small requests' one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
 
 
 def _session(data: bytes, *, name: str, version: str, variant: str) -> Any:
