@@ -282,6 +282,19 @@ def reproduce(run_id: str, checkout: bool, tolerance: float | None) -> None:
     help="Impute nulls in any column, or accept them only where training data had them.",
 )
 @click.option(
+    "--runtime",
+    type=click.Choice(["auto", "native", "onnx"]),
+    default=None,
+    help="Score with the version's ONNX export where one passed parity (auto), the fitted "
+    "pipeline (native), or the export only (onnx) (default: as logged, serving.runtime).",
+)
+@click.option(
+    "--onnx-variant",
+    type=click.Choice(["float32", "int8", "fp16"]),
+    default=None,
+    help="Which export auto/onnx serve (default: as logged, serving.onnx_variant).",
+)
+@click.option(
     "--monitor/--no-monitor",
     "monitor",
     default=None,
@@ -322,6 +335,8 @@ def serve(
     workers: int,
     max_rows: int | None,
     impute_missing: bool | None,
+    runtime: str | None,
+    onnx_variant: str | None,
     monitor: bool | None,
     log_url: str | None,
     auth_token_env: str | None,
@@ -381,6 +396,8 @@ def serve(
         for k, v in {
             "max_rows": max_rows,
             "impute_missing": impute_missing,
+            "runtime": runtime,
+            "onnx_variant": onnx_variant,
             "monitoring": monitor,
             "monitoring_url": log_url,
         }.items()

@@ -361,3 +361,20 @@ def test_a_batch_runs_on_the_batch_session_with_the_same_answers(store: dict) ->
     np.testing.assert_allclose(
         whole[probas].to_numpy(float), small[probas].to_numpy(float), atol=1e-6, rtol=0
     )
+
+
+def test_mlops_serve_takes_the_runtime_as_an_option(store: dict) -> None:
+    """`mlops serve --runtime native` overrides the logged serving.runtime for every version it
+    loads, as the model config it passes to the wrapper."""
+    port = free_port()
+    cmd = [str(BIN / "mlops"), "serve", NAME, "--alias", "production", "--port", str(port)]
+    cmd += ["--runtime", "native"]
+    log = store["root"] / "mlops-serve-native.log"
+    with running(cmd, server_env(store["uri"]), port, log) as base:
+        import urllib.request
+
+        from mlops.serving.server import RUNTIME_HEADER
+
+        with urllib.request.urlopen(base + "/version", timeout=10) as resp:
+            assert json.loads(resp.headers[RUNTIME_HEADER]) == {"production": "native"}
+    assert f"serving {NAME} version {EXPORTED} natively" in log.read_text()
