@@ -131,6 +131,7 @@ class ExplainConfig(_Strict):
     sample_rows: int = Field(200, gt=0)  # validation rows explained for the global summary
     kernel_samples: int = Field(200, gt=0)  # kernel/deep explainers: model calls per explained row
     max_top_k: int = Field(20, gt=0)  # the most contributions a request may ask for
+    max_rows: int = Field(100, gt=0)  # the most rows one request may ask explanations of
 
 
 class ModelConfig(_Strict):

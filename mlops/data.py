@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def prepare(config: Config) -> DatasetSplit:
     check_features(data_cfg.features, frame, target)  # first: it names the transform
     validate_frame(frame, target, strings, data_cfg.dataset)
     # the rules see the data as it came (duplicates included), before anything is dropped
-    quality = check_dataset(frame, data_cfg.rules, source=data_cfg.dataset)
+    quality = check_dataset(frame, data_cfg.rules, source=data_cfg.dataset, strings=strings)
     frame, n_dupes = clean(frame, target, strings)
     task = _infer_task(frame[target], data_cfg.task, default_task)
     categorical = tuple(c for c in frame.columns if c != target and c in strings)
@@ -254,6 +255,16 @@ def _same_columns(
 
 def _read_csv(source: Source, max_columns: int) -> pd.DataFrame:
     """One CSV: its header checked (width, unique names) before it is read whole."""
+    try:
+        return _read_csv_checked(source, max_columns)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataValidationError(
+            f"data.dataset: '{source.uri}' is not a readable gzip file ({exc}); give the "
+            "CSV uncompressed, or compress it again (gzip)"
+        ) from None
+
+
+def _read_csv_checked(source: Source, max_columns: int) -> pd.DataFrame:
     name = source.uri
     if source.on_s3:
         try:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from mlops.tracking import (
 logger = logging.getLogger(__name__)
 
 REPRODUCES_TAG = "mlops.reproduces"  # on the new run: the id of the run it reproduces
+_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 KERAS_TOLERANCE = 0.01  # the largest absolute metric difference accepted for keras_mlp
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # run by the child process in a worktree at the run's commit: that commit's own train()
@@ -180,6 +182,14 @@ def _code_changed(tags: dict[str, str]) -> bool:
     checkout without git or without that commit cannot check it out: a warning, and the code
     here."""
     commit = tags.get(GIT_COMMIT_TAG)
+    if commit is not None and not _COMMIT.fullmatch(commit):
+        # a tag is anyone's to write: what reaches git is a commit id, never an option
+        logger.warning(
+            "the run's %s tag %r is not a git commit id: reproducing with the code here",
+            GIT_COMMIT_TAG,
+            commit[:60],
+        )
+        return False
     recorded = tags.get(CODE_HASH_TAG)
     if recorded is not None and recorded == code_hash():
         return False

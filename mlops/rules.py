@@ -14,7 +14,7 @@ checked on a whole dataset only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,13 @@ MAX_EXAMPLES = 5  # example rows per broken rule in a report
 _QUOTE_CHARS = 100  # the most of one value a message quotes
 
 
-def check_dataset(frame: pd.DataFrame, rules: RulesConfig, *, source: str) -> dict[str, Any] | None:
+def check_dataset(
+    frame: pd.DataFrame, rules: RulesConfig, *, source: str, strings: Sequence[str] = ()
+) -> dict[str, Any] | None:
     """The quality report of ``frame`` (None when no rule is configured); raises
-    ``DataValidationError`` when violations pass ``rules.tolerance``.
+    ``DataValidationError`` when violations pass ``rules.tolerance``. ``strings``: the
+    columns the model takes as text (declared categorical, or read by a text transform), whose
+    rules compare as text whatever the file holds (``zip: 1000`` is the text "1000").
 
     The report lists, per broken row rule, its column, rule, limit, count of rows and up to
     :data:`MAX_EXAMPLES` example rows; and each dataset rule with the share it measured.
@@ -54,7 +58,7 @@ def check_dataset(frame: pd.DataFrame, rules: RulesConfig, *, source: str) -> di
     dataset: list[dict[str, Any]] = []
     for col, rule in rules.columns.items():
         series = frame[col]
-        for name, limit, mask in _row_masks(col, series, rule, source):
+        for name, limit, mask in _row_masks(col, series, rule, source, text=col in strings):
             count = int(mask.sum())
             if count:
                 broken |= mask
@@ -133,19 +137,24 @@ def summary(report: dict[str, Any]) -> str | None:
 
 
 def _row_masks(
-    col: str, series: pd.Series, rule: ColumnRule, source: str
+    col: str, series: pd.Series, rule: ColumnRule, source: str, *, text: bool = False
 ) -> list[tuple[str, Any, np.ndarray]]:
-    numeric = ptypes.is_numeric_dtype(series)
+    numeric = ptypes.is_numeric_dtype(series) and not text
     present = series.notna().to_numpy()
     out: list[tuple[str, Any, np.ndarray]] = []
     for name, limit in (("min", rule.min), ("max", rule.max)):
         if limit is None:
             continue
         if not numeric:
+            kind = (
+                "a text column of the model (declared in data.categorical, or read by a text "
+                "transform)"
+                if text
+                else f"not numeric (dtype {series.dtype})"
+            )
             raise DataValidationError(
-                f"data.rules.columns.{col}.{name}: column '{col}' of {source} is not numeric "
-                f"(dtype {series.dtype}); min and max apply to numbers, use 'allowed' for "
-                "categories"
+                f"data.rules.columns.{col}.{name}: column '{col}' of {source} is {kind}; min "
+                "and max apply to numbers, use 'allowed' for categories"
             )
         values = series.to_numpy(dtype=float, na_value=np.nan)
         out.append((name, limit, values < limit if name == "min" else values > limit))

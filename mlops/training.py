@@ -62,9 +62,7 @@ def train(
         pipeline, metrics = fit_and_evaluate(config, split)
         _log_plots(pipeline, split)
         if config.explain.enabled:
-            from mlops.explain import log_global_explanations
-
-            metrics.update(log_global_explanations(pipeline, split, config))
+            metrics.update(_explained(pipeline, split, config))
         info = log_model(pipeline, split, config)
         version = None
         if register:
@@ -131,6 +129,21 @@ def fit_and_evaluate(
         if epochs is not None:
             mlflow.log_metric("epochs_trained", epochs)
     return pipeline, metrics
+
+
+def _explained(pipeline: Any, split: DatasetSplit, config: Config) -> dict[str, float]:
+    """The global explanations (:mod:`mlops.explain`) on the active run, or, where this model's
+    preprocessing cannot be mapped back to its features (an imputer drops a column that is
+    empty in the training part), none: a warning and the tag ``mlops.explain_skipped`` with
+    the reason, and the model is trained and logged as without explanations."""
+    from mlops.explain import log_global_explanations
+
+    try:
+        return log_global_explanations(pipeline, split, config)
+    except ValueError as exc:
+        logger.warning("explanations skipped: %s", exc)
+        mlflow.set_tag("mlops.explain_skipped", str(exc)[:500])
+        return {}
 
 
 def _log_plots(pipeline: Any, split: DatasetSplit) -> None:

@@ -308,8 +308,9 @@ def test_mlops_explain_on_an_input_file(
     logged = json.loads(Path(path).read_text())  # mlflow.log_table's form
     table = pd.DataFrame(logged["data"], columns=logged["columns"])
     assert len(table) == 4 and set(FEATURES) <= set(table.columns)
+    assert list(table.columns[:4]) == ["_row", "_explains", "_value", "_expected_value"]
     np.testing.assert_allclose(
-        table["expected_value"] + table[FEATURES].sum(axis=1), table["value"], atol=1e-9
+        table["_expected_value"] + table[FEATURES].sum(axis=1), table["_value"], atol=1e-9
     )
 
 
@@ -461,3 +462,47 @@ def test_permutation_importance_equals_shuffling_the_original_columns(
             want[j, r] = baseline - score(np.asarray(pipeline.predict(shuffled)))
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert np.abs(got).max() > 0  # the features matter: the check is not vacuous
+
+
+def test_a_column_empty_in_the_training_part_skips_explanations_not_training(
+    tmp_path: Path,
+) -> None:
+    """An imputer drops a column with no value in the training part, so its outputs no longer
+    map back to the features: the model is still trained, its explanations skipped with the
+    reason as a tag of the run."""
+    from mlops.data import prepare
+    from mlops.training import _explained, fit_and_evaluate
+
+    csv = make_csv(tmp_path / "d.csv", n=120, sparse=np.linspace(0, 1, 120))
+    config = load_config(
+        overrides=[f"data.dataset={csv}", "data.target=label", "data.categorical=[color]"]
+    )
+    split = prepare(config)
+    split.train["sparse"] = np.nan  # as if its few values had all landed in validation/test
+    pipeline, metrics = fit_and_evaluate(config, split, log=False)
+    assert "test_accuracy" in metrics
+    with mlflow.start_run() as run:
+        assert _explained(pipeline, split, config) == {}
+    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert "cannot map" in tags["mlops.explain_skipped"]
+
+
+def test_explanations_of_more_rows_than_the_limit_are_a_400(store: dict) -> None:
+    """explain.max_rows (serving option max_explain_rows) bounds what one request may cost."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(
+        f"models:/{NAME}@production", model_config={"max_explain_rows": 3}
+    ).unwrap_python_model()
+    frame = pd.read_csv(store["csv"])[FEATURES].head(4)
+    body = {"dataframe_records": json.loads(frame.to_json(orient="records"))}
+    with pytest.raises(MlflowException) as caught:
+        model.respond(json.dumps({**body, "params": {"explain": 2}}), "application/json")
+    assert caught.value.get_http_status_code() == 400
+    assert "at most 3 rows" in caught.value.message and "has 4" in caught.value.message
+    with pytest.raises(MlflowException, match="at most 3 rows"):
+        model.predict(None, frame, params={"explain": 2})
+    # within the limit, and without explain, as before
+    three = {"dataframe_records": body["dataframe_records"][:3], "params": {"explain": 2}}
+    assert len(json.loads(model.respond(json.dumps(three), "application/json"))["predictions"]) == 3
+    assert len(json.loads(model.respond(json.dumps(body), "application/json"))["predictions"]) == 4

@@ -475,3 +475,34 @@ def test_every_family_serves_its_export_over_http_in_every_format(
             top2 = np.sort(want, axis=1)[:, -2:]
             clear = (top2[:, 1] - top2[:, 0]) > 1e-4  # off a decision boundary
             assert (served["prediction"][clear] == native["prediction"][clear]).all(), fmt
+
+
+@pytest.mark.parametrize("variant", ["float32", "fp16"])
+def test_an_export_answering_infinity_or_nan_never_passes_parity(
+    in_store: dict, tmp_path: Path, variant: str
+) -> None:
+    """An fp16 network overflowing past 65504 answers inf: the metric of the finite rows alone
+    must not let it pass (nor NaN slip past a `>` comparison)."""
+    from onnx import TensorProto, helper
+
+    from mlops.export import _verified_pipeline
+    from mlops.export_parity import check_parity
+
+    name, version = in_store["versions"]["ridge"]
+    pipeline, meta, _ = _verified_pipeline(name, version, tmp_path / "model")
+    inputs = [helper.make_tensor_value_info(c, TensorProto.FLOAT, [None, 1]) for c in ("x1", "x2")]
+    inputs.append(helper.make_tensor_value_info("color", TensorProto.STRING, [None, 1]))
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x1", "inf"], ["variable"])],
+        "overflowing",
+        inputs,
+        [helper.make_tensor_value_info("variable", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor("inf", TensorProto.FLOAT, [1], [float("inf")])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    run_id = mlflow.MlflowClient().get_model_version(name, version).run_id
+    report = check_parity(
+        pipeline, meta, model.SerializeToString(), run_id, variant, config_of("ridge")
+    )
+    assert not report["passed"]
+    assert "NaN or infinity" in report["failure"]

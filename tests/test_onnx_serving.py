@@ -378,3 +378,16 @@ def test_mlops_serve_takes_the_runtime_as_an_option(store: dict) -> None:
         with urllib.request.urlopen(base + "/version", timeout=10) as resp:
             assert json.loads(resp.headers[RUNTIME_HEADER]) == {"production": "native"}
     assert f"serving {NAME} version {EXPORTED} natively" in log.read_text()
+
+
+def test_text_onnx_runtime_cannot_take_is_a_400_naming_the_column(store: dict) -> None:
+    """JSON may carry a lone surrogate ("\\ud800"), which UTF-8 cannot: the export's session
+    refuses it, and the answer is the contract's 400 naming the column and row, not a 500."""
+    from mlflow.exceptions import MlflowException
+
+    model = loaded(store, EXPORTED, runtime="onnx").unwrap_python_model()
+    body = json.dumps({"dataframe_records": [{"x1": 0.1, "x2": 0.2, "color": "\ud800"}]})
+    with pytest.raises(MlflowException) as caught:
+        model.respond(body, "application/json")
+    assert caught.value.get_http_status_code() == 400
+    assert "column 'color' in row 0" in caught.value.message

@@ -138,6 +138,24 @@ def test_a_rule_on_an_unknown_column_or_min_on_text_is_an_error() -> None:
         )
 
 
+def test_min_on_a_categorical_column_holding_numbers_is_refused_at_prepare(
+    tmp_path: Path,
+) -> None:
+    """A zip code declared categorical is text to the model (served as text, where min/max
+    cannot be checked): a min on it is refused when the data is prepared, although the file
+    holds integers; 'allowed' compares its values as text."""
+    csv = make_csv(tmp_path / "z.csv", n=60, zip=np.tile([1000, 2000, 3000], 20))
+    base = [f"data.dataset={csv}", "data.target=label", "data.categorical=[color, zip]"]
+    with pytest.raises(DataValidationError, match=r"rules\.columns\.zip\.min.*text column"):
+        prepare(load_config(overrides=[*base, "data.rules={columns: {zip: {min: 1500}}}"]))
+    split = prepare(
+        load_config(
+            overrides=[*base, "data.rules={columns: {zip: {allowed: ['1000', 2000, 3000]}}}"]
+        )
+    )
+    assert split.quality is not None and split.quality["violations"] == []
+
+
 def test_no_rules_no_report() -> None:
     assert check_dataset(people(), RulesConfig(), source="t") is None
 

@@ -102,11 +102,22 @@ def explain_version(
                 "source": f"request {request_id}" if request_id else Path(str(input_path)).name,
             }
         )
-        table = pd.DataFrame(contributions.values, columns=contributions.features)
-        table.insert(0, "expected_value", contributions.expected)
-        table.insert(0, "value", contributions.output)
-        table.insert(0, "explains", contributions.explains)
-        table.insert(0, "row", np.arange(len(table)))
+        # the contributions under their features' names, after four columns of our own (a
+        # feature may be called "value" too: ours are prefixed, so no name can clash)
+        table = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "_row": np.arange(len(contributions.output)),
+                        "_explains": contributions.explains,
+                        "_value": contributions.output,
+                        "_expected_value": contributions.expected,
+                    }
+                ),
+                pd.DataFrame(contributions.values, columns=contributions.features),
+            ],
+            axis=1,
+        )
         mlflow.log_table(table, "explain/contributions.json")
         return Explanation(name, version, run.info.run_id, contributions)
 

@@ -62,6 +62,7 @@ def model_metadata(split: DatasetSplit, config: Config) -> dict[str, Any]:
             "runtime": config.serving.runtime,
             "onnx_variant": config.serving.onnx_variant,
             "max_explain": config.explain.max_top_k,
+            "max_explain_rows": config.explain.max_rows,
             "monitoring": config.monitoring.enabled,
             # "": beside the serving process's tracking store, resolved at load; a literal
             # password or token is never stored with the model, a ${VAR} placeholder is

@@ -112,9 +112,30 @@ class OnnxScorer:
         """Class probabilities ``[N, n_classes]`` (a classifier) or values ``[N]`` (a
         regressor), as float64 like the native path's."""
         session = self.session_for(numeric.shape[0])
-        (result,) = session.run([self.output], self.feeds(numeric, categorical))
+        try:
+            (result,) = session.run([self.output], self.feeds(numeric, categorical))
+        except UnicodeEncodeError:
+            raise self._not_utf8(categorical) from None
         values = np.asarray(result, dtype=np.float64)
         return values if self.output == PROBABILITIES else values.reshape(-1)
+
+    def _not_utf8(self, categorical: np.ndarray | None) -> Exception:
+        """The 400 for text ONNX Runtime cannot take (a lone surrogate such as "\\ud800",
+        which JSON can carry and UTF-8 cannot), naming the first such column and row."""
+        from mlops.serving.inputs import clip, invalid
+
+        if categorical is not None:
+            for j, col in enumerate(self.categorical):
+                for i, value in enumerate(categorical[:, j].tolist()):
+                    if isinstance(value, str):
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError:
+                            return invalid(
+                                f"column '{col}' in row {i} holds text that is not valid "
+                                f"Unicode ({clip(value)}: a lone surrogate); send UTF-8 text"
+                            )
+        return invalid("the request holds text that is not valid Unicode; send UTF-8 text")
 
 
 def session_options() -> Any:

@@ -68,6 +68,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "runtime": "auto",  # auto | native | onnx (a version's ONNX export, see mlops.export)
     "onnx_variant": "float32",  # the export auto/onnx serve: float32 | int8 | fp16
     "max_explain": 20,  # the most contributions a request may ask for ({"params": {"explain": k}})
+    "max_explain_rows": 100,  # the most rows one request may ask explanations of
     "model_name": "",
     "model_version": "",
     "model_checksum": "",  # from a server that verified a bundled copy (serve --model-dir)
@@ -149,6 +150,9 @@ class MlopsModel(PythonModel):
             model_version=str(version),
         )
         self.max_explain = int(options.get("max_explain") or DEFAULT_OPTIONS["max_explain"])
+        self.max_explain_rows = int(
+            options.get("max_explain_rows") or DEFAULT_OPTIONS["max_explain_rows"]
+        )
         self.onnx = load_runtime(
             runtime,
             str(options.get("onnx_variant") or "float32"),
@@ -298,7 +302,9 @@ class MlopsModel(PythonModel):
                 columns=self.output_columns,
             )
         parsed: list[Arrays] = []
-        result = self.answer(lambda: _kept(parsed, self.contract.from_frame(model_input)))
+        result = self.answer(
+            lambda: self._explainable(_kept(parsed, self.contract.from_frame(model_input)))
+        )
         frame = pd.DataFrame(result, columns=self.output_columns)
         frame[EXPLANATION_COLUMN] = self.explain_rows(*parsed[0], k)
         return frame
@@ -335,8 +341,9 @@ class MlopsModel(PythonModel):
 
         def parse() -> Arrays:  # a bad `explain` is refused like bad input (400, logged)
             arrays, params = self.contract.parse_with_params(data, mime)
-            asked[:] = [explain_param(params, self.explain_limit), arrays]
-            return arrays
+            k = explain_param(params, self.explain_limit)
+            asked[:] = [k, arrays]
+            return arrays if k is None else self._explainable(arrays)
 
         result = self.answer(parse, request_id=request_id, scored=scored)
         columns = [(name, result[name]) for name in self.output_columns]
@@ -344,6 +351,24 @@ class MlopsModel(PythonModel):
         if k is not None:
             columns.append((EXPLANATION_COLUMN, self.explain_rows(numeric, categorical, k)))
         return records_json(columns)
+
+    def _explainable(self, arrays: Arrays) -> Arrays:
+        """``arrays``, or the 400 for a request asking explanations of more rows than the
+        serving option ``max_explain_rows`` (an explanation costs far more than an answer:
+        Keras's kernel explainer calls the model hundreds of times a row)."""
+        rows = arrays[0].shape[0]
+        limit = int(
+            getattr(self, "max_explain_rows", None)
+            or (self.meta.get("serving") or {}).get("max_explain_rows")
+            or DEFAULT_OPTIONS["max_explain_rows"]
+        )
+        if rows > limit:
+            raise InvalidInput(
+                f"params 'explain' explains at most {limit} rows per request (serving option "
+                f"max_explain_rows), this one has {rows}; send fewer rows, or ask without "
+                "'explain'"
+            )
+        return arrays
 
     @property
     def explain_limit(self) -> int:
@@ -741,6 +766,8 @@ def _scored(
     """``model.score``; any failure is the server's (500), without a traceback in the answer."""
     try:
         return model.score(numeric, categorical)
+    except InvalidInput:  # the input's fault found while scoring (text the runtime cannot take)
+        raise
     except Exception as exc:  # noqa: BLE001 - a bug or a model failure: say so, keep serving
         logger.exception("prediction failed")
         raise failed(exc) from exc
