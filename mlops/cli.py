@@ -110,14 +110,14 @@ def prepare(
         mlops prepare --dataset sklearn:wine --seed 7
     """
     from mlops import data, lineage
-    from mlops.tracking import step_run
+    from mlops.tracking import log_config_file, step_run
 
     config = build_config(config_path, overrides, dataset=dataset, target=target, seed=seed)
     with step_run(config, run_name="prepare") as run:
         import mlflow
 
         mlflow.log_params(config.params(model_params=False))
-        mlflow.log_text(config.to_yaml(), "config.yaml")
+        log_config_file(config)
         split = data.prepare(config)
         lineage.log_split(split, with_files=True, max_mb=config.data.log_data_max_mb)
     click.echo(

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MANIFEST_SHA_TAG = "mlops.data_manifest_sha256"  # on the run: the SHA-256 of data/manifest.json
+
 
 def log_split(
     split: DatasetSplit, *, with_files: bool = False, max_mb: float | None = None
@@ -153,10 +155,18 @@ def _log_parts(split: DatasetSplit, max_mb: float) -> None:
             )
             for context in PARTS:
                 (folder / f"{context}.parquet").unlink()
-        (folder / "manifest.json").write_text(
-            json.dumps(_manifest(split, stored, size, max_mb), indent=2)
-        )
+        manifest = _manifest(split, stored, size, max_mb)
+        if stored:  # each file's checksum, checked before the file is read back
+            for context in PARTS:
+                manifest["parts"][context]["sha256"] = _sha256(
+                    (folder / f"{context}.parquet").read_bytes()
+                )
+        text = json.dumps(manifest, indent=2)
+        (folder / "manifest.json").write_text(text)
         mlflow.log_artifacts(str(folder), artifact_path="data")
+        # the tracking store vouches for the manifest (which vouches for the parts): nothing of
+        # the artifact store is parsed again unless it matches (load_logged_split)
+        mlflow.set_tag(MANIFEST_SHA_TAG, _sha256(text.encode("utf-8")))
 
 
 def _manifest(split: DatasetSplit, stored: bool, size: int, max_mb: float) -> dict[str, Any]:
@@ -182,6 +192,7 @@ def _manifest(split: DatasetSplit, stored: bool, size: int, max_mb: float) -> di
             }
             for c in PARTS
         },
+        "quality": split.quality,  # the data quality report (data.rules), as at prepare
         "files_stored": stored,
         "parquet_bytes": size,
         "log_data_max_mb": max_mb,
@@ -201,18 +212,34 @@ def load_logged_split(run_id: str) -> DatasetSplit:
     Example:
         >>> split = load_logged_split(result.run_id)
     """
+    import mlflow
+
+    recorded = mlflow.MlflowClient().get_run(run_id).data.tags.get(MANIFEST_SHA_TAG)
+    if recorded is None:
+        raise DataValidationError(
+            f"run {run_id} records no checksum of its {MANIFEST} (tag {MANIFEST_SHA_TAG}): it "
+            "was logged before runs kept their data, or not by mlops train; retrain with mlops "
+            "train"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = json.loads(_download(run_id, MANIFEST, tmp).read_text())
-        if manifest["files_stored"]:
-            parts = {
-                c: _read_logged_part(_download(run_id, manifest["parts"][c]["file"], tmp), manifest)
-                for c in PARTS
-            }
+        raw = _verified(_download(run_id, MANIFEST, tmp), recorded, run_id, MANIFEST)
+        try:
+            manifest = json.loads(raw)
+            stored = bool(manifest["files_stored"])
+        except (ValueError, KeyError, TypeError):
+            raise DataValidationError(
+                f"run {run_id}: its {MANIFEST} is not a manifest mlops wrote; retrain"
+            ) from None
+        if stored:
+            parts = {}
+            for c in PARTS:
+                entry = manifest["parts"][c]
+                path = _download(run_id, entry["file"], tmp)
+                _verified(path, entry.get("sha256"), run_id, entry["file"])
+                parts[c] = _read_logged_part(path, manifest)
         else:
             parts = _prepare_again(run_id, manifest, tmp)
-        quality = None
-        if any(a.path == QUALITY_REPORT for a in _list_artifacts(run_id, "data")):
-            quality = json.loads(_download(run_id, QUALITY_REPORT, tmp).read_text())
+        quality = manifest.get("quality")
     for context in PARTS:
         if content_hash(parts[context]) != manifest["parts"][context]["digest"]:
             raise DataValidationError(
@@ -237,6 +264,24 @@ def load_logged_split(run_id: str) -> DatasetSplit:
     )
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verified(path: Path, recorded: str | None, run_id: str, artifact: str) -> bytes:
+    """The bytes of ``path`` if they hash to ``recorded``; else refused, before any parsing."""
+    data = path.read_bytes()
+    if recorded is None or _sha256(data) != recorded:
+        raise DataValidationError(
+            f"run {run_id}: its artifact {artifact} does not match the checksum the run "
+            "recorded; the run's data artifacts were changed after the run: refusing to read "
+            "them (retrain on the current data)"
+        )
+    return data
+
+
 def _read_logged_part(path: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     frame = pd.read_parquet(path)
     # Parquet gives a missing string as None; the split held NaN, as scikit-learn expects
@@ -247,9 +292,9 @@ def _read_logged_part(path: Path, manifest: dict[str, Any]) -> pd.DataFrame:
 
 def _prepare_again(run_id: str, manifest: dict[str, Any], tmp: str) -> dict[str, pd.DataFrame]:
     """The parts made again from the source, with the run's own config (seed, split, rules)."""
-    from mlops.config import CONFIG_ARTIFACT, read_resolved_config
+    from mlops.tracking import read_run_config
 
-    config = read_resolved_config(_download(run_id, CONFIG_ARTIFACT, tmp))
+    config = read_run_config(run_id)
     config = config.model_copy(
         update={"data": config.data.model_copy(update={"dataset": manifest["dataset"]})}
     )
@@ -279,12 +324,6 @@ def _download(run_id: str, artifact: str, tmp: str) -> Path:
             "a training run logged with its data (data/manifest.json) can be rebuilt: retrain "
             "with mlops train"
         ) from None
-
-
-def _list_artifacts(run_id: str, path: str) -> list[Any]:
-    import mlflow
-
-    return list(mlflow.MlflowClient().list_artifacts(run_id, path))
 
 
 _CONFLICT_CODES = frozenset({"BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"})

@@ -40,6 +40,7 @@ from mlops.tracking import (
     STEP_TAG,
     code_hash,
     git_commit,
+    verified_config_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ def reproduce(
         )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=tmp
-            )
+            local = str(verified_config_file(run_id, tmp, run.data.tags))
         except (MlflowException, OSError):
             raise ReproductionError(
                 f"run {run_id} has no {CONFIG_ARTIFACT} artifact; it was not logged by "

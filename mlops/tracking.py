@@ -27,6 +27,7 @@ GIT_COMMIT_TAG = "mlops.git_commit"
 GIT_DIRTY_TAG = "mlops.git_dirty"  # "true": the package had uncommitted changes at that commit
 CODE_HASH_TAG = "mlops.code_hash"  # SHA-256 of the package's Python files as they ran
 STEP_TAG = "mlops.step"
+CONFIG_SHA_TAG = "mlops.config_sha256"  # the SHA-256 of the run's config.yaml
 
 
 def ensure_experiment(name: str, client: mlflow.MlflowClient | None = None) -> str:
@@ -83,7 +84,67 @@ def log_config(config: Config, *, tuning: bool = False, model_params: bool = Tru
     """Log the params a person compares, and the full resolved config as ``config.yaml``."""
     mlflow.log_params(config.params(tuning=tuning, model_params=model_params))
     mlflow.set_tag("mlops.family", config.model.family)
-    mlflow.log_text(config.to_yaml(), CONFIG_ARTIFACT)
+    log_config_file(config)
+
+
+def log_config_file(config: Config) -> None:
+    """The resolved config as the run's ``config.yaml``, and its SHA-256 as the run's tag
+    ``mlops.config_sha256``: the tracking store vouches for the file, which lives in the
+    artifact store, before anything parses it again (:func:`read_run_config`)."""
+    import hashlib
+
+    text = config.to_yaml()
+    mlflow.log_text(text, CONFIG_ARTIFACT)
+    mlflow.set_tag(CONFIG_SHA_TAG, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def read_run_config(run_id: str, tags: dict[str, str] | None = None) -> Config:
+    """Run ``run_id``'s ``config.yaml``, verified (:func:`verified_config_file`), then parsed."""
+    import tempfile
+
+    from mlops.config import read_resolved_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_resolved_config(verified_config_file(run_id, tmp, tags))
+
+
+def verified_config_file(
+    run_id: str, dst: str | os.PathLike[str], tags: dict[str, str] | None = None
+) -> Path:
+    """Run ``run_id``'s ``config.yaml`` downloaded into ``dst`` and verified against the run's
+    ``mlops.config_sha256`` tag before anything parses it (it names data sources, a database
+    URL, transformer classes to import).
+
+    A run logged before the tag existed is read with a warning; a file that does not match
+    the tag is refused (:class:`mlops.artifacts.UntrustedArtifact`). A run without the file
+    raises ``MlflowException`` as MLflow's download does.
+    """
+    import hashlib
+
+    from mlops.artifacts import UntrustedArtifact
+
+    if tags is None:
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    path = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=str(dst)
+        )
+    )
+    recorded = tags.get(CONFIG_SHA_TAG)
+    if recorded is None:
+        logger.warning(
+            "run %s was logged before mlops recorded its config's checksum: its %s is read "
+            "unverified",
+            run_id,
+            CONFIG_ARTIFACT,
+        )
+    elif hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        raise UntrustedArtifact(
+            f"run {run_id}: its {CONFIG_ARTIFACT} does not match the checksum the run "
+            f"recorded ({CONFIG_SHA_TAG} {recorded[:12]}...); the artifact was changed after "
+            "the run: refusing to read it"
+        )
+    return path
 
 
 def name_project_run(run_name: str) -> None:

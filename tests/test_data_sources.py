@@ -342,5 +342,51 @@ def test_beyond_the_cap_only_the_manifest_is_kept_and_a_changed_source_is_refuse
 def test_a_run_without_a_manifest_cannot_be_rebuilt() -> None:
     with mlflow.start_run() as run:
         mlflow.log_param("x", 1)
-    with pytest.raises(DataValidationError, match=r"cannot read its artifact data/manifest.json"):
+    with pytest.raises(DataValidationError, match=r"records no checksum of its data/manifest"):
         load_logged_split(run.info.run_id)
+
+
+def _artifact_file(run_id: str, path: str) -> Path:
+    """The stored file of a run's artifact (the local artifact store of the tests)."""
+    from urllib.parse import urlparse
+
+    root = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    return Path(urlparse(root).path) / path
+
+
+@pytest.mark.parametrize("artifact", ["data/manifest.json", "data/test.parquet", "config.yaml"])
+def test_a_run_record_changed_after_the_run_is_refused_before_it_is_read(
+    tmp_path: Path, artifact: str
+) -> None:
+    """The manifest, each Parquet part and the config are checked against checksums the run
+    keeps in the tracking store (tags, and the manifest for the parts) before any is parsed:
+    an edited record cannot feed rows to reproduce or to an export's parity check, nor point a
+    rebuild at another source or database."""
+    from mlops.artifacts import UntrustedArtifact
+    from mlops.reproduce import reproduce
+
+    path = tmp_path / "data.parquet"
+    frame().to_parquet(path, index=False)
+    result = train(cfg(str(path)))
+    stored = _artifact_file(result.run_id, artifact)
+    original = stored.read_bytes()
+    if artifact.endswith(".json"):
+        manifest = json.loads(original)
+        manifest["dataset"] = "sql:SELECT * FROM elsewhere"
+        stored.write_text(json.dumps(manifest, indent=2))
+    elif artifact.endswith(".parquet"):
+        part = pd.read_parquet(stored)
+        part.loc[0, "x1"] += 1.0
+        part.to_parquet(stored, index=False)
+    else:
+        stored.write_text(original.decode().replace("seed: 42", "seed: 43"))
+    try:
+        if artifact == "config.yaml":
+            with pytest.raises(UntrustedArtifact, match="config.yaml does not match"):
+                reproduce(result.run_id)
+        else:
+            with pytest.raises(DataValidationError, match=f"{artifact} does not match"):
+                load_logged_split(result.run_id)
+    finally:
+        stored.write_bytes(original)
+    assert_same_split(load_logged_split(result.run_id), prepare(cfg(str(path))))

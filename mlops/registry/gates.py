@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -34,12 +33,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mlops import metrics
 from mlops.artifacts import CHECKSUM_TAG, checksum_matches, download_model, model_checksum
-from mlops.config import CONFIG_ARTIFACT, Config, Threshold, parse_duration, read_resolved_config
+from mlops.config import Config, Threshold, parse_duration
 from mlops.data import DatasetSplit, prepare
 from mlops.errors import MlopsError, RegistryError
 from mlops.monitoring.compare import compare_versions
 from mlops.monitoring.store import LOG_FILE, MonitoringStore
-from mlops.tracking import project_store_url
+from mlops.tracking import project_store_url, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -316,11 +315,7 @@ def held_out_split(candidate: Candidate) -> DatasetSplit:
     config.yaml."""
     if candidate.run is None:
         raise RegistryError(f"{candidate.name} has no training run to read its data settings from")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=candidate.run.info.run_id, artifact_path=CONFIG_ARTIFACT, dst_path=tmp
-        )
-        config = read_resolved_config(path)
+    config = read_run_config(candidate.run.info.run_id, candidate.run.data.tags)
     return prepare(config)
 
 

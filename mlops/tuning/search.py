@@ -27,13 +27,13 @@ import optuna
 from optuna.trial import TrialState
 
 from mlops import data as data_step
-from mlops.config import CONFIG_ARTIFACT, Config
+from mlops.config import Config
 from mlops.data import DatasetSplit, encode_target
 from mlops.errors import ConfigError
 from mlops.lineage import log_split
 from mlops.metrics import evaluate
 from mlops.models import build_model, fit_model, get_family
-from mlops.tracking import log_config, step_run
+from mlops.tracking import log_config, log_config_file, step_run
 from mlops.tuning.storage import advisory_lock, open_storage
 from mlops.tuning.trial_runs import TrialRuns
 
@@ -450,7 +450,7 @@ def _retrain_best(
         }
     )
     mlflow.log_params({f"model.params.{k}": v for k, v in sorted(best_config.model.params.items())})
-    mlflow.log_text(best_config.to_yaml(), CONFIG_ARTIFACT)
+    log_config_file(best_config)  # the best configuration's, in place of the search's
     # retrained as `mlops train` trains: on the training part alone, so its validation metrics,
     # its early stopping and its reference profile are measured on rows it never saw
     pipeline, metrics = fit_and_evaluate(best_config, split, log=True)
