@@ -1403,7 +1403,7 @@ def export(
 
     The version's files are verified against their registered checksum before it is loaded.
     The export is compared with the native model on the run's test split (export.tolerance,
-    export.max_metric_drop); only when it passes are onnx/<variant>/model.onnx and report.json
+    export.max_metric_drop); only when it passes are onnx/<variant>/<sha>/model.onnx and report.json
     logged to the version's run and the version tagged mlops.onnx.<variant>.sha256.
 
     \b

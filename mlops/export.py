@@ -15,7 +15,7 @@ Parity is checked on the run's held-out test split (:func:`mlops.lineage.load_lo
 float32 values within ``export.tolerance`` of the native ones and the same labels (except rows
 whose two highest native probabilities are within :data:`BOUNDARY`); a quantized variant (int8
 or fp16) may lose at most ``export.max_metric_drop`` of accuracy (or add that much RMSE).
-Only then are ``onnx/<variant>/model.onnx`` and ``report.json`` logged to the version's run
+Only then are ``onnx/<variant>/<sha>/model.onnx`` and ``report.json`` logged to the version's run
 and the version tagged ``mlops.onnx.<variant>.sha256`` / ``.size_ratio``.
 """
 
@@ -70,7 +70,7 @@ class ExportResult:
 
     @property
     def artifact_path(self) -> str:
-        return f"{export_path(self.variant)}/model.onnx"
+        return f"{export_path(self.variant, self.sha256)}/model.onnx"
 
 
 def tag_names(variant: str) -> tuple[str, str]:
@@ -149,7 +149,7 @@ def export(
         folder.mkdir()
         (folder / "model.onnx").write_bytes(model_bytes)
         (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        artifact_path = export_path(variant)
+        artifact_path = export_path(variant, sha)
         client.log_artifact(run_id, str(folder / "model.onnx"), artifact_path=artifact_path)
         client.log_artifact(run_id, str(folder / "report.json"), artifact_path=artifact_path)
     tags = dict(zip(tag_names(variant), (sha, f"{ratio:.4f}"), strict=True))

@@ -106,10 +106,17 @@ def config_of(family: str, *extra: str):
     return load_config(overrides=overrides(csv, family, *FAMILIES[family][1], *extra))
 
 
-def logged_onnx(run_id: str, variant: str, tmp_path: Path) -> tuple[bytes, dict]:
+def logged_onnx(run_id: str, variant: str, tmp_path: Path, sha: str) -> tuple[bytes, dict]:
+    """The export of ``variant`` whose model.onnx hashes to ``sha``, as logged on the run."""
+    from mlops.serving.onnx_runtime import export_path
+
+    return _logged_at(run_id, export_path(variant, sha), tmp_path)
+
+
+def _logged_at(run_id: str, path: str, tmp_path: Path) -> tuple[bytes, dict]:
     folder = Path(
         mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"onnx/{variant}", dst_path=str(tmp_path)
+            run_id=run_id, artifact_path=path, dst_path=str(tmp_path)
         )
     )
     return (folder / "model.onnx").read_bytes(), json.loads((folder / "report.json").read_text())
@@ -122,7 +129,7 @@ def test_every_family_exports_float32_with_parity(
     name, version = in_store["versions"][family]
     result = in_store["exported"][family]
     assert result.report["passed"] and result.variant == "float32"
-    model_bytes, report = logged_onnx(result.run_id, "float32", tmp_path)
+    model_bytes, report = logged_onnx(result.run_id, "float32", tmp_path, result.sha256)
     sha = hashlib.sha256(model_bytes).hexdigest()
     assert report["sha256"] == sha == result.sha256
     assert report["passed"] and report["rows_compared"] > 0
@@ -179,7 +186,7 @@ def test_quantized_variants_report_size_and_metric_drop(
     assert report["metric"]["name"] == "accuracy"
     assert report["metric"]["drop"] <= 0.005
     float_size = in_store["exported"][family].report["size_bytes"]
-    model_bytes, logged = logged_onnx(result.run_id, variant, tmp_path)
+    model_bytes, logged = logged_onnx(result.run_id, variant, tmp_path, result.sha256)
     assert logged["size_bytes"] == len(model_bytes) == report["size_bytes"]
     if family == "keras_mlp":
         # the network's weights are the model: int8 weights are a quarter of float32 ones
@@ -288,7 +295,7 @@ def test_the_command_exports_and_registers_a_version(
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"{name} version {version}: ONNX float32 (opset 17) parity passed" in out
-    assert "onnx/float32/model.onnx" in out and "x the native pipeline" in out
+    assert "onnx/float32/" in out and "/model.onnx" in out and "x the native pipeline" in out
     client = mlflow.MlflowClient()
     latest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     assert f"registered as {name} version {latest}" in out
@@ -332,7 +339,8 @@ def test_columns_named_with_spaces_keep_their_names_in_the_graph(
     result = train(config, register=True)
     done = export("spaced", str(result.registered_version), config)
     session = ort.InferenceSession(
-        logged_onnx(done.run_id, "float32", tmp_path)[0], providers=["CPUExecutionProvider"]
+        logged_onnx(done.run_id, "float32", tmp_path, done.sha256)[0],
+        providers=["CPUExecutionProvider"],
     )
     names = [i.name for i in session.get_inputs()]
     assert "mean radius" in names and "worst fractal dimension" in names
@@ -386,7 +394,8 @@ def test_a_random_forest_on_the_default_dataset_matches_natively_on_every_row(
     numeric = list(meta["numeric_columns"])
     assert numeric == list(data.columns) and not meta["categorical_columns"]
     session = ort.InferenceSession(
-        logged_onnx(done.run_id, "float32", tmp_path)[0], providers=["CPUExecutionProvider"]
+        logged_onnx(done.run_id, "float32", tmp_path, done.sha256)[0],
+        providers=["CPUExecutionProvider"],
     )
     label, probabilities = session.run(None, onnx_inputs(data, numeric, []))
     native = pipeline.predict_proba(data)
@@ -506,3 +515,22 @@ def test_an_export_answering_infinity_or_nan_never_passes_parity(
     )
     assert not report["passed"]
     assert "NaN or infinity" in report["failure"]
+
+
+def test_a_later_export_on_the_same_run_leaves_earlier_versions_servable(in_store: dict) -> None:
+    """Exports are kept per checksum: a version registered from the run (--register) keeps
+    serving its own export after the original is exported again (another opset), which
+    replaces neither file nor tag of the copy."""
+    name, version = in_store["versions"]["logreg"]
+    first = export(name, version, config_of("logreg"), register=True)
+    copy = first.registered_version
+    assert copy is not None
+    again = export(name, version, config_of("logreg", "export.opset=15"))
+    assert again.sha256 != first.sha256 and again.artifact_path != first.artifact_path
+    client = mlflow.MlflowClient()
+    sha_tag = tag_names("float32")[0]
+    assert client.get_model_version(name, copy).tags[sha_tag] == first.sha256
+    assert client.get_model_version(name, version).tags[sha_tag] == again.sha256
+    for v in (copy, version):
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{v}", model_config={"runtime": "onnx"})
+        assert model.unwrap_python_model().runtime == "onnx/float32"

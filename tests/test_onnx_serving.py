@@ -23,7 +23,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mlops.config import load_config
-from mlops.serving.onnx_runtime import sha256_tag
+from mlops.serving.onnx_runtime import export_path, sha256_tag
 from mlops.training import train
 from tests.conftest import free_port, using_store
 from tests.helpers import make_csv
@@ -75,7 +75,7 @@ def export_onnx(name: str, version: str, root: Path) -> str:
         "sha256": sha,
     }
     (folder / "report.json").write_text(json.dumps(report))
-    client.log_artifacts(registered.run_id, str(folder), "onnx/float32")
+    client.log_artifacts(registered.run_id, str(folder), export_path("float32", sha))
     client.set_model_version_tag(name, version, sha256_tag("float32"), sha)
     return registered.run_id
 
@@ -111,7 +111,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
         export_onnx(NAME, EXPORTED, root)
         run_id = export_onnx(NAME, TAMPERED, root)
         stored = urlparse(client.get_run(run_id).info.artifact_uri)
-        onnx_file = Path(unquote(stored.path)) / "onnx" / "float32" / "model.onnx"
+        sha = client.get_model_version(NAME, TAMPERED).tags[sha256_tag("float32")]
+        onnx_file = Path(unquote(stored.path)) / export_path("float32", sha) / "model.onnx"
         onnx_file.write_bytes(onnx_file.read_bytes() + b"\x00")  # changed after tagging
     yield {"uri": uri, "root": root, "csv": csv}
 
@@ -172,7 +173,7 @@ def test_runtime_onnx_without_an_export_refuses_to_load(store: dict) -> None:
 def test_a_tampered_export_refuses_to_load(store: dict, runtime: str) -> None:
     with pytest.raises(MlflowException, match="does not match the recorded") as err:
         loaded(store, TAMPERED, runtime=runtime)
-    assert "onnx/float32/model.onnx" in err.value.message
+    assert "onnx/float32/" in err.value.message and "/model.onnx" in err.value.message
     # and the native runtime, which never reads the export, still serves that version
     assert loaded(store, TAMPERED, runtime="native").unwrap_python_model().runtime == "native"
 

@@ -1,6 +1,6 @@
 """Scoring through a registered version's ONNX export with ONNX Runtime (``serving.runtime``).
 
-``mlops export NAME --version V --format onnx`` writes ``onnx/<variant>/model.onnx`` to the
+``mlops export NAME --version V --format onnx`` writes ``onnx/<variant>/<sha>/model.onnx`` to the
 version's run and, only when its answers matched the native pipeline's, tags the version with
 ``mlops.onnx.<variant>.sha256``. At load, :func:`load_runtime` picks what a version is served
 with: ``native`` (the fitted pipeline), ``onnx`` (the export, or no start) or ``auto`` (the
@@ -35,9 +35,12 @@ MODEL_FILE = "model.onnx"
 LABEL, PROBABILITIES, VARIABLE = "label", "probabilities", "variable"
 
 
-def export_path(variant: str) -> str:
-    """Where a version's run holds the ``variant`` export (a folder of its artifacts)."""
-    return f"onnx/{variant}"
+def export_path(variant: str, sha256: str) -> str:
+    """Where a version's run holds the ``variant`` export whose model.onnx hashes to
+    ``sha256`` (a folder of its artifacts). Keyed by the checksum, so a later export on the
+    same run (another opset, another version registered from the run) never replaces a file a
+    version's tag points at."""
+    return f"onnx/{variant}/{sha256[:16]}"
 
 
 def sha256_tag(variant: str) -> str:
@@ -218,19 +221,23 @@ def load_runtime(
             variant,
         )
         return None
-    data = _download(registered.run_id, variant, name=name, version=version)
-    _verify(data, recorded, f"{name} version {version}: {export_path(variant)}/{MODEL_FILE}")
+    data = _download(registered.run_id, variant, recorded, name=name, version=version)
+    _verify(
+        data,
+        recorded,
+        f"{name} version {version}: {export_path(variant, recorded)}/{MODEL_FILE}",
+    )
     session = _session(data, name=name, version=version, variant=variant)
     _check_graph(session, numeric, categorical, n_classes, f"{name} version {version}")
     return OnnxScorer(session, variant, numeric, categorical, data)
 
 
-def _download(run_id: str, variant: str, *, name: str, version: str) -> bytes:
+def _download(run_id: str, variant: str, sha256: str, *, name: str, version: str) -> bytes:
     """The export's bytes, from the version's run (only the model file: nothing else of the
     export is trusted or needed)."""
     import mlflow
 
-    path = f"{export_path(variant)}/{MODEL_FILE}"
+    path = f"{export_path(variant, sha256)}/{MODEL_FILE}"
     try:
         with tempfile.TemporaryDirectory(prefix="mlops-onnx-") as tmp:
             local = mlflow.artifacts.download_artifacts(
