@@ -161,28 +161,9 @@ def main() -> None:
     }
     ps, po = free_port(), free_port()
 
-    def cmd(uri_: str, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            uri_,
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--workers",
-            "1",
-        ]
-
     with (
-        running(cmd(stock.model_uri, ps), env, ps, work / "stock.log") as _,
-        running(cmd(ours.model_uri, po), env, po, work / "ours.log") as _,
+        running(serve_cmd(stock.model_uri, ps), env, ps, work / "stock.log") as _,
+        running(serve_cmd(ours.model_uri, po), env, po, work / "ours.log") as _,
     ):
         ports = {"stock": ps, "ours": po}
         for port in ports.values():  # warm up
@@ -264,23 +245,10 @@ def explain_costs(port: int, X: Any, args: argparse.Namespace) -> dict[int, tupl
 
 
 def serve_cmd(uri_: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        uri_,
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    """`mlflow models serve` of ``uri_`` on ``port`` (one worker) with this interpreter's MLflow."""
+    from servers import models_serve
+
+    return [sys.executable, "-m", "mlflow", *models_serve(uri_, port)[1:]]
 
 
 def family_runtimes(args: argparse.Namespace) -> None:

@@ -108,14 +108,19 @@ def recorded_checksum(name: str, version: str) -> str | None:
     when it has none: registered outside mlops)."""
     import mlflow
 
-    tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
-    recorded = tags.get(CHECKSUM_TAG)
+    return checksum_of(mlflow.MlflowClient().get_model_version(name, version))
+
+
+def checksum_of(registered: Any) -> str | None:
+    """The checksum recorded on a registered version (an MLflow ``ModelVersion``), or None,
+    with a warning, when it has none (registered outside mlops)."""
+    recorded = (registered.tags or {}).get(CHECKSUM_TAG)
     if not recorded:
         logger.warning(
             "%s version %s has no recorded checksum (registered outside mlops): its files "
             "cannot be verified; register versions with mlops",
-            name,
-            version,
+            registered.name,
+            registered.version,
         )
     return recorded
 

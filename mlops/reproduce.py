@@ -207,16 +207,14 @@ def _code_changed(tags: dict[str, str]) -> bool:
             "the code here"
         )
         return False
-    return _git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0 or _missing(commit)
-
-
-def _missing(commit: str) -> bool:
-    logger.warning(
-        "the code changed since the run, whose commit %s is not in this checkout: reproducing "
-        "with the code here",
-        commit[:12],
-    )
-    return False
+    if _git("cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        logger.warning(
+            "the code changed since the run, whose commit %s is not in this checkout: "
+            "reproducing with the code here",
+            commit[:12],
+        )
+        return False
+    return True
 
 
 def _code_changed_since(commit: str | None) -> bool:

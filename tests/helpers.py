@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 
 def make_csv(path: Path, n: int = 120, seed: int = 0, **extra_columns: object) -> Path:
@@ -20,3 +21,16 @@ def make_csv(path: Path, n: int = 120, seed: int = 0, **extra_columns: object) -
         frame[name] = values
     frame.to_csv(path, index=False)
     return path
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``mlops ARGS`` in-process as the console script runs it: (exit code, stdout, stderr)."""
+    from mlops.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -29,6 +29,26 @@ def server_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def models_serve(model_uri: str, port: int, mlflow_bin: str | None = None) -> list[str]:
+    """The command line of a stock `mlflow models serve` of ``model_uri`` on loopback ``port``,
+    one worker, the local environment (``mlflow_bin``: another MLflow than the tests')."""
+    return [
+        mlflow_bin or str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
 @contextmanager
 def running(
     command: list[str],

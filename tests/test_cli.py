@@ -10,19 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlops.cli import main
 from tests.conftest import REPO
-from tests.helpers import make_csv
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import make_csv, run_cli
 
 
 def test_prepare_logs_a_data_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from mlops.cli import main
 from mlops.config import load_config
 from mlops.training import train
 from tests.conftest import free_port, using_store
+from tests.helpers import run_cli
 from tests.servers import BIN, MOTO_S3_ENV, moto_s3, post, running, server_env
 
 NAME = "flow-model"
@@ -62,16 +62,6 @@ def overrides(dataset: str) -> list[str]:
     ]
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out + err
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("flow")
@@ -88,19 +78,19 @@ def test_csv_with_dates_and_text_trains_promotes_serves_explains_and_reproduces(
     root, csv = store["root"], store["csv"]
     with using_store(store["uri"]):
         sets = [a for o in overrides(str(csv)) for a in ("--set", o)]
-        code, out = cli(
+        code, out, err = run_cli(
             ["train", *sets, "--register", "--output-json", str(root / "t.json")], capsys
         )
-        assert code == 0, out
+        assert code == 0, out + err
         trained = json.loads((root / "t.json").read_text())
         assert trained["metrics"]["validation_accuracy"] > 0.8, trained["metrics"]
         version = trained["registered_version"]
         for stage in ("staging", "production"):
-            code, out = cli(
+            code, out, err = run_cli(
                 ["promote", NAME, "--version", version, "--to", stage, "--reason", "flow"],
                 capsys,
             )
-            assert code == 0, out
+            assert code == 0, out + err
         client = mlflow.MlflowClient()
         run = client.get_run(trained["run_id"])
         # explanations per ORIGINAL column: the date's parts and the text's words add up to it
@@ -143,7 +133,7 @@ def test_csv_with_dates_and_text_trains_promotes_serves_explains_and_reproduces(
 
     rows.to_csv(root / "rows.csv", index=False)
     with using_store(store["uri"]):
-        code, out = cli(
+        code, out, err = run_cli(
             [
                 "explain",
                 NAME,
@@ -156,10 +146,10 @@ def test_csv_with_dates_and_text_trains_promotes_serves_explains_and_reproduces(
             ],
             capsys,
         )
-        assert code == 0, out
+        assert code == 0, out + err
         assert "signup" in out or "comment" in out or "income" in out, out
-        code, out = cli(["reproduce", trained["run_id"]], capsys)
-        assert code == 0, out
+        code, out, err = run_cli(["reproduce", trained["run_id"]], capsys)
+        assert code == 0, out + err
         assert "data: the same" in out
         assert re.search(r"^test_accuracy\s+(\S+)\s+\1\s+0\s+ok", out, re.M), out
 

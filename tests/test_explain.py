@@ -17,14 +17,13 @@ from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.preprocessing import SplineTransformer, StandardScaler
 
-from mlops.cli import main
 from mlops.config import load_config
 from mlops.explain import Explainer, background_for, feature_owners
 from mlops.models import build_model, fit_model
 from mlops.training import train
 from tests.conftest import free_port, using_store
-from tests.helpers import make_csv
-from tests.servers import BIN, post, running, server_env
+from tests.helpers import make_csv, run_cli
+from tests.servers import BIN, models_serve, post, running, server_env
 
 NAME = "explain-model"
 FEATURES = ["x1", "x2", "color"]
@@ -264,16 +263,6 @@ def store(registered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return {**registered, "uri": uri}
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def explained_rows(out: str) -> list[list[str]]:
     rows: list[list[str]] = []
     for line in out.splitlines():
@@ -381,8 +370,7 @@ def test_a_served_model_answers_explain_params_over_http(store: dict) -> None:
         "inputs": {"inputs": {c: frame[c].tolist() for c in FEATURES}},
     }
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@production"]
-    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    cmd = models_serve(f"models:/{NAME}@production", port)
     with running(cmd, server_env(store["uri"]), port, store["root"] / "serve.log") as base:
         check_explain_answers(base, bodies)
     port = free_port()

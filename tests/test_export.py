@@ -442,7 +442,7 @@ def test_every_family_serves_its_export_over_http_in_every_format(
     answers every input format as the native model does on the same rows (within the export's
     tolerance), missing numbers and categories included."""
     from tests.conftest import free_port
-    from tests.servers import BIN, post, running, server_env
+    from tests.servers import models_serve, post, running, server_env
 
     name, version = in_store["versions"][family]
     task = FAMILIES[family][0]
@@ -461,8 +461,7 @@ def test_every_family_serves_its_export_over_http_in_every_format(
     uri = f"models:/{name}/{version}"
     native = mlflow.pyfunc.load_model(uri, model_config={"runtime": "native"}).predict(frame)
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
-    cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    cmd = models_serve(uri, port)
     env = server_env(in_store["uri"], SERVING_MODEL_CONFIG=json.dumps({"runtime": "onnx"}))
     with running(cmd, env, port, in_store["root"] / f"serve-{family}.log") as base:
         for fmt, (body, mime) in bodies.items():

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from mlops.artifacts import CHECKSUM_TAG
-from mlops.cli import main
 from mlops.config import load_config
 from mlops.delivery import contract
 from mlops.delivery.contract import version_facts
@@ -32,7 +31,7 @@ from mlops.delivery.k8s import (
 )
 from mlops.training import train
 from tests.conftest import skip_or_fail, using_store
-from tests.helpers import make_csv
+from tests.helpers import make_csv, run_cli
 
 NAME = "K8s_Churn.Model"  # not a Kubernetes name as it is: the app name is derived
 APP = "k8s-churn-model"
@@ -73,16 +72,6 @@ def registry(store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", store)
     with using_store(store):
         yield store
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def k8s(out: Path, *extra: str) -> list[str]:

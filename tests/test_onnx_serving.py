@@ -27,7 +27,7 @@ from mlops.serving.onnx_runtime import export_path, sha256_tag
 from mlops.training import train
 from tests.conftest import free_port, using_store
 from tests.helpers import make_csv
-from tests.servers import BIN, post, running, server_env
+from tests.servers import BIN, models_serve, post, running, server_env
 
 pytestmark = pytest.mark.slow
 NAME = "onnx-lr"
@@ -203,21 +203,7 @@ def payloads(frame: pd.DataFrame) -> dict[str, tuple[object, str]]:
 
 def test_served_onnx_answers_equal_native_ones_in_every_format(store: dict) -> None:
     port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@production",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = models_serve(f"models:/{NAME}@production", port)
     log = store["root"] / "mlflow-serve.log"
     frame = rows(store)
     native = loaded(store, EXPORTED, runtime="native").predict(frame)

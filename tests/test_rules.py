@@ -27,7 +27,7 @@ from mlops.rules import check_dataset
 from mlops.training import train
 from tests.conftest import free_port, using_store
 from tests.helpers import make_csv
-from tests.servers import BIN, post, running, server_env
+from tests.servers import BIN, models_serve, post, running, server_env
 
 NAME = "rules-model"
 FEATURES = ["x1", "x2", "color", "age"]
@@ -324,21 +324,7 @@ def log_url(store: dict) -> str:
 def reject_server(store: dict) -> Iterator[str]:
     """`mlflow models serve` of @production as logged (reject), logging its requests."""
     port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@production",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = models_serve(f"models:/{NAME}@production", port)
     config = {"monitoring": True, "monitoring_url": log_url(store)}
     env = server_env(store["uri"], SERVING_MODEL_CONFIG=json.dumps(config))
     with running(cmd, env, port, store["root"] / "reject.log") as base:

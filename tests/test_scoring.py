@@ -26,7 +26,7 @@ from mlops.scoring import ScoringInputError, score
 from mlops.training import train
 from tests.conftest import IN_CI, free_port, using_store
 from tests.helpers import make_csv
-from tests.servers import BIN, running
+from tests.servers import MOTO_S3_ENV, moto_s3
 
 NAME = "score-model"
 ROWS = 200_000
@@ -275,26 +275,13 @@ def test_csv_with_spark(shared: dict, spark: Any, tmp_path: Path) -> None:
 
 
 # ---- S3 through boto3 (moto's standalone server) ----
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+S3_ENV = MOTO_S3_ENV
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server on loopback; its endpoint URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with running(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        {**os.environ, **S3_ENV},
-        port,
-        log,
-        timeout=60,
-        health="/moto-api/",
-    ) as endpoint:
+    with moto_s3(free_port(), tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
         yield endpoint
 
 

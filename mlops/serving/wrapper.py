@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from mlops.artifacts import CHECKSUM_TAG
+from mlops.artifacts import CHECKSUM_TAG, checksum_of
 from mlops.rules import RowRules, RowViolations
 from mlops.serving.compiled import compile_pipeline
 from mlops.serving.inputs import (
@@ -219,6 +219,12 @@ class MlopsModel(PythonModel):
             coerce_numbers=_truthy(coerce_numbers),
         )
         self.max_body_bytes = int(max_body_bytes or DEFAULT_OPTIONS["max_body_bytes"])
+        # explanations on request: the logged limits (a server's options override them at load)
+        logged = {**DEFAULT_OPTIONS, **(meta.get("serving") or {})}
+        self.max_explain = int(logged["max_explain"] or DEFAULT_OPTIONS["max_explain"])
+        self.max_explain_rows = int(
+            logged["max_explain_rows"] or DEFAULT_OPTIONS["max_explain_rows"]
+        )
         self.monitor: Any = None
         self.classes = np.asarray(meta["classes"], dtype=object) if meta.get("classes") else None
         self.model_name, self.model_version = model_name, model_version
@@ -295,7 +301,7 @@ class MlopsModel(PythonModel):
         contract as a raw body: a refusal is an ``InvalidInput`` (400), a model failure a
         ``PredictionFailed`` (500). ``params={"explain": k}`` adds the ``explanation`` column
         (see :meth:`explain_rows`)."""
-        k = explain_param(params, self.explain_limit) if params else None
+        k = explain_param(params, self.max_explain) if params else None
         if k is None:
             return pd.DataFrame(
                 self.answer(lambda: self.contract.from_frame(model_input)),
@@ -341,7 +347,7 @@ class MlopsModel(PythonModel):
 
         def parse() -> Arrays:  # a bad `explain` is refused like bad input (400, logged)
             arrays, params = self.contract.parse_with_params(data, mime)
-            k = explain_param(params, self.explain_limit)
+            k = explain_param(params, self.max_explain)
             asked[:] = [k, arrays]
             return arrays if k is None else self._explainable(arrays)
 
@@ -357,11 +363,7 @@ class MlopsModel(PythonModel):
         serving option ``max_explain_rows`` (an explanation costs far more than an answer:
         Keras's kernel explainer calls the model hundreds of times a row)."""
         rows = arrays[0].shape[0]
-        limit = int(
-            getattr(self, "max_explain_rows", None)
-            or (self.meta.get("serving") or {}).get("max_explain_rows")
-            or DEFAULT_OPTIONS["max_explain_rows"]
-        )
+        limit = self.max_explain_rows
         if rows > limit:
             raise InvalidInput(
                 f"params 'explain' explains at most {limit} rows per request (serving option "
@@ -369,15 +371,6 @@ class MlopsModel(PythonModel):
                 "'explain'"
             )
         return arrays
-
-    @property
-    def explain_limit(self) -> int:
-        """The most contributions per row a request may ask for (serving option
-        ``max_explain``)."""
-        limit = getattr(self, "max_explain", None)
-        if limit is None:
-            limit = (self.meta.get("serving") or {}).get("max_explain")
-        return int(limit or DEFAULT_OPTIONS["max_explain"])
 
     def explain_rows(
         self, numeric: np.ndarray, categorical: np.ndarray | None, k: int
@@ -696,15 +689,7 @@ def _registered(name: str, version: str) -> tuple[Any, str | None]:
     except Exception as exc:  # the store may be unreachable from the server
         logger.warning("could not read the recorded checksum of %s v%s: %s", name, version, exc)
         return None, None
-    recorded = (registered.tags or {}).get(CHECKSUM_TAG)
-    if not recorded:
-        logger.warning(
-            "%s version %s has no recorded checksum (registered outside mlops): its files "
-            "cannot be verified; register versions with mlops",
-            name,
-            version,
-        )
-    return registered, recorded
+    return registered, checksum_of(registered)
 
 
 def _identify(model_dir: Path, meta: dict[str, Any], *, serving: bool) -> tuple[str, str, Any]:
