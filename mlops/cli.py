@@ -1232,7 +1232,7 @@ def feedback(
     "--chunk-rows",
     type=click.IntRange(min=1),
     default=None,
-    help="Rows read and scored at a time (default: scoring.chunk_rows).",
+    help="The most rows held at once, scored in quarters (default: scoring.chunk_rows).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and rejects file.")
 @_config_option

@@ -269,7 +269,7 @@ class ParamSpace(_Strict):
 class ScoringConfig(_Strict):
     """``mlops score``: batch scoring of tables with a registered version."""
 
-    chunk_rows: int = Field(100_000, gt=0)  # rows read, checked and written at a time (pandas)
+    chunk_rows: int = Field(100_000, gt=0)  # pandas engine: the most rows held at once
     engine: Literal["pandas", "spark"] = "pandas"
     spark_master: str = "local[2]"  # any Spark master URL: spark://host:7077, yarn, k8s://...
     spark_driver_memory: str = "1g"

@@ -363,3 +363,57 @@ def test_unreadable_s3_key_is_one_line(
         monkeypatch.setenv(key, value)
     with pytest.raises(ScoringInputError, match="cannot be read from .*NoSuchBucket"):
         score(load_config(), NAME, input_uri="s3://no-such-bucket/x.parquet", output_uri="o.csv")
+
+
+# ---- the pandas engine's pieces: order, row groups, a failure in its I/O thread ----
+def test_pandas_engine_keeps_order_in_pieces(shared: dict, tmp_path: Path) -> None:
+    """Pieces of a quarter of --chunk-rows, read ahead and written behind by the I/O thread,
+    come out in the input's order, one row group each, answered as pyfunc answers them."""
+    base = pd.read_csv(make_csv(tmp_path / "rows.csv", n=1000, seed=5)).drop(columns="label")
+    base.insert(0, "id", np.arange(len(base)))
+    base["color"] = base["color"].astype(object)
+    base.loc[[3, 640], "x2"] = np.inf  # refused: set aside, the rest keeps its order
+    source = tmp_path / "rows.parquet"
+    base.to_parquet(source, index=False, row_group_size=300)
+    out = tmp_path / "scored.parquet"
+    result = score(
+        load_config(overrides=["experiment=scoring"]),
+        NAME,
+        version=shared["version"],
+        input_uri=str(source),
+        output_uri=str(out),
+        chunk_rows=100,
+    )
+    assert (result.rows_scored, result.rows_rejected) == (998, 2)
+    scored = pd.read_parquet(out)
+    good = base.drop(index=[3, 640]).reset_index(drop=True)
+    assert list(scored["id"]) == list(good["id"])
+    assert_matches(scored, reference(shared, good))
+    groups = pq.ParquetFile(out).metadata
+    sizes = [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
+    assert sum(sizes) == 998 and max(sizes) == 25  # pieces of 100 // 4 rows
+    assert sorted(pd.read_csv(tmp_path / "scored-rejects.csv")["id"]) == [3, 640]
+
+
+def test_a_failed_write_stops_the_job_and_leaves_nothing(shared: dict, tmp_path: Path) -> None:
+    """A piece the I/O thread cannot append (a second file whose `id` is text where the first
+    file's was a number) fails the job with the reason; no output, partial or whole, is left."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        part = pd.read_csv(make_csv(tmp_path / f"p{i}.csv", n=400, seed=i)).drop(columns="label")
+        part.insert(0, "id", np.arange(400) + 1000 * i)
+        if i == 1:
+            part["id"] = part["id"].map(lambda v: f"row-{v}")
+        part.to_parquet(folder / f"part-{i}.parquet", index=False)
+    out = tmp_path / "out" / "scored.parquet"
+    with pytest.raises(ScoringInputError, match="other column types than the first rows"):
+        score(
+            load_config(overrides=["experiment=scoring"]),
+            NAME,
+            version=shared["version"],
+            input_uri=str(folder),
+            output_uri=str(out),
+            chunk_rows=200,
+        )
+    assert list((tmp_path / "out").iterdir()) == []

@@ -42,13 +42,32 @@ def test_numpy_preprocessing_matches_scikit_learn(trained) -> None:
     X = frame[["x1", "x2", "color"]].head(100).copy()
     X.loc[3, "color"] = "purple"  # unseen category
     X["color"] = X["color"].astype(object).where(X["color"].notna(), np.nan)
+    assert X["color"].isna().sum() > 2
     expected = wrapper.pipeline.predict_proba(X)
     numeric, categorical = wrapper.contract.from_frame(X.assign(x1=X["x1"]))
+    assert categorical is not None
+    categorical[np.flatnonzero(X["color"].isna())[0], 0] = None  # None and NaN are both null
     got = wrapper.estimator.predict_proba(wrapper.compiled.transform(numeric, categorical))
     assert np.allclose(got, expected, rtol=1e-10, atol=1e-12)
     out = model.predict(X)
     classes = np.array(["no", "yes"])
     assert out["prediction"].tolist() == classes[expected.argmax(axis=1)].tolist()
+
+
+def test_answer_columns_of_every_length_name_the_model(trained) -> None:
+    """The model's name and version are one kept column sliced to each answer's length: right
+    for a batch longer or shorter than the last, and read-only (no caller can change them)."""
+    _, wrapper, frame = trained
+    X = frame[["x1", "x2", "color"]]
+    for n in (3, 100, 2, 100):
+        numeric, categorical = wrapper.contract.from_frame(X.head(n))
+        out = wrapper.score(numeric, categorical)
+        assert len(out["model_version"]) == len(out["prediction"]) == n
+        assert set(out["model_version"]) == {wrapper.model_version}
+        assert set(out["model_name"]) == {wrapper.model_name}
+        assert list(wrapper.classes[out["__class__"]]) == list(out["prediction"])
+        with pytest.raises(ValueError, match="read-only"):
+            out["model_version"][0] = "tampered"
 
 
 def test_nulls_allowed_only_where_training_had_them(trained) -> None:

@@ -11,8 +11,8 @@ ranged GETs, so only its footer and the row groups being scored are fetched) liv
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -69,28 +69,54 @@ def resolve_inputs(uri: str) -> list[Source]:
     return sources
 
 
-@dataclass(frozen=True)
 class Chunk:
-    """Consecutive rows of one input: as pandas, and (Parquet) as the Arrow table read."""
+    """Consecutive rows of one input: as pandas, and (Parquet) as the Arrow table read.
 
-    frame: pd.DataFrame
-    table: pa.Table | None
+    A Parquet chunk becomes a DataFrame when its :attr:`frame` is first asked for, in the
+    thread that asks: a reader thread only decodes into Arrow's memory pool, and the pandas
+    arrays are made and freed by the thread that scores them (arrays freed by another thread
+    than their maker's go back to that thread's heap, where they fragment it).
+    """
+
+    def __init__(self, frame: pd.DataFrame | None, table: pa.Table | None) -> None:
+        self._frame, self.table = frame, table
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            assert self.table is not None  # a chunk holds a frame, a table, or both
+            self._frame = self.table.to_pandas()
+        return self._frame
+
+    @property
+    def columns(self) -> list[str]:
+        """The chunk's column names, without making its DataFrame."""
+        return self.table.column_names if self.table is not None else list(self.frame.columns)
 
 
 def read_chunks(
     source: Source, chunk_rows: int, *, text_columns: Sequence[str] = ()
-) -> Iterator[Chunk]:
+) -> Generator[Chunk, None, None]:
     """``source`` as chunks of at most ``chunk_rows`` rows, read one at a time.
 
     ``text_columns`` are read from a CSV as text (a categorical column of digits stays
     ``"01"``); Parquet keeps its own types.
     """
-    with open_source(source) as fh:
+    if source.format == PARQUET and not source.on_s3:
+        # a local file through Arrow's own reader: its buffers come from Arrow's pool and go
+        # back to it, where a Python file's reads are Python bytes that the C heap keeps
+        # (tens of MB of resident memory that grows with the input); column chunks are read
+        # as they are decoded (pre_buffer off), not a whole row group ahead
+        opened: Any = pa.OSFile(source.uri)
+        options: dict[str, Any] = {"pre_buffer": False}
+    else:  # S3 objects are read by ranged GETs, coalesced ahead (pre_buffer) to save round trips
+        opened, options = open_source(source), {}
+    with opened as fh:
         if source.format == PARQUET:
             import pyarrow.parquet as pq
 
             try:
-                reader = pq.ParquetFile(fh)
+                reader = pq.ParquetFile(fh, **options)
             except Exception as exc:  # noqa: BLE001 - any unreadable file: name it
                 raise ScoringInputError(
                     f"input {source.uri!r} is not a readable Parquet file ({type(exc).__name__}: "
@@ -98,7 +124,7 @@ def read_chunks(
                 ) from None
             for batch in reader.iter_batches(batch_size=chunk_rows):
                 table = pa.Table.from_batches([batch])
-                yield Chunk(table.to_pandas(), table)
+                yield Chunk(None, table)
             return
         compression = "gzip" if source.uri.lower().endswith(".gz") else None
         try:

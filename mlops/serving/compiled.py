@@ -61,11 +61,12 @@ class CompiledPreprocess:
             for j, mapping in enumerate(self.categories):
                 column = categorical[:, j]
                 if n > SMALL_BATCH:
-                    values = pd.Series(column, dtype=object, copy=False)
-                    missing = values.isna().to_numpy()
-                    if missing.any():
-                        values = values.where(~missing, self.cat_fill[j])
-                    codes = self._indexes[j].get_indexer(values)
+                    codes = self._indexes[j].get_indexer(column)
+                    unmatched = np.flatnonzero(codes < 0)
+                    if len(unmatched):  # nulls among them take the imputed category's code
+                        missing = unmatched[pd.isna(column[unmatched])]
+                        if len(missing):
+                            codes[missing] = self._indexes[j].get_indexer([self.cat_fill[j]])[0]
                     hit = np.flatnonzero(codes >= 0)  # unknown: all zeros (handle_unknown="ignore")
                     onehot[hit, offset + codes[hit]] = 1.0
                     offset += len(mapping)

@@ -57,6 +57,9 @@ REQUEST_ID_COLUMN = "request_id"  # with monitoring on: the id `mlops feedback` 
 # top k contributions per original feature and the sum of the rest (mlops.explain.RowContributions)
 EXPLANATION_COLUMN = "explanation"
 PROBA_KEY = "__proba__"
+# a classifier's answer also carries each row's class as an index into ``classes`` (a batch
+# engine builds its label column from it without converting a column of Python strings)
+CLASS_KEY = "__class__"
 # serving options: logged in metadata.json; a server may override each through its model
 # config (SERVING_MODEL_CONFIG, or load_model(model_config=...))
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -560,11 +563,13 @@ class MlopsModel(PythonModel):
             if self.has_proba:
                 proba = np.asarray(model.predict_proba(X))
                 out[PROBA_KEY] = proba
-                out[PREDICTION_COLUMN] = classes[np.argmax(proba, axis=1)]
+                out[CLASS_KEY] = index = np.argmax(proba, axis=1)
+                out[PREDICTION_COLUMN] = classes[index]
                 for i, col in enumerate(self.output_columns[1 : 1 + proba.shape[1]]):
                     out[col] = proba[:, i]
             else:
-                out[PREDICTION_COLUMN] = classes[np.asarray(model.predict(X), dtype=int)]
+                out[CLASS_KEY] = index = np.asarray(model.predict(X), dtype=int)
+                out[PREDICTION_COLUMN] = classes[index]
         else:
             out[PREDICTION_COLUMN] = np.asarray(model.predict(X), dtype=float).reshape(-1)
         return self._named(out, n)
@@ -580,7 +585,8 @@ class MlopsModel(PythonModel):
         else:
             classes = self.classes
             assert classes is not None  # a classifier's metadata lists its classes
-            out[PREDICTION_COLUMN] = classes[np.argmax(values, axis=1)]
+            out[CLASS_KEY] = index = np.argmax(values, axis=1)
+            out[PREDICTION_COLUMN] = classes[index]
             if self.has_proba:
                 out[PROBA_KEY] = values
                 for i, col in enumerate(self.output_columns[1 : 1 + values.shape[1]]):
@@ -588,9 +594,21 @@ class MlopsModel(PythonModel):
         return self._named(out, numeric.shape[0])
 
     def _named(self, out: dict[str, Any], n: int) -> dict[str, Any]:
-        out[NAME_COLUMN] = np.full(n, self.model_name, dtype=object)
-        out[VERSION_COLUMN] = np.full(n, self.model_version, dtype=object)
+        out[NAME_COLUMN] = self._constant(NAME_COLUMN, self.model_name, n)
+        out[VERSION_COLUMN] = self._constant(VERSION_COLUMN, self.model_version, n)
         return out
+
+    def _constant(self, key: str, value: Any, n: int) -> np.ndarray:
+        """``n`` rows of ``value`` (a read-only view of one array kept per column and grown as
+        needed): filling a fresh object array per batch costs more than the model itself on a
+        large batch of a linear model."""
+        cache: dict[str, np.ndarray] = self.__dict__.setdefault("_constants", {})
+        column = cache.get(key)
+        if column is None or len(column) < n or column[0] != value:
+            column = np.full(max(n, 1024), value, dtype=object)
+            column.flags.writeable = False
+            cache[key] = column
+        return column[:n]
 
 
 class RuleViolated(InvalidInput):
