@@ -39,7 +39,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_BASE_IMAGE = "mlops/python:3.11-bookworm"  # scripts/base-image.sh builds it
 # beyond MLflow and the model's own requirements: what `mlops serve` imports
 # (and skops, which every model pins too: installed once here, not again per model)
-SERVER_PACKAGES = ("prometheus-client", "psycopg", "psycopg-binary", "boto3", "skops")
+SERVER_PACKAGES = (
+    "prometheus-client",
+    "psycopg",
+    "psycopg-binary",
+    "boto3",
+    "skops",
+    "orjson",
+)
 _LIB = "/opt/mlops/lib"
 
 

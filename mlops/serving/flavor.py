@@ -114,6 +114,7 @@ def requirements_for(family: str) -> list[str]:
         "pydantic",
         "shap",  # per-row explanations on request ({"params": {"explain": k}})
         "onnxruntime",  # serving.runtime auto/onnx: a version's ONNX export (mlops export)
+        "orjson",  # decodes JSON bodies (mlops.serving.inputs; json where it is missing)
     ]
     if family == "keras_mlp":
         names += ["tensorflow", "keras"]
