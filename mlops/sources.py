@@ -149,7 +149,8 @@ def _list_s3(uri: str) -> list[str]:
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise s3_problem(uri, exc) from None
     if pattern:
-        keys = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
+        parts = pattern.split("/")
+        keys = [k for k in keys if _glob_match(k.split("/"), parts)]
     elif key in keys:
         keys = [key]
     else:  # a prefix: the data files under it, as a folder
@@ -165,6 +166,19 @@ def _list_s3(uri: str) -> list[str]:
             "ending in /, a glob such as s3://bucket/data/*.parquet)"
         )
     return [f"s3://{bucket}/{k}" for k in sorted(keys)]
+
+
+def _glob_match(key: list[str], pattern: list[str]) -> bool:
+    """Whether an S3 key's ``/``-separated parts match a glob's, as a local glob with
+    ``recursive=True`` matches paths: ``*``, ``?`` and ``[...]`` within one part, a ``**`` part
+    across any number of parts (none included)."""
+    if not pattern:
+        return not key
+    if pattern[0] == "**":
+        return any(_glob_match(key[i:], pattern[1:]) for i in range(len(key) + 1))
+    return (
+        bool(key) and fnmatch.fnmatchcase(key[0], pattern[0]) and _glob_match(key[1:], pattern[1:])
+    )
 
 
 class S3File(io.RawIOBase):

@@ -171,6 +171,19 @@ def test_s3_file_prefix_and_glob_read_as_local_files(tmp_path: Path, s3: str) ->
     assert by_prefix.content_hash == want
     assert by_prefix.source == f"s3://{bucket}/sales/"
     assert prepare(cfg(f"s3://{bucket}/sales/*/part-*.parquet")).content_hash == want
+    # as a local glob: `*` stays within one part of the key, `**` crosses parts
+    from mlops.sources import list_sources
+
+    client.upload_file(str(tmp_path / "all.csv"), bucket, "csv/old/all.csv")
+    assert [x.uri for x in list_sources(f"s3://{bucket}/csv/*.csv")] == [
+        f"s3://{bucket}/csv/all.csv"
+    ]
+    assert [x.uri for x in list_sources(f"s3://{bucket}/csv/**/*.csv")] == [
+        f"s3://{bucket}/csv/all.csv",
+        f"s3://{bucket}/csv/old/all.csv",
+    ]
+    with pytest.raises(DataValidationError, match=r"matches no object"):
+        prepare(cfg(f"s3://{bucket}/sales*.parquet"))
 
     with pytest.raises(DataValidationError, match=r"data.dataset: input .* matches no object"):
         prepare(cfg(f"s3://{bucket}/nothing/here.parquet"))

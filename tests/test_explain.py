@@ -494,3 +494,82 @@ def test_explanations_of_more_rows_than_the_limit_are_a_400(store: dict) -> None
     three = {"dataframe_records": body["dataframe_records"][:3], "params": {"explain": 2}}
     assert len(json.loads(model.respond(json.dumps(three), "application/json"))["predictions"]) == 3
     assert len(json.loads(model.respond(json.dumps(body), "application/json"))["predictions"]) == 4
+
+
+def _logged_status(url: str, request_id: str) -> list[int]:
+    import sqlalchemy as sa
+
+    from mlops.monitoring.store import PREDICTIONS
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = sa.select(PREDICTIONS.c.status).where(PREDICTIONS.c.request_id == request_id)
+            return sorted({int(r[0]) for r in conn.execute(query)})
+    finally:
+        engine.dispose()
+
+
+def test_a_server_without_shap_answers_501_and_a_failed_explanation_500_each_logged_so(
+    store: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No explanation is promised before it is made: a server without shap refuses the request
+    (501, naming shap) before scoring it, and an explainer that fails makes the request a 500;
+    the prediction log records each with that status, not as answered."""
+    import sys
+
+    from mlflow.exceptions import MlflowException
+
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    frame = pd.read_csv(store["csv"])[FEATURES].head(2)
+    body = json.dumps(
+        {"dataframe_records": json.loads(frame.to_json(orient="records")), "params": {"explain": 2}}
+    )
+
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@production").unwrap_python_model()
+    model.enable_monitoring(url)
+    monkeypatch.setitem(sys.modules, "shap", None)  # `import shap` raises ImportError
+    for mlops_module in [m for m in sys.modules if m == "mlops.explain"]:
+        monkeypatch.delitem(sys.modules, mlops_module)
+    with pytest.raises(MlflowException) as caught:
+        model.respond(body, "application/json", request_id="no-shap")
+    assert caught.value.get_http_status_code() == 501
+    assert "need the shap package" in caught.value.message
+    # both servers answer it through the adapter's one error path: a 501 in MLflow's JSON,
+    # also when MLflow wraps it in an error of its own
+    from mlops.serving.adapter import _failure
+
+    for raised in (caught.value, MlflowException("Failed to predict")):
+        if raised is not caught.value:
+            raised.__cause__ = caught.value
+        answer = _failure(raised)
+        assert answer.status == 501, answer
+        assert "need the shap package" in json.loads(answer.response)["message"]
+    with pytest.raises(MlflowException) as caught:
+        model.predict(None, frame, params={"explain": 2})
+    assert caught.value.get_http_status_code() == 501
+    monkeypatch.undo()
+    # without params the same server still answers
+    assert (
+        len(
+            json.loads(
+                model.respond(body.replace('"explain": 2', '"explain": 0'), "application/json")
+            )["predictions"]
+        )
+        == 2
+    )
+
+    class Broken:
+        def explain_transformed(self, X: object) -> None:
+            raise RuntimeError("the explainer broke")
+
+        explain = explain_transformed
+
+    model.explainer = Broken()
+    with pytest.raises(MlflowException) as caught:
+        model.respond(body, "application/json", request_id="broken")
+    assert caught.value.get_http_status_code() == 500
+    assert model.monitor.flush(timeout=30)
+    model.monitor.close()
+    assert _logged_status(url, "no-shap") == [501]
+    assert _logged_status(url, "broken") == [500]

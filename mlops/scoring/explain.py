@@ -146,12 +146,15 @@ def _logged_rows(config: Config, name: str, request_id: str) -> tuple[pd.DataFra
         .where(p.c.status == 200)
         .order_by(p.c.row)
     )
-    with store.engine.connect() as conn:
-        logged = pd.DataFrame(conn.execute(query).all(), columns=names)
-    if logged.empty:
-        raise MlopsError(
-            f"--request-id {request_id!r}: the prediction log has no answered request of that "
-            f"id for model {name!r}; take the id from a served answer's request_id (monitoring "
-            "on), or pass the rows with --input"
-        )
-    return store.features(logged).reset_index(drop=True), str(logged["version"].iloc[0])
+    try:
+        with store.engine.connect() as conn:
+            logged = pd.DataFrame(conn.execute(query).all(), columns=names)
+        if logged.empty:
+            raise MlopsError(
+                f"--request-id {request_id!r}: the prediction log has no answered request of "
+                f"that id for model {name!r}; take the id from a served answer's request_id "
+                "(monitoring on), or pass the rows with --input"
+            )
+        return store.features(logged).reset_index(drop=True), str(logged["version"].iloc[0])
+    finally:
+        store.engine.dispose()  # its connections closed now, not when a collector gets to them

@@ -44,7 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, ErrorCode
 from mlflow.pyfunc import scoring_server
 
-from mlops.serving.inputs import CLIP_CHARS, InvalidInput, PredictionFailed, clip
+from mlops.serving.inputs import CLIP_CHARS, InvalidInput, PredictionFailed, Unavailable, clip
 
 
 class Responder(Protocol):
@@ -260,11 +260,11 @@ def _failure(exc: Exception) -> Any:
     return _answer(body, status)
 
 
-def _ours(exc: BaseException | None) -> InvalidInput | PredictionFailed | None:
+def _ours(exc: BaseException | None) -> InvalidInput | PredictionFailed | Unavailable | None:
     """The contract's or the wrapper's exception behind ``exc``, if any (MLflow re-raises
     ``predict``'s errors, or raises its own from them)."""
     for _ in range(8):
-        if exc is None or isinstance(exc, (InvalidInput, PredictionFailed)):
+        if exc is None or isinstance(exc, (InvalidInput, PredictionFailed, Unavailable)):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, NOT_IMPLEMENTED
 
 try:  # a faster JSON decoder for batches; without it, json decodes every body (same values)
     import orjson as _orjson
@@ -91,6 +91,15 @@ class PredictionFailed(MlflowException):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INTERNAL_ERROR)
+        self.detail = message
+
+
+class Unavailable(MlflowException):
+    """A valid request this server cannot fulfil as deployed (a library it lacks): HTTP 501,
+    with what to install; not the input's fault (400), nor a crash (500)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=NOT_IMPLEMENTED)
         self.detail = message
 
 

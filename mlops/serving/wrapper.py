@@ -33,6 +33,7 @@ from mlops.serving.inputs import (
     Arrays,
     InputContract,
     InvalidInput,
+    Unavailable,
     clip,
     explain_param,
     failed,
@@ -310,12 +311,14 @@ class MlopsModel(PythonModel):
                 self.answer(lambda: self.contract.from_frame(model_input)),
                 columns=self.output_columns,
             )
-        parsed: list[Arrays] = []
         result = self.answer(
-            lambda: self._explainable(_kept(parsed, self.contract.from_frame(model_input)))
+            lambda: self._explainable(self.contract.from_frame(model_input)),
+            then=lambda numeric, categorical: {
+                EXPLANATION_COLUMN: self.explain_rows(numeric, categorical, k)
+            },
         )
         frame = pd.DataFrame(result, columns=self.output_columns)
-        frame[EXPLANATION_COLUMN] = self.explain_rows(*parsed[0], k)
+        frame[EXPLANATION_COLUMN] = result[EXPLANATION_COLUMN]
         return frame
 
     def respond(
@@ -346,25 +349,33 @@ class MlopsModel(PythonModel):
         request_id: str | None,
         scored: Scored | None,
     ) -> str:
-        asked: list[Any] = []
+        asked: list[int | None] = [None]
 
         def parse() -> Arrays:  # a bad `explain` is refused like bad input (400, logged)
             arrays, params = self.contract.parse_with_params(data, mime)
-            k = explain_param(params, self.max_explain)
-            asked[:] = [k, arrays]
-            return arrays if k is None else self._explainable(arrays)
+            asked[0] = explain_param(params, self.max_explain)
+            return arrays if asked[0] is None else self._explainable(arrays)
 
-        result = self.answer(parse, request_id=request_id, scored=scored)
+        def explain(numeric: np.ndarray, categorical: np.ndarray | None) -> dict[str, Any]:
+            k = asked[0]
+            return (
+                {}
+                if k is None
+                else {EXPLANATION_COLUMN: self.explain_rows(numeric, categorical, k)}
+            )
+
+        result = self.answer(parse, request_id=request_id, scored=scored, then=explain)
         columns = [(name, result[name]) for name in self.output_columns]
-        k, (numeric, categorical) = asked
-        if k is not None:
-            columns.append((EXPLANATION_COLUMN, self.explain_rows(numeric, categorical, k)))
+        if EXPLANATION_COLUMN in result:
+            columns.append((EXPLANATION_COLUMN, result[EXPLANATION_COLUMN]))
         return records_json(columns)
 
     def _explainable(self, arrays: Arrays) -> Arrays:
         """``arrays``, or the 400 for a request asking explanations of more rows than the
         serving option ``max_explain_rows`` (an explanation costs far more than an answer:
-        Keras's kernel explainer calls the model hundreds of times a row)."""
+        Keras's kernel explainer calls the model hundreds of times a row), or the 501 of a
+        server that cannot explain (no shap): refused before anything is scored."""
+        self._explainer_once()
         rows = arrays[0].shape[0]
         limit = self.max_explain_rows
         if rows > limit:
@@ -414,8 +425,11 @@ class MlopsModel(PythonModel):
 
                     explainer = Explainer.for_model(self.pipeline, self.meta)
                 except ImportError as exc:
-                    need = "explanations need the shap package in the serving environment"
-                    raise failed(RuntimeError(f"{need} ({exc})")) from exc
+                    raise Unavailable(
+                        "explanations need the shap package in the serving environment "
+                        f"({clip(exc)}); install shap where the model is served, or ask "
+                        "without params 'explain'"
+                    ) from exc
                 except ValueError as exc:
                     raise InvalidInput(
                         f"model version {self.model_version} cannot explain its answers ({exc}); "
@@ -430,9 +444,11 @@ class MlopsModel(PythonModel):
         *,
         request_id: str | None = None,
         scored: Scored | None = None,
+        then: Callable[[np.ndarray, np.ndarray | None], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Parse, validate and score one request; with monitoring on, also log it (and its
-        failure).
+        failure). ``then`` adds columns computed from the scored rows (explanations) within
+        the same step, so that its failure is the request's, logged with its status.
 
         Whatever goes wrong leaves as an ``MlflowException`` with the right status: the
         input's fault is a 400 (``InvalidInput``, a reader's unexpected error included),
@@ -449,6 +465,8 @@ class MlopsModel(PythonModel):
             numeric, categorical = _parsed(parse)
             found = None if self.rules is None else self._ruled(numeric, categorical)
             result = _scored(self, numeric, categorical)
+            if then is not None:
+                result.update(then(numeric, categorical))
         except MlflowException as exc:
             if monitor is not None:
                 monitor.submit(
@@ -628,11 +646,6 @@ _PARAMS, _PARAMS_BYTES = '"params"', b'"params"'
 def _mentions_params(data: bytes | str) -> bool:
     """Whether a JSON body may hold ``"params"`` (a substring test: no parsing)."""
     return _PARAMS_BYTES in data if isinstance(data, bytes) else _PARAMS in data
-
-
-def _kept(store: list[Arrays], arrays: Arrays) -> Arrays:
-    store.append(arrays)
-    return arrays
 
 
 def _truthy(value: Any) -> bool:
