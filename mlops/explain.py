@@ -44,6 +44,7 @@ LINEAR, TREE, KERNEL = ("logreg", "ridge"), ("random_forest", "hist_gb"), ("kera
 METADATA_KEY = "explain"  # in a logged model's metadata.json: what the explainer needs
 FEATURE_ENTRY = "feature_"  # mlops.features names each declared column's entry feature_<column>
 KMEANS_CENTERS = 10  # a kernel explainer's background summary (model calls grow with it)
+KERNEL_SEED = 0  # the kernel explainer's sampling: the same row, the same explanation
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,14 @@ class Explainer:
         """Contributions for rows already transformed by the pipeline's preprocessing."""
         with self._lock:
             if self.kind == "kernel":
-                raw = self._explainer.shap_values(Xt, nsamples=self.kernel_samples, silent=True)
+                # shap samples coalitions from NumPy's global generator: seeded here (and put
+                # back after), so that a row is explained the same way every time it is asked
+                state = np.random.get_state()
+                np.random.seed(KERNEL_SEED)
+                try:
+                    raw = self._explainer.shap_values(Xt, nsamples=self.kernel_samples, silent=True)
+                finally:
+                    np.random.set_state(state)
             elif self.kind == "tree":
                 raw = self._explainer.shap_values(Xt, check_additivity=False)
             else:

@@ -573,3 +573,24 @@ def test_a_server_without_shap_answers_501_and_a_failed_explanation_500_each_log
     model.monitor.close()
     assert _logged_status(url, "no-shap") == [501]
     assert _logged_status(url, "broken") == [500]
+
+
+def test_a_kernel_explanation_is_the_same_every_time_and_leaves_numpy_s_generator_alone() -> None:
+    """The kernel explainer samples coalitions (8 features: 254 of them, 20 sampled); seeded,
+    the same rows get the same explanation every time, and the process's own random sequence
+    goes on as if nothing had happened."""
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(300, 8)), columns=[f"f{i}" for i in range(8)])
+    y = np.where(X["f0"] + X["f1"] * X["f2"] - X["f3"] > 0, "yes", "no")
+    pipeline = fitted("logreg", "classification", X, y)
+    explainer = explainer_for(pipeline, "keras_mlp", "classification", X, classes=["no", "yes"])
+    assert explainer.kind == "kernel"
+    explainer.kernel_samples = 20
+    np.random.seed(42)
+    expected_next = np.random.random()
+    np.random.seed(42)
+    first = explainer.explain(X.head(3)).as_records(8)
+    assert np.random.random() == expected_next
+    for _ in range(2):
+        np.random.seed(7)  # whatever the process's generator holds
+        assert explainer.explain(X.head(3)).as_records(8) == first
