@@ -417,3 +417,65 @@ def test_a_failed_write_stops_the_job_and_leaves_nothing(shared: dict, tmp_path:
             chunk_rows=200,
         )
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contract(
+    shared: dict, spark: Any, tmp_path: Path
+) -> None:
+    """Typed Parquet: Spark sends only the rows the contract may refuse through it (integer
+    columns scored as numbers, an over-long text refused with the contract's reason); a type
+    the contract judges itself (booleans for a numeric column) sends every row through it."""
+    from mlops.scoring.spark_engine import _doubt
+
+    base = pd.read_csv(make_csv(tmp_path / "rows.csv", n=60, seed=9)).drop(columns="label")
+    base.insert(0, "id", np.arange(len(base)))
+    base["x1"] = base["x1"].round().astype("int64")
+    base["color"] = base["color"].astype(object)
+    base.loc[5, "color"] = "z" * 200_000  # over MAX_FIELD_CHARS
+    typed = tmp_path / "typed.parquet"
+    base.to_parquet(typed, index=False)
+    assert _doubt(load_contract(shared), spark.read.parquet(str(typed)).schema) is not None
+    config = load_config(overrides=["experiment=scoring"])
+    result = score(
+        config,
+        NAME,
+        version=shared["version"],
+        input_uri=str(typed),
+        output_uri=str(tmp_path / "typed-out"),
+        engine="spark",
+    )
+    assert (result.rows_scored, result.rows_rejected) == (59, 1)
+    scored = pd.read_parquet(tmp_path / "typed-out").sort_values("id").reset_index(drop=True)
+    good = base.drop(index=5).reset_index(drop=True)
+    assert list(scored["id"]) == list(good["id"])
+    assert_matches(scored, reference(shared, good.assign(x1=good["x1"].astype(float))))
+    assert set(scored["model_name"]) == {NAME} and set(scored["model_version"]) == {"1"}
+    (reason,) = pd.concat(
+        pd.read_csv(p) for p in (tmp_path / "typed-out-rejects.csv").glob("*.csv")
+    )["reason"]
+    assert "column 'color' has a value of 200000 characters" in reason
+
+    booleans = base.drop(index=5).assign(x1=lambda f: f["x1"] > 0)
+    booleans.to_parquet(tmp_path / "bool.parquet", index=False)
+    assert (
+        _doubt(load_contract(shared), spark.read.parquet(str(tmp_path / "bool.parquet")).schema)
+        is None
+    )
+    result = score(
+        config,
+        NAME,
+        version=shared["version"],
+        input_uri=str(tmp_path / "bool.parquet"),
+        output_uri=str(tmp_path / "bool-out"),
+        engine="spark",
+    )
+    assert (result.rows_scored, result.rows_rejected) == (0, 59)
+
+
+def load_contract(store: dict) -> Any:
+    return (
+        mlflow.pyfunc.load_model(f"models:/{NAME}/{store['version']}")
+        .unwrap_python_model()
+        .contract
+    )

@@ -1,11 +1,16 @@
 """The ``spark`` engine: the same verified model through ``mlflow.pyfunc.spark_udf``.
 
-Spark reads the input (Parquet, or CSV as text), a ``mapInPandas`` step holds every row to
-the model's input contract (:mod:`mlops.scoring.rows`, the same code as the pandas engine)
-and marks refused rows with their reason; the marked table is persisted (memory, then disk)
-so the input is read and checked once. Accepted rows are scored by ``spark_udf`` of the
-verified local model folder (a struct of the wrapper's answer columns) and written as Parquet
-partitions with ``scoring_run_id``; refused rows are written as CSV with their ``reason``.
+Spark reads the input (Parquet, or CSV as text) and holds every row to the model's input
+contract. Where the input's types allow (Parquet with the model's numeric columns as integers or
+floats and its categorical ones as strings), Spark itself sets aside the rows the contract may
+refuse (a null where training had none, an infinity, an over-long text: :func:`_doubt`), and
+only those go through the contract in Python (:mod:`mlops.scoring.rows`, the same code as the
+pandas engine), which gives each its reason; every other row goes through Python once, to the
+model. Otherwise a ``mapInPandas`` step checks every row and the checked table is persisted
+(memory, then disk) so the input is read and checked once. Accepted rows are scored by
+``spark_udf`` of the verified local model folder (a struct of the wrapper's answer columns; the
+model's name and version are literals) and written as Parquet partitions with
+``scoring_run_id``; refused rows are written as CSV with their ``reason``.
 
 Locally Spark runs as ``local[2]``; ``--spark-master`` names any cluster (whose executors need
 this package and can read the model folder's copy that ``spark_udf`` ships them).
@@ -26,6 +31,7 @@ from mlops.scoring.pandas_engine import Counts
 from mlops.scoring.rows import REASON_COLUMN, RUN_ID_COLUMN, check_columns, from_text, split_rows
 from mlops.scoring.sinks import answer_fields
 from mlops.scoring.sources import CSV, Source
+from mlops.serving.wrapper import NAME_COLUMN, VERSION_COLUMN
 
 BATCH_ROWS = 50_000  # rows per Arrow batch handed to Python (check and model) in a new session
 
@@ -125,6 +131,51 @@ def _checker(spec: dict[str, Any], text: bool) -> Any:
     return check
 
 
+_DOUBT = "__mlops_doubt__"
+
+
+def _doubt(contract: Any, schema: Any) -> Any:
+    """A Spark SQL condition true for every row the contract may refuse, or None where the
+    input's types leave that to Python (text, booleans, decimals, dates: the contract's own
+    judgement).
+
+    With the model's numeric columns typed as integers or floats and its categorical ones as
+    strings, the contract refuses a row only for a null (or NaN) where training had none, an
+    infinity, or a text longer than ``MAX_FIELD_CHARS``. Rows without any of these are scored
+    straight away, so the rows pass through Python once (``spark_udf``) instead of twice; the
+    doubtful ones, few in any real table, are checked by the contract itself, which gives their
+    reasons (and scores any it accepts after all).
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from mlops.serving.inputs import MAX_FIELD_CHARS
+
+    kinds = {field.name: field.dataType for field in schema.fields}
+    integers = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
+    condition = F.lit(False)
+    for col, required in zip(contract.numeric, contract.required_numeric, strict=True):
+        kind, c = kinds[col], F.col(col)
+        if isinstance(kind, integers):
+            terms = [c.isNull()] if required else []
+        elif isinstance(kind, (T.FloatType, T.DoubleType)):
+            terms = [c.isin(float("inf"), float("-inf"))]
+            if required:
+                terms += [c.isNull(), F.isnan(c)]
+        else:
+            return None
+        for term in terms:
+            condition = condition | F.coalesce(term, F.lit(False))
+    for col, required in zip(contract.categorical, contract.required_categorical, strict=True):
+        if not isinstance(kinds[col], T.StringType):
+            return None
+        c = F.col(col)
+        condition = condition | F.coalesce(F.length(c) > MAX_FIELD_CHARS, F.lit(False))
+        if required:
+            condition = condition | c.isNull()
+    return condition
+
+
 def _struct_type(fields: Sequence[tuple[str, Any]]) -> Any:
     import pyarrow as pa
     from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
@@ -164,18 +215,33 @@ def score_spark(
         frame = spark.read.parquet(*paths)
     check_columns(contract, frame.columns, f"input {sources[0].uri!r}")
     marked_schema = StructType([*frame.schema.fields, StructField(REASON_COLUMN, StringType())])
-    marked = frame.mapInPandas(_checker(_contract_spec(contract), text), marked_schema)
-    marked = marked.persist(StorageLevel.MEMORY_AND_DISK)
+    checker = _checker(_contract_spec(contract), text)
+    doubt = None if text else _doubt(contract, frame.schema)
+    if doubt is None:  # every row through the contract in Python, the checked table kept
+        marked = frame.mapInPandas(checker, marked_schema).persist(StorageLevel.MEMORY_AND_DISK)
+        clean = None
+    else:  # only the rows Spark finds doubtful go through the contract (for their reasons)
+        flagged = frame.withColumn(_DOUBT, doubt)
+        clean = flagged.filter(~F.col(_DOUBT)).drop(_DOUBT)
+        doubtful = flagged.filter(F.col(_DOUBT)).drop(_DOUBT)
+        marked = doubtful.mapInPandas(checker, marked_schema).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        total = marked.count()
         refused = marked.filter(F.col(REASON_COLUMN).isNotNull())
         rejected = refused.count()
         good = marked.filter(F.col(REASON_COLUMN).isNull()).drop(REASON_COLUMN)
+        if clean is not None:
+            total = frame.count()
+            good = clean.unionByName(good)
+        else:
+            total = marked.count()
         if text:
             for col in contract.numeric:
                 good = good.withColumn(col, F.col(col).cast("double"))
         fields = answer_fields(wrapper)
-        answer = [(n, k) for n, k in fields if n != RUN_ID_COLUMN]
+        # the model's name and version are the same in every row: literals in Spark, not a
+        # column of text per row sent back from Python
+        constant = {NAME_COLUMN: wrapper.model_name, VERSION_COLUMN: wrapper.model_version}
+        answer = [(n, k) for n, k in fields if n != RUN_ID_COLUMN and n not in constant]
         predict = mlflow.pyfunc.spark_udf(
             spark,
             str(model_dir),
@@ -185,11 +251,28 @@ def score_spark(
         )
         names = {n for n, _ in fields}
         kept = [c for c in good.columns if c not in names]
+        numeric = set(contract.numeric)
         scored = good.withColumn(
-            "__answer", predict(F.struct(*[F.col(c) for c in contract.features]))
+            # numbers as the signature's doubles (MLflow refuses an integer column for a double
+            # one); the output keeps the column as read
+            "__answer",
+            predict(
+                F.struct(
+                    *[
+                        F.col(c).cast("double").alias(c) if c in numeric else F.col(c)
+                        for c in contract.features
+                    ]
+                )
+            ),
         ).select(
             *[F.col(c) for c in kept],
-            *[F.col("__answer").getField(n).alias(n) for n, _ in answer],
+            *[
+                F.lit(constant[n]).alias(n)
+                if n in constant
+                else F.col("__answer").getField(n).alias(n)
+                for n, _ in fields
+                if n != RUN_ID_COLUMN
+            ],
             F.lit(run_id).alias(RUN_ID_COLUMN),
         )
         _write(scored.write.format("parquet"), output, overwrite)
