@@ -479,3 +479,55 @@ def load_contract(store: dict) -> Any:
         .unwrap_python_model()
         .contract
     )
+
+
+@pytest.mark.slow
+def test_rows_breaking_a_data_rule_are_rejects_with_the_rule_not_a_failed_job(
+    shared: dict, spark: Any, tmp_path: Path
+) -> None:
+    """A model with data.rules (on_rule_violation: reject, the default) refuses a served row
+    that breaks one; a batch job sets such rows aside with the rule's refusal as the reason
+    and scores the rest, on both engines (before, the job failed)."""
+    csv = make_csv(tmp_path / "train.csv", n=300, seed=2)
+    config = load_config(
+        overrides=[
+            f"data.dataset={csv}",
+            "data.target=label",
+            "data.categorical=[color]",
+            "registry.model_name=ruled-model",
+            "experiment=scoring",
+            "data.rules={columns: {x2: {max: 3.5}, color: {allowed: [red, green, blue]}}}",
+        ]
+    )
+    version = train(config, register=True).registered_version
+    rows = pd.read_csv(make_csv(tmp_path / "rows.csv", n=40, seed=8)).drop(columns="label")
+    rows.insert(0, "id", np.arange(len(rows)))
+    rows.loc[3, "x2"] = 9.0  # above the max
+    rows.loc[11, "color"] = "purple"  # not allowed
+    rows.loc[20, "x1"] = np.inf  # the contract's own refusal, beside the rules'
+    source = tmp_path / "rows.parquet"
+    rows.to_parquet(source, index=False)
+    for engine, out in (("pandas", "p.parquet"), ("spark", "s-out")):
+        result = score(
+            config,
+            "ruled-model",
+            version=version,
+            input_uri=str(source),
+            output_uri=str(tmp_path / out),
+            engine=engine,
+            chunk_rows=40,
+        )
+        assert (result.rows_scored, result.rows_rejected) == (37, 3), engine
+        scored = pd.read_parquet(tmp_path / out)
+        assert sorted(scored["id"]) == [i for i in range(40) if i not in (3, 11, 20)]
+        rejects_at = tmp_path / f"{Path(out).stem}-rejects.csv"
+        rejects = (
+            pd.read_csv(rejects_at)
+            if rejects_at.is_file()
+            else pd.concat(pd.read_csv(p) for p in rejects_at.glob("*.csv"))
+        )
+        reason = dict(zip(rejects["id"], rejects["reason"], strict=True))
+        assert sorted(reason) == [3, 11, 20], engine
+        assert "column 'x2' is above its max 3.5 (data.rules), got 9.0" in reason[3]
+        assert "column 'color'" in reason[11] and "(data.rules)" in reason[11]
+        assert "'x1'" in reason[20] and "in row" not in reason[3] + reason[11] + reason[20]

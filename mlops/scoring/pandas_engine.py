@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from mlops.scoring.rows import RUN_ID_COLUMN, Checked, check_columns, from_text, split_rows
+from mlops.scoring.rows import (
+    RUN_ID_COLUMN,
+    Checked,
+    check_columns,
+    from_text,
+    split_by_rules,
+    split_rows,
+)
 from mlops.scoring.sinks import Sink, answer_fields
 from mlops.scoring.sources import CSV, Chunk, Source, read_chunks
 from mlops.serving.wrapper import CLASS_KEY, NAME_COLUMN, PREDICTION_COLUMN, VERSION_COLUMN
@@ -61,6 +68,7 @@ def score_pandas(
     and ``run_id``, to ``output``, in the order read.
     """
     contract = wrapper.contract
+    rules = rejecting_rules(wrapper)
     answer = Answer(wrapper, run_id)
     scored = rejected = 0
     rows = piece_rows(chunk_rows)
@@ -73,7 +81,7 @@ def score_pandas(
                     frame = chunk.frame
                     if source.format == CSV:
                         frame = from_text(contract, frame)
-                    checked = split_rows(contract, frame)
+                    checked = split_by_rules(rules, split_rows(contract, frame))
                     if len(checked.rejects):
                         rejects.write(checked.rejects)
                         rejected += len(checked.rejects)
@@ -94,6 +102,12 @@ def score_pandas(
 
 _IO: ThreadPoolExecutor | None = None
 _IO_LOCK = threading.Lock()
+
+
+def rejecting_rules(wrapper: Any) -> Any:
+    """The model's data rules where a row breaking one is refused (``on_rule_violation:
+    reject``); None where there are none or they only flag rows (the answer says which)."""
+    return None if wrapper.rules is None or wrapper.flag_violations else wrapper.rules
 
 
 def _io_thread() -> ThreadPoolExecutor:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mlops.errors import DataValidationError
+from mlops.rules import RowRules
 from mlops.serving.inputs import CSV_NULLS, Arrays, InputContract, InvalidInput
 
 REASON_COLUMN = "reason"
@@ -115,3 +116,34 @@ def _find_refused(
             contract.from_frame(frame.iloc[lo:hi])
         except InvalidInput:
             _find_refused(contract, frame, lo, hi, reasons)
+
+
+def split_by_rules(rules: RowRules | None, checked: Checked) -> Checked:
+    """``checked`` with the accepted rows that break a data rule (``data.rules``, a model
+    served with ``on_rule_violation: reject``) moved to its rejects, each with the rule's own
+    refusal as its reason; ``rules`` None (no rules, or flag mode) changes nothing."""
+    if rules is None or checked.arrays is None:
+        return checked
+    numeric, categorical = checked.arrays
+    found = rules.check(numeric, categorical)
+    if found is None:
+        return checked
+    broken = found.counts > 0
+    total = len(checked.good) + len(checked.reasons)
+    positions = [i for i in range(total) if i not in checked.reasons]  # of the accepted rows
+    reasons = dict(checked.reasons)
+    said = []
+    for i in np.flatnonzero(broken).tolist():
+        row = numeric[i : i + 1], None if categorical is None else categorical[i : i + 1]
+        one = rules.check(*row)
+        assert one is not None  # the row broke a rule in the whole, so it does alone
+        said.append(_IN_ROW.sub("", one.message(*row)))
+        reasons[positions[i]] = said[-1]
+    rejects = checked.good[broken].reset_index(drop=True)
+    rejects[REASON_COLUMN] = said
+    kept = ~broken
+    good = checked.good[kept].reset_index(drop=True)
+    arrays = (
+        (numeric[kept], None if categorical is None else categorical[kept]) if kept.any() else None
+    )
+    return Checked(good, arrays, pd.concat([checked.rejects, rejects], ignore_index=True), reasons)

@@ -27,8 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import MlopsError
-from mlops.scoring.pandas_engine import Counts
-from mlops.scoring.rows import REASON_COLUMN, RUN_ID_COLUMN, check_columns, from_text, split_rows
+from mlops.scoring.pandas_engine import Counts, rejecting_rules
+from mlops.scoring.rows import (
+    REASON_COLUMN,
+    RUN_ID_COLUMN,
+    check_columns,
+    from_text,
+    split_by_rules,
+    split_rows,
+)
 from mlops.scoring.sinks import answer_fields
 from mlops.scoring.sources import CSV, Source
 from mlops.serving.wrapper import NAME_COLUMN, VERSION_COLUMN
@@ -112,6 +119,7 @@ def _checker(spec: dict[str, Any], text: bool) -> Any:
     """The ``mapInPandas`` function: each batch with a ``reason`` (None where accepted)."""
 
     def check(batches: Iterator[Any]) -> Iterator[Any]:
+        from mlops.rules import RowRules
         from mlops.serving.inputs import InputContract
 
         contract = InputContract(
@@ -121,9 +129,12 @@ def _checker(spec: dict[str, Any], text: bool) -> Any:
             max_rows=spec["max_rows"],
             coerce_numbers=spec["coerce_numbers"],
         )
+        rules = RowRules.build(spec.get("rules"), spec["numeric"], spec["categorical"])
         for frame in batches:
             frame = frame.reset_index(drop=True)
-            checked = split_rows(contract, from_text(contract, frame) if text else frame)
+            checked = split_by_rules(
+                rules, split_rows(contract, from_text(contract, frame) if text else frame)
+            )
             reasons = checked.reasons
             frame[REASON_COLUMN] = [reasons.get(i) for i in range(len(frame))] if reasons else None
             yield frame
@@ -215,8 +226,12 @@ def score_spark(
         frame = spark.read.parquet(*paths)
     check_columns(contract, frame.columns, f"input {sources[0].uri!r}")
     marked_schema = StructType([*frame.schema.fields, StructField(REASON_COLUMN, StringType())])
-    checker = _checker(_contract_spec(contract), text)
-    doubt = None if text else _doubt(contract, frame.schema)
+    rules = rejecting_rules(wrapper)
+    # rows breaking a data rule are refused by name: the rules go to the check in Python, and
+    # every row with them (Spark's own doubts know the contract, not the rules)
+    spec = {**_contract_spec(contract), "rules": wrapper.meta.get("rules") if rules else None}
+    checker = _checker(spec, text)
+    doubt = None if text or rules is not None else _doubt(contract, frame.schema)
     if doubt is None:  # every row through the contract in Python, the checked table kept
         marked = frame.mapInPandas(checker, marked_schema).persist(StorageLevel.MEMORY_AND_DISK)
         clean = None
