@@ -35,7 +35,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.serving import latencies, throughput  # noqa: E402
+from benchmarks.serving import latencies, serve_cmd, throughput  # noqa: E402
 from mlops.config import load_config  # noqa: E402
 from mlops.data import prepare  # noqa: E402
 from mlops.monitoring.checks import check  # noqa: E402
@@ -57,23 +57,7 @@ def serving(
     configs = {"off": {"monitoring": False}, "on": {"monitoring": True, "monitoring_url": log_url}}
 
     def cmd(port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--workers",
-            "1",
-        ]
+        return serve_cmd(model_uri, port)
 
     env = {k: server_env(uri, SERVING_MODEL_CONFIG=json.dumps(c)) for k, c in configs.items()}
     with (

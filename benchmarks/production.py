@@ -38,7 +38,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 
-from benchmarks.serving import latencies, request, throughput  # noqa: E402
+from benchmarks.serving import latencies, request, serve_cmd, throughput  # noqa: E402
 from mlops.config import load_config  # noqa: E402
 from mlops.data import prepare  # noqa: E402
 from mlops.registry.promotion import promote  # noqa: E402
@@ -155,25 +155,6 @@ def main() -> None:
 
     env = server_env(uri, MLFLOW_MODELS_WORKERS="1")
 
-    def mlflow_serve(model_uri: str, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--workers",
-            "1",
-        ]
-
     def mlops_serve(port: int, *extra: str) -> list[str]:
         return [sys.executable, "-m", "mlops", "serve", NAME, "-p", str(port), *extra]
 
@@ -184,9 +165,9 @@ def main() -> None:
     }
     ports = {k: free_port() for k in kinds}
     with (
-        running(mlflow_serve(stock.model_uri, ports["stock"]), env, ports["stock"], work / "s.log"),
+        running(serve_cmd(stock.model_uri, ports["stock"]), env, ports["stock"], work / "s.log"),
         running(
-            mlflow_serve(f"models:/{NAME}@production", ports["wrapper"]),
+            serve_cmd(f"models:/{NAME}@production", ports["wrapper"]),
             env,
             ports["wrapper"],
             work / "w.log",

@@ -20,7 +20,7 @@ from mlops.registry.audit import AuditLog
 from mlops.training import train
 from tests.conftest import free_port
 from tests.helpers import make_csv
-from tests.servers import BIN, post, running, server_env
+from tests.servers import BIN, models_serve, post, running, server_env
 
 NAME = "reg-model"
 
@@ -197,19 +197,7 @@ def test_rollback_restores_the_replaced_version_and_serves_it(
     rows = {s.version: s for s in status(NAME)}
     assert rows["1"].aliases == ("production",) and rows["1"].stage == "Production"
     port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@production",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
+    cmd = models_serve(f"models:/{NAME}@production", port)
     frame = pd.DataFrame(mlflow.pyfunc.load_model(f"models:/{NAME}/1").input_example).head(2)
     with running(cmd, server_env(tracking_uri), port, tmp_path / "serve.log") as base:
         code, answer = post(base, {"dataframe_split": json.loads(frame.to_json(orient="split"))})

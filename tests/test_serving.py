@@ -16,7 +16,7 @@ from mlops.config import load_config
 from mlops.training import train
 from tests.conftest import free_port, using_store
 from tests.helpers import make_csv
-from tests.servers import BIN, get, post, running, server_env
+from tests.servers import BIN, get, models_serve, post, running, server_env
 
 pytestmark = pytest.mark.slow
 FEATURES = ["x1", "x2", "color"]
@@ -63,21 +63,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, template_store: Path) -> Ite
 @pytest.fixture(scope="module")
 def sk_server(store: dict) -> Iterator[str]:
     port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        "models:/svc-sk@production",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = models_serve("models:/svc-sk@production", port)
     with running(cmd, server_env(store["uri"]), port, store["root"] / "sk.log") as base:
         yield base
 

@@ -43,6 +43,8 @@ class CompiledPreprocess:
         self.n_numeric = len(fill)
         # hash lookups of a whole column at once, for batches (Python's equality, as the dicts)
         self._indexes = [pd.Index(list(m), dtype=object) for m in categories]
+        # the one-hot position of each column's imputed category (-1: none), for nulls
+        self._fill_codes = [m.get(f, -1) for m, f in zip(categories, cat_fill, strict=True)]
 
     def transform(self, numeric: np.ndarray, categorical: np.ndarray | None) -> np.ndarray:
         n = numeric.shape[0]
@@ -66,7 +68,7 @@ class CompiledPreprocess:
                     if len(unmatched):  # nulls among them take the imputed category's code
                         missing = unmatched[pd.isna(column[unmatched])]
                         if len(missing):
-                            codes[missing] = self._indexes[j].get_indexer([self.cat_fill[j]])[0]
+                            codes[missing] = self._fill_codes[j]
                     hit = np.flatnonzero(codes >= 0)  # unknown: all zeros (handle_unknown="ignore")
                     onehot[hit, offset + codes[hit]] = 1.0
                     offset += len(mapping)
