@@ -211,7 +211,9 @@ def download_model(
 ) -> Path:
     """Download registered ``name`` version ``version`` into ``dst``; returns the model folder.
 
-    What :func:`mlflow.artifacts.download_artifacts` does for a ``models:/`` URI, with the
+    From an ``mlops server`` registry, the version's files in one answer (its
+    ``model-versions/files``, :mod:`mlops.team.files`); elsewhere what
+    :func:`mlflow.artifacts.download_artifacts` does for a ``models:/`` URI, with the
     folders listed concurrently: MLflow lists them one after another, one round trip each, which
     through a tracking server's artifact proxy is most of a download. Files are written only
     under ``dst`` (a listed path that would leave it is refused).
@@ -220,8 +222,10 @@ def download_model(
 
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo = get_artifact_repository(f"models:/{name}/{version}")
     root = Path(dst).resolve()
+    if _from_team_server(name, version, root):
+        return root
+    repo = get_artifact_repository(f"models:/{name}/{version}")
     files: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: set[Future[Any]] = {pool.submit(repo.list_artifacts, None)}
@@ -248,3 +252,71 @@ def download_model(
         for future in targets:
             future.result()
     return root
+
+
+FILES_ENDPOINT = "/api/2.0/mlops/model-versions/files"
+
+
+def _from_team_server(name: str, version: str, root: Path) -> bool:
+    """Download through the team server's one-answer endpoint; False where the registry is no
+    ``mlops server`` (not HTTP, or the endpoint is absent) or the server leaves this version to
+    the file-by-file download (409). Other refusals raise, naming the server's reason."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = mlflow.get_registry_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    from mlops.team.files import MARK_HEADER
+
+    response = http_request(
+        get_default_host_creds(uri),
+        FILES_ENDPOINT,
+        "GET",
+        params={"name": name, "version": version},
+        stream=True,
+        raise_on_status=False,
+    )
+    with response:
+        if MARK_HEADER not in response.headers or response.status_code == 409:
+            return False
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message", "")
+            except ValueError:
+                message = response.text[:300]
+            raise MlflowException(
+                f"{name} version {version}: the server refused its files "
+                f"(HTTP {response.status_code}): {message}"
+            )
+        _extract(response.raw, root, f"{name} version {version}")
+    return True
+
+
+def _extract(stream: Any, root: Path, what: str) -> None:
+    """Write the regular files of the tar ``stream`` under ``root``; anything else (a link, a
+    device, a path leaving ``root``) refuses the whole answer."""
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            target = (root / member.name).resolve()
+            if (
+                not member.isfile()
+                or not target.is_relative_to(root)
+                or target == root
+                or Path(member.name).is_absolute()
+            ):
+                raise UntrustedArtifact(
+                    f"{what}: the server's answer holds {member.name!r}, which is no file inside "
+                    "the model folder; refusing it"
+                )
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as out:
+                while block := source.read(1 << 20):
+                    out.write(block)

@@ -222,6 +222,9 @@ class TeamServerConfig(_Strict):
     # password hash, about 0.3 s of CPU); a changed password or removed user may still be
     # accepted by a worker for this long
     auth_cache_seconds: int = Field(60, ge=0)
+    # model files the server read from S3, kept on its disk (shared by its workers) for the next
+    # download of the same version through mlops's files endpoint (0: none kept)
+    file_cache_mb: int = Field(256, ge=0)
 
     @field_validator("admin_password_env")
     @classmethod

@@ -125,7 +125,7 @@ def reproduce(
         )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = str(verified_config_file(run_id, tmp, run.data.tags))
+            local = str(verified_config_file(run_id, tmp, run.data.tags, run.info.artifact_uri))
         except (MlflowException, OSError):
             raise ReproductionError(
                 f"run {run_id} has no {CONFIG_ARTIFACT} artifact; it was not logged by "

@@ -98,23 +98,29 @@ def log_config_file(config: Config) -> None:
     mlflow.set_tag(CONFIG_SHA_TAG, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
-def read_run_config(run_id: str, tags: dict[str, str] | None = None) -> Config:
+def read_run_config(
+    run_id: str, tags: dict[str, str] | None = None, artifact_uri: str | None = None
+) -> Config:
     """Run ``run_id``'s ``config.yaml``, verified (:func:`verified_config_file`), then parsed."""
     import tempfile
 
     from mlops.config import read_resolved_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        return read_resolved_config(verified_config_file(run_id, tmp, tags))
+        return read_resolved_config(verified_config_file(run_id, tmp, tags, artifact_uri))
 
 
 def verified_config_file(
-    run_id: str, dst: str | os.PathLike[str], tags: dict[str, str] | None = None
+    run_id: str,
+    dst: str | os.PathLike[str],
+    tags: dict[str, str] | None = None,
+    artifact_uri: str | None = None,
 ) -> Path:
     """Run ``run_id``'s ``config.yaml`` downloaded into ``dst`` and verified against the run's
     ``mlops.config_sha256`` tag before anything parses it (it names data sources, a database
     URL, transformer classes to import).
 
+    ``tags`` and ``artifact_uri`` are the run's, where the caller has read them.
     A run logged before the tag existed is read with a warning; a file that does not match
     the tag is refused (:class:`mlops.artifacts.UntrustedArtifact`). A run without the file
     raises ``MlflowException`` as MLflow's download does.
@@ -125,11 +131,11 @@ def verified_config_file(
 
     if tags is None:
         tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    path = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=str(dst)
-        )
-    )
+    if artifact_uri:  # the run's artifact root, known to the caller: no run lookup again
+        where = {"artifact_uri": f"{artifact_uri.rstrip('/')}/{CONFIG_ARTIFACT}"}
+    else:
+        where = {"run_id": run_id, "artifact_path": CONFIG_ARTIFACT}
+    path = Path(mlflow.artifacts.download_artifacts(dst_path=str(dst), **where))
     recorded = tags.get(CONFIG_SHA_TAG)
     if recorded is None:
         logger.warning(

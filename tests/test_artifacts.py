@@ -265,3 +265,33 @@ def test_download_model_refuses_a_listed_path_outside_its_folder(
         download_model("m", "1", tmp_path / "dst")
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
     assert all(Path(p).resolve().is_relative_to((tmp_path / "dst").resolve()) for p in written)
+
+
+@pytest.mark.parametrize("hostile", ["../../escaped", "/abs/escaped", "link"])
+def test_a_servers_archive_cannot_write_outside_the_model_folder(
+    tmp_path: Path, hostile: str
+) -> None:
+    """The team server's one-answer download (``_extract``) refuses a member that leaves the
+    folder or is no regular file, before writing it."""
+    import io
+    import tarfile
+
+    from mlops.artifacts import _extract
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("MLmodel")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+        bad = tarfile.TarInfo(hostile)
+        if hostile == "link":
+            bad.type, bad.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        else:
+            bad.size = 1
+        tar.addfile(bad, io.BytesIO(b"x") if hostile != "link" else None)
+    buffer.seek(0)
+    with pytest.raises(UntrustedArtifact, match="no file inside the model folder"):
+        _extract(buffer, (tmp_path / "dst").resolve(), "m version 1")
+    assert (tmp_path / "dst" / "MLmodel").read_bytes() == b"x"
+    assert not (tmp_path / "escaped").exists() and not Path("/abs/escaped").exists()
+    assert not (tmp_path / "dst" / "link").exists()

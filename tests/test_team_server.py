@@ -532,6 +532,81 @@ def test_the_audit_api_needs_a_login_and_read_permission(team: dict[str, Any]) -
     assert (record["who"], record["action"], record["outcome"]) == ("carol", "shadow_start", "done")
 
 
+def test_a_versions_files_come_in_one_answer_and_a_changed_object_is_read_again(
+    team: dict[str, Any], tmp_path: Path
+) -> None:
+    """``model-versions/files``: READ on the model, one tar of exactly the version's files in
+    the bucket; the server's cache reads an object again once it changed in S3, so the client's
+    checksum sees the change."""
+    import io
+    import tarfile
+
+    import boto3
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from mlops.artifacts import CHECKSUM_TAG, _from_team_server, download_model, model_checksum
+
+    v1 = team["versions"][0]
+    path = "/api/2.0/mlops/model-versions/files"
+    with as_user(team["env"]):
+        auth = get_app_client("mlops", tracking_uri=team["uri"])
+        if not _exists(auth, "dave"):  # a user denied this model
+            auth.create_user("dave", password("dave"))
+            try:  # MLflow 3.17 grants DENY; earlier releases NO_PERMISSIONS
+                auth.grant_user_permission("dave", "registered_model", NAME, "DENY")
+            except MlflowException:
+                auth.grant_user_permission("dave", "registered_model", NAME, "NO_PERMISSIONS")
+    anonymous = requests.get(team["uri"] + path, params={"name": NAME, "version": v1}, timeout=10)
+    assert anonymous.status_code == 401
+    denied = rest(team, "dave", "GET", path, params={"name": NAME, "version": v1})
+    assert denied.status_code == 403 and "needs READ" in denied.json()["message"]
+    bad = rest(team, "carol", "GET", path, params={"name": NAME, "version": "1; drop"})
+    assert bad.status_code == 400 and "'version'" in bad.json()["message"]
+    missing = rest(team, "carol", "GET", path, params={"name": NAME, "version": "999"})
+    assert missing.status_code == 404 and "no version 999" in missing.json()["message"]
+
+    answer = rest(team, "carol", "GET", path, params={"name": NAME, "version": v1})
+    assert answer.status_code == 200 and answer.headers["X-Mlops-Files"] == "1"
+    with tarfile.open(fileobj=io.BytesIO(answer.content)) as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+    s3 = boto3.client("s3", endpoint_url=team["s3"], **_boto(S3_ENV))
+    with as_user(user_env(team, "carol")), using_store(team["uri"]):
+        client = mlflow.MlflowClient()
+        version = client.get_model_version(NAME, v1)
+        location = client.get_model_version_download_uri(NAME, v1)
+        prefix = "mlflow/" + location.split("mlflow-artifacts:/", 1)[1].strip("/") + "/"
+        stored = sorted(
+            o["Key"][len(prefix) :]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])
+        )
+        assert names == stored and "MLmodel" in names
+        recorded = version.tags[CHECKSUM_TAG]
+        assert model_checksum(download_model(NAME, v1, tmp_path / "a")) == recorded
+        key = prefix + "artifacts/pipeline.skops"
+        original = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        try:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=original + b"changed")
+            changed = (tmp_path / "b").resolve()
+            assert _from_team_server(NAME, v1, changed)  # the one answer, not MLflow's files
+            assert (changed / "artifacts" / "pipeline.skops").read_bytes().endswith(b"changed")
+            assert model_checksum(changed) != recorded
+        finally:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=original)
+        assert model_checksum(download_model(NAME, v1, tmp_path / "c")) == recorded
+
+
+def _exists(auth: Any, user: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        auth.get_user(user)
+    except MlflowException:
+        return False
+    return True
+
+
 def test_serve_refuses_an_empty_token_variable(team: dict[str, Any]) -> None:
     done = mlops(team, "carol", "serve", NAME, "--auth-token-env", "UNSET_TOKEN_VAR", "--dry-run")
     assert done.returncode == 2

@@ -125,6 +125,22 @@ class Candidate:
         return (self.mlmodel.metadata or {}).get("mlops_task", "classification")
 
 
+def prefetch(*candidates: Candidate | None) -> None:
+    """Download the candidates' files and read their runs at the same time (through a tracking
+    server each is its own round trips); a failure is left to the gate that needs the value,
+    which tries again and reports it. Downloading reads nothing: every load still waits for
+    the checksum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [c for c in candidates if c is not None]
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=2 * len(todo)) as pool:
+        futures = [pool.submit(getattr, c, attr) for c in todo for attr in ("path", "run")]
+    for future in futures:
+        future.exception()  # raised again, where it matters, by the gate's own access
+
+
 def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[GateResult]:
     metrics = candidate.run.data.metrics if candidate.run else {}
     out = []
@@ -315,7 +331,8 @@ def held_out_split(candidate: Candidate) -> DatasetSplit:
     config.yaml."""
     if candidate.run is None:
         raise RegistryError(f"{candidate.name} has no training run to read its data settings from")
-    config = read_run_config(candidate.run.info.run_id, candidate.run.data.tags)
+    run = candidate.run
+    config = read_run_config(run.info.run_id, run.data.tags, run.info.artifact_uri)
     return prepare(config)
 
 

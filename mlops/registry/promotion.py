@@ -217,7 +217,7 @@ def promote(
         raise ConfigError("--force needs --reason: a forced promotion must say why")
     name, version = check_name(name), canonical_version(version)
     client = mlflow.MlflowClient()
-    _get_version(client, name, version)
+    registered = _get_version(client, name, version)
     who = who or current_user()
     audit = _audit_log(config)
     with audit.lock(name, who), tempfile.TemporaryDirectory() as tmp:
@@ -231,9 +231,7 @@ def promote(
                 f"{name} version {version} is production; staging is for the versions on "
                 "their way there (promote a newer version, or roll back with `mlops rollback`)"
             )
-        gates = _promotion_gates(
-            client, config, name, version, to, current, force, reason, Path(tmp)
-        )
+        gates = _promotion_gates(client, config, registered, aliases, to, force, reason, Path(tmp))
         done = _apply(
             client,
             audit,
@@ -256,29 +254,32 @@ def evaluate(config: Config, name: str, version: str, to: str = PRODUCTION) -> l
     _check_target(to)
     name, version = check_name(name), canonical_version(version)
     client = mlflow.MlflowClient()
-    _get_version(client, name, version)
-    current = _aliases(client, name).get(to)
-    if current == version:
+    registered = _get_version(client, name, version)
+    aliases = _aliases(client, name)
+    if aliases.get(to) == version:
         raise RegistryError(f"{name} version {version} is already {to}")
     with tempfile.TemporaryDirectory() as tmp:
-        return _promotion_gates(client, config, name, version, to, current, False, None, Path(tmp))
+        return _promotion_gates(client, config, registered, aliases, to, False, None, Path(tmp))
 
 
 def _promotion_gates(
     client: mlflow.MlflowClient,
     config: Config,
-    name: str,
-    version: str,
+    registered: ModelVersion,
+    aliases: dict[str, str],
     to: str,
-    current: str | None,
     force: bool,
     reason: str | None,
     tmp: Path,
 ) -> list[v.GateResult]:
-    challenger = v.Candidate(client, _get_version(client, name, version), tmp)
+    """The gates of moving ``to`` to ``registered``, with the model's ``aliases`` as read
+    (under the lock, for a promotion)."""
+    name, version, current = registered.name, str(registered.version), aliases.get(to)
+    challenger = v.Candidate(client, registered, tmp)
     if to == STAGING:
+        v.prefetch(challenger)
         return v.staging_gates(challenger, getattr(config.registry.staging, challenger.task))
-    staged = _aliases(client, name).get(STAGING) == version
+    staged = aliases.get(STAGING) == version
     measured = (
         "in staging"
         if staged
@@ -288,6 +289,7 @@ def _promotion_gates(
         "in staging", staged or force, measured, "the staging alias (or --force with a reason)"
     )
     champion = v.Candidate(client, _get_version(client, name, current), tmp) if current else None
+    v.prefetch(challenger, champion)
     checksum, *rest = v.production_gates(challenger, champion, config, force=force)
     return [checksum, in_staging, *rest]
 

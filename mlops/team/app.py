@@ -52,6 +52,7 @@ from mlops.registry.audit import (
     AuditLog,
     AuditRecord,
 )
+from mlops.team import files
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class Policy:
     def before(self) -> Response | None:
         if request.path in AUDIT_PATHS:
             return self._audit_api()
+        if request.path in files.FILES_PATHS:
+            return self._files_api()
         if request.method == "DELETE" and request.args and request.content_length:
             # MLflow's handlers read a DELETE's parameters from its body, basic-auth from its
             # query string when the body is not declared JSON: with both, the permission
@@ -338,6 +341,57 @@ class Policy:
         except _BadRequest as exc:
             return _error(400, "INVALID_PARAMETER_VALUE", str(exc))
         return Response(json.dumps({"record": record.as_json()}), 200, mimetype="application/json")
+
+    # ---- a version's files in one answer (mlops.team.files) ----
+    def _files_api(self) -> Response:
+        user = _user()
+        if user is None:
+            from mlflow.server.auth import make_basic_auth_response
+
+            return make_basic_auth_response()
+        try:
+            response = self._files(user)
+        except files.FilesRefused as exc:
+            response = _error(exc.status, exc.code, str(exc))
+        response.headers[files.MARK_HEADER] = "1"
+        return response
+
+    def _files(self, user: str) -> Response:
+        from mlflow.exceptions import MlflowException
+        from mlflow.server import ARTIFACTS_DESTINATION_ENV_VAR
+
+        if request.method != "GET":
+            raise files.FilesRefused(405, "BAD_REQUEST", "use GET")
+        name, version = files.parameters(request.args)
+        if not _is_admin(user) and not _model_permission(name, user).can_read:
+            raise files.FilesRefused(
+                403, "PERMISSION_DENIED", f"reading the files of {name!r} needs READ on it"
+            )
+        try:
+            uri = _registry().get_model_version_download_uri(name, version)
+        except MlflowException:
+            raise files.FilesRefused(
+                404,
+                "RESOURCE_DOES_NOT_EXIST",
+                f"registered model {name!r} has no version {version}",
+            ) from None
+        if not os.environ.get(ARTIFACTS_DESTINATION_ENV_VAR):
+            raise files.FilesRefused(
+                409, "INVALID_STATE", "this server does not proxy artifacts (--serve-artifacts)"
+            )
+        path = files.proxied_path(uri)
+        try:
+            body = files.archive(os.environ[ARTIFACTS_DESTINATION_ENV_VAR], path)
+        except files.FilesRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store's failure, not the request's
+            logger.warning("the files of %s version %s could not be read: %s", name, version, exc)
+            raise files.FilesRefused(
+                503,
+                "TEMPORARILY_UNAVAILABLE",
+                f"the artifact store did not answer ({exc.__class__.__name__}); try again",
+            ) from None
+        return Response(body, 200, mimetype="application/x-tar")
 
 
 class _BadRequest(ValueError):

@@ -33,6 +33,7 @@ from mlops.config import TeamServerConfig
 from mlops.db import create_engine, expand_env, mask_url, scrub
 from mlops.errors import ConfigError
 from mlops.serving.nodelay import IMPORT_PATH as NODELAY
+from mlops.team import files
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,9 @@ def run(config: TeamServerConfig) -> int:
             "MLFLOW_BACKEND_STORE_URI": checked.backend,
             "MLFLOW_AUTH_CONFIG_PATH": str(ini),
             "MLOPS_AUDIT_URL": checked.backend,
+            # the model files its workers read from S3, shared (mlops.team.files)
+            files.CACHE_DIR_ENV: str(folder / "files"),
+            files.CACHE_MB_ENV: str(config.file_cache_mb),
             # a worker's own flask secret: the same in every worker (CSRF), new each start
             "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get(
                 "MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32)
