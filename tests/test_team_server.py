@@ -213,6 +213,17 @@ def aliases(team: dict[str, Any]) -> dict[str, str]:
     return {a["alias"]: a["version"] for a in body.json()["registered_model"].get("aliases", [])}
 
 
+def version_tags(team: dict[str, Any], version: str) -> dict[str, str]:
+    body = rest(
+        team,
+        "admin",
+        "GET",
+        "/api/2.0/mlflow/model-versions/get",
+        params={"name": NAME, "version": version},
+    )
+    return {t["key"]: t["value"] for t in body.json()["model_version"].get("tags", [])}
+
+
 def audit_rows(team: dict[str, Any]) -> list[dict[str, Any]]:
     """The trail as the server's database holds it (read directly, as only a test does)."""
     engine = sa.create_engine(team["database"])
@@ -319,6 +330,10 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     assert gates and all(g["passed"] for g in gates)  # the client's gates, declared
     shipped = next(r for r in rows if r["who"] == "bob" and r["action"] == "promote")
     assert (shipped["outcome"], shipped["to_version"], shipped["reason"]) == ("done", v2, "ship it")
+    # the version's one-line note, written by the server with the row (not by the client)
+    note = version_tags(team, v2)["mlops.last_change"]
+    assert note.startswith("promote to production done by bob at ")
+    assert note.endswith(f"(audit #{shipped['id']})")
     assert all(r["outcome"] != "pending" for r in rows)
 
     # alice (EDIT) registers a version of her own, from a run in her own experiment
@@ -355,6 +370,8 @@ def test_rollback_status_and_a_refusal_by_the_gates_through_the_server(
     row = audit_rows(team)[-1]
     assert (row["who"], row["action"], row["outcome"]) == ("bob", "promote", "refused")
     assert any(g["gate"] == "in staging" and not g["passed"] for g in json.loads(row["gates"]))
+    note = version_tags(team, v1)["mlops.last_change"]
+    assert note.startswith("promote to production refused by bob at ")
 
     # v2 replaced no production version: back to v1 by name, past the staging gates
     back = mlops(team, "bob", "rollback", NAME, "--to", v1, "--reason", "alert")

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 PENDING, DONE, FAILED, REFUSED = "pending", "done", "failed", "refused"
 EXTERNAL, MIRROR = "external", "mirror"
+LAST_CHANGE_TAG = "mlops.last_change"  # one compact line; the full record is in the audit table
 # a production server starts or stops answering for a second alias (no alias moves)
 TRAFFIC_ACTIONS = ("split_start", "split_stop", "shadow_start", "shadow_stop")
 
@@ -398,3 +399,13 @@ def _lock_not_available(exc: DBAPIError) -> bool:
         return True
     text = str(orig).lower()
     return any(w in text for w in ("could not obtain lock", "lock wait timeout", "nowait"))
+
+
+def last_change(record: AuditRecord) -> str:
+    """The ``mlops.last_change`` tag's text for ``record`` (on the version it names)."""
+    what = (
+        f"{record.target} set outside mlops, noticed"
+        if record.action == EXTERNAL
+        else f"{record.action} to {record.target} {record.outcome} by {record.who}"
+    )
+    return f"{what} at {record.at:%Y-%m-%d %H:%M:%S} UTC (audit #{record.id})"

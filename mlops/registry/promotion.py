@@ -47,12 +47,14 @@ from mlops.registry.audit import (
     DONE,
     EXTERNAL,
     FAILED,
+    LAST_CHANGE_TAG,
     MIRROR,
     PENDING,
     REFUSED,
     TRAFFIC_ACTIONS,
     AuditLog,
     AuditRecord,
+    last_change,
 )
 from mlops.registry.remote import ServerAudit, server_audited
 from mlops.tracking import project_store_url
@@ -63,7 +65,6 @@ STAGING, PRODUCTION = "staging", "production"
 TARGETS = (STAGING, PRODUCTION)
 REPLACED_TAG = "mlops.replaced_version"
 ROLLED_BACK_TAG = "mlops.rolled_back"
-LAST_CHANGE_TAG = "mlops.last_change"  # one compact line; the full record is in the audit table
 CREATOR_TAG = "mlops.created_by"
 FAMILY_TAG = "mlops.family"
 TASK_TAG = "mlops.task"
@@ -754,7 +755,8 @@ def _apply(
                 name,
             )
             record = intent
-    _tag_last_change(client, record)
+    if not isinstance(audit, ServerAudit):  # a team server tags the version itself
+        _tag_last_change(client, record)
     return Promotion(
         model=name,
         action=action,
@@ -876,20 +878,14 @@ def _transition(client: mlflow.MlflowClient, name: str, version: str, stage: str
 
 def _tag_last_change(client: mlflow.MlflowClient, record: AuditRecord) -> None:
     """The compact ``mlops.last_change`` tag on the version a row names (best effort)."""
-    if not record.to_version:
-        return
-    what = (
-        f"{record.target} set outside mlops, noticed"
-        if record.action == EXTERNAL
-        else f"{record.action} to {record.target} {record.outcome} by {record.who}"
-    )
-    _try(
-        client.set_model_version_tag,
-        record.model,
-        record.to_version,
-        LAST_CHANGE_TAG,
-        f"{what} at {record.at:%Y-%m-%d %H:%M:%S} UTC (audit #{record.id})",
-    )
+    if record.to_version:
+        _try(
+            client.set_model_version_tag,
+            record.model,
+            record.to_version,
+            LAST_CHANGE_TAG,
+            last_change(record),
+        )
 
 
 def _try(call, *args: str) -> None:  # noqa: ANN001 - an MlflowClient method

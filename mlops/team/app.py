@@ -25,6 +25,11 @@ for the request that makes that move, and its follow-up requests (stage mirrorin
 own kind. A declaration is the client's word: it names the action and the gate results in the
 row but grants nothing: the permission check is the same for every client.
 
+A move that was made, and a promotion whose gates refused it, also leave the one-line
+``mlops.last_change`` tag on the version they name, set by the server with the row (whichever
+client moved it). ``/api/2.0/mlops/model-versions/files`` answers a version's files in one
+tar (READ on the model; :mod:`mlops.team.files`).
+
 ``/api/2.0/mlops/audit`` (and ``/ajax-api/...``) is the trail's API: ``GET ?name=MODEL`` lists
 a model's rows (READ on the model); ``POST`` records what a client did that moved no alias (a
 promotion its gates refused, a production server starting or stopping a split or a shadow),
@@ -46,11 +51,13 @@ from flask import Flask, Response, g, request
 from mlops.registry.audit import (
     DONE,
     FAILED,
+    LAST_CHANGE_TAG,
     PENDING,
     REFUSED,
     TRAFFIC_ACTIONS,
     AuditLog,
     AuditRecord,
+    last_change,
 )
 from mlops.team import files
 
@@ -208,7 +215,9 @@ class Policy:
                 outcome = REFUSED if status in (401, 403) else FAILED
                 detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
             try:
-                self.audit.settle(intent.id, outcome, detail)
+                settled = self.audit.settle(intent.id, outcome, detail)
+                if outcome == DONE:  # a refused attempt changes nothing, not even a tag
+                    _tag(settled)
             except Exception as exc:  # noqa: BLE001 - the answer stands; the next move settles it
                 logger.warning("audit #%d stays pending: %s", intent.id, exc)
         return response
@@ -338,6 +347,7 @@ class Policy:
                 rows = [r.as_json() for r in self.audit.records(name)]
                 return Response(json.dumps({"records": rows}), 200, mimetype="application/json")
             record = self.audit.record(who=user, model=name, **_reported(body))
+            _tag(record)
         except _BadRequest as exc:
             return _error(400, "INVALID_PARAMETER_VALUE", str(exc))
         return Response(json.dumps({"record": record.as_json()}), 200, mimetype="application/json")
@@ -392,6 +402,23 @@ class Policy:
                 f"the artifact store did not answer ({exc.__class__.__name__}); try again",
             ) from None
         return Response(body, 200, mimetype="application/x-tar")
+
+
+_TAGGED_ACTIONS = (*DECLARED_ACTIONS, "alias_set")  # not the stage mirroring that follows
+
+
+def _tag(record: AuditRecord) -> None:
+    """The ``mlops.last_change`` tag on the version a promotion, rollback or alias move names,
+    set by the server as it writes the row, whichever client moved it: a move that was made,
+    or a promotion its gates refused as reported by a user with EDIT (best effort)."""
+    if record.action not in _TAGGED_ACTIONS or not record.to_version:
+        return
+    try:
+        _registry().set_model_version_tag(
+            record.model, record.to_version, LAST_CHANGE_TAG, last_change(record)
+        )
+    except Exception as exc:  # noqa: BLE001 - the row stands; the tag is a convenience
+        logger.warning("audit #%d: the %s tag was not set: %s", record.id, LAST_CHANGE_TAG, exc)
 
 
 class _BadRequest(ValueError):
