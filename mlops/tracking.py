@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,37 @@ GIT_DIRTY_TAG = "mlops.git_dirty"  # "true": the package had uncommitted changes
 CODE_HASH_TAG = "mlops.code_hash"  # SHA-256 of the package's Python files as they ran
 STEP_TAG = "mlops.step"
 CONFIG_SHA_TAG = "mlops.config_sha256"  # the SHA-256 of the run's config.yaml
+
+
+# MLflow's async logger sends each queued call as its own request unless this is set: then it
+# waits this long (whole seconds: MLflow reads an integer) and merges what was queued into one
+# log_batch; a flush does not wait for it
+ASYNC_BUFFER_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
+ASYNC_BUFFER_SECONDS = 1
+_buffering_lock = threading.Lock()
+_buffering_users = 0
+
+
+@contextmanager
+def batched_async_logging(seconds: int = ASYNC_BUFFER_SECONDS) -> Iterator[None]:
+    """For the block, MLflow's async logger (``synchronous=False``) merges what was queued in
+    ``seconds`` into one request: per-epoch metrics cost a round trip per batch, not per epoch
+    (through a tracking server, one ``log_batch`` each otherwise). A value the user set is
+    kept."""
+    global _buffering_users
+    with _buffering_lock:
+        ours = _buffering_users > 0 or not os.environ.get(ASYNC_BUFFER_ENV)
+        if ours:
+            _buffering_users += 1
+            os.environ[ASYNC_BUFFER_ENV] = str(int(seconds))
+    try:
+        yield
+    finally:
+        if ours:
+            with _buffering_lock:
+                _buffering_users -= 1
+                if _buffering_users == 0:
+                    os.environ.pop(ASYNC_BUFFER_ENV, None)
 
 
 def ensure_experiment(name: str, client: mlflow.MlflowClient | None = None) -> str:

@@ -27,7 +27,7 @@ from mlops.lineage import log_split  # noqa: E402
 from mlops.metrics import evaluate  # noqa: E402
 from mlops.models import build_model, fit_model  # noqa: E402
 from mlops.serving.flavor import log_model  # noqa: E402
-from mlops.tracking import log_config, step_run  # noqa: E402
+from mlops.tracking import batched_async_logging, log_config, step_run  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +106,20 @@ def fit_and_evaluate(
             for k, v in logs.items()
             if np.isfinite(v)
         }
-        # queued, sent in batches by MLflow's async logger (flushed when the run ends): an epoch
-        # never waits for a round trip to a tracking server
+        # queued, sent in batches by MLflow's async logger (batched_async_logging; flushed when
+        # the run ends): an epoch never waits for a round trip to a tracking server
         mlflow.log_metrics(named, step=epoch, synchronous=False)
 
-    fit_model(
-        pipeline,
-        X_train,
-        encode_target(split, y_train),
-        X_val,
-        encode_target(split, y_val),
-        on_epoch_end=on_epoch_end if log else None,
-        family=config.model.family,
-    )
+    with batched_async_logging():
+        fit_model(
+            pipeline,
+            X_train,
+            encode_target(split, y_train),
+            X_val,
+            encode_target(split, y_val),
+            on_epoch_end=on_epoch_end if log else None,
+            family=config.model.family,
+        )
     metrics: dict[str, float] = {}
     for part in ("validation", "test"):
         X, y = split.xy(part)

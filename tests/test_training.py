@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -183,3 +185,29 @@ def test_precision_and_recall_follow_the_metric_conventions(
         assert out["precision"] == pytest.approx(
             skm.precision_score(truth, pred, average="macro", zero_division=0)
         )
+
+
+def test_batched_async_logging_sets_mlflows_buffer_for_the_block_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-epoch metrics are merged by MLflow's async logger (one request per second, not per
+    epoch) only while a model fits; a buffer the user set is theirs; every metric arrives."""
+    from mlops.tracking import ASYNC_BUFFER_ENV, batched_async_logging
+
+    monkeypatch.delenv(ASYNC_BUFFER_ENV, raising=False)
+    with mlflow.start_run() as run:
+        with batched_async_logging():
+            assert os.environ[ASYNC_BUFFER_ENV] == "1"
+            with batched_async_logging():  # nested (a tuning trial inside a fit): still on
+                pass
+            assert os.environ[ASYNC_BUFFER_ENV] == "1"
+            for step in range(50):
+                mlflow.log_metrics({"loss": 1.0 / (step + 1)}, step=step, synchronous=False)
+            mlflow.flush_async_logging()
+        assert ASYNC_BUFFER_ENV not in os.environ
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(50))
+    monkeypatch.setenv(ASYNC_BUFFER_ENV, "3")
+    with batched_async_logging():
+        assert os.environ[ASYNC_BUFFER_ENV] == "3"
+    assert os.environ[ASYNC_BUFFER_ENV] == "3"
