@@ -535,6 +535,12 @@ def test_the_audit_api_needs_a_login_and_read_permission(team: dict[str, Any]) -
     assert anonymous.status_code == 401
     rows = rest(team, "carol", "GET", path, params={"name": NAME})
     assert rows.status_code == 200 and rows.json()["records"]
+    everything = rows.json()["records"]
+    newest = rest(team, "carol", "GET", path, params={"name": NAME, "last": "2"})
+    assert newest.status_code == 200 and newest.json()["records"] == everything[-2:]
+    for wrong in ("0", "1001", "two", "٣"):
+        refused = rest(team, "carol", "GET", path, params={"name": NAME, "last": wrong})
+        assert refused.status_code == 400 and "'last'" in refused.json()["message"], wrong
     bad = rest(team, "carol", "POST", path, json={"name": NAME, "action": "delete_everything"})
     assert bad.status_code == 400 and "'action' must be one of" in bad.json()["message"]
     report = rest(

@@ -364,14 +364,22 @@ class AuditLog:
             raise RegistryError(f"audit record #{record_id} is not pending; it was settled before")
         return _to_record(found)
 
-    def records(self, model: str, outcome: str | None = None) -> list[AuditRecord]:
-        """The rows of ``model`` (with ``outcome``, if given), oldest first."""
+    def records(
+        self, model: str, outcome: str | None = None, *, last: int | None = None
+    ) -> list[AuditRecord]:
+        """The rows of ``model`` (with ``outcome``, if given), oldest first; with ``last``, only
+        the newest ``last`` of them."""
         query = sa.select(AUDIT).where(AUDIT.c.model == model)
         if outcome is not None:
             query = query.where(AUDIT.c.outcome == outcome)
+        if last is not None:
+            query = query.order_by(AUDIT.c.id.desc()).limit(last)
+        else:
+            query = query.order_by(AUDIT.c.id)
         with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(AUDIT.c.id)).mappings().all()
-        return [_to_record(r) for r in rows]
+            rows = conn.execute(query).mappings().all()
+        records = [_to_record(r) for r in rows]
+        return records[::-1] if last is not None else records
 
 
 def _one_line(text: str) -> str:

@@ -34,6 +34,7 @@ from mlops.registry.audit import DONE, PENDING, REFUSED, TRAFFIC_ACTIONS, AuditR
 
 AUDIT_ENDPOINT = "/api/2.0/mlops/audit"
 REASON_ENV = "MLOPS_AUDIT_REASON"
+_RECENT = 50  # rows read back to find the one the server wrote for a declared move
 _GATES_LIMIT = 6000  # characters of percent-encoded gate results sent in a header
 
 _declared = threading.local()
@@ -80,7 +81,7 @@ class ServerAudit:
     @contextmanager
     def lock(self, model: str, holder: str, *, timeout: float | None = None) -> Iterator[bool]:
         """The server serialises the moves of a model itself; this checks it can audit them."""
-        self.records(model)  # refuses now, before any gate runs, if the server cannot audit
+        self.records(model, last=1)  # refuses now, before any gate runs, if it cannot audit
         yield True
 
     def record(self, *, outcome: str, **row: Any) -> AuditRecord:
@@ -106,7 +107,7 @@ class ServerAudit:
         _declared.move = None
         if move is None:
             raise RegistryError("no move was declared to the tracking server")
-        for record in reversed(self.records(move["model"])):
+        for record in reversed(self.records(move["model"], last=_RECENT)):
             if record.action == move["action"] and record.to_version == move["to_version"]:
                 return record
         raise RegistryError(f"the tracking server recorded no {move['action']} row")
@@ -127,8 +128,9 @@ class ServerAudit:
             f"(mlops audit {move.get('model')})"
         )
 
-    def records(self, model: str) -> list[AuditRecord]:
-        body = self._call("GET", {"name": model})
+    def records(self, model: str, *, last: int | None = None) -> list[AuditRecord]:
+        """The model's trail, oldest first (with ``last``, its newest ``last`` rows)."""
+        body = self._call("GET", {"name": model, **({"last": str(last)} if last else {})})
         return [AuditRecord.from_json(r) for r in body.get("records", [])]
 
     def _call(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,9 @@ client moved it). ``/api/2.0/mlops/model-versions/files`` answers a version's fi
 tar (READ on the model; :mod:`mlops.team.files`).
 
 ``/api/2.0/mlops/audit`` (and ``/ajax-api/...``) is the trail's API: ``GET ?name=MODEL`` lists
-a model's rows (READ on the model); ``POST`` records what a client did that moved no alias (a
-promotion its gates refused, a production server starting or stopping a split or a shadow),
+a model's rows (READ on the model; ``&last=N``: the newest N); ``POST`` records what a client
+did that moved no alias (a promotion its gates refused, a production server starting or
+stopping a split or a shadow),
 stamped with the authenticated user and the server's clock. Clients never reach the database.
 """
 
@@ -344,7 +345,7 @@ class Policy:
                         404, "RESOURCE_DOES_NOT_EXIST", f"no registered model named {name!r}"
                     )
             if request.method == "GET":
-                rows = [r.as_json() for r in self.audit.records(name)]
+                rows = [r.as_json() for r in self.audit.records(name, last=_last(request.args))]
                 return Response(json.dumps({"records": rows}), 200, mimetype="application/json")
             record = self.audit.record(who=user, model=name, **_reported(body))
             _tag(record)
@@ -419,6 +420,16 @@ def _tag(record: AuditRecord) -> None:
         )
     except Exception as exc:  # noqa: BLE001 - the row stands; the tag is a convenience
         logger.warning("audit #%d: the %s tag was not set: %s", record.id, LAST_CHANGE_TAG, exc)
+
+
+def _last(args: Any) -> int | None:
+    """``last=N`` of a trail read: only the newest N rows (1 to 1000); absent: all."""
+    text = args.get("last")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1000):
+        raise _BadRequest(f"'last' must be a whole number from 1 to 1000, not {text[:20]!r}")
+    return int(text)
 
 
 class _BadRequest(ValueError):
