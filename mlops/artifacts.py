@@ -259,8 +259,11 @@ FILES_ENDPOINT = "/api/2.0/mlops/model-versions/files"
 
 def _from_team_server(name: str, version: str, root: Path) -> bool:
     """Download through the team server's one-answer endpoint; False where the registry is no
-    ``mlops server`` (not HTTP, or the endpoint is absent) or the server leaves this version to
-    the file-by-file download (409). Other refusals raise, naming the server's reason."""
+    ``mlops server`` (not HTTP, or the endpoint is absent) or the server leaves the version to
+    MLflow's file-by-file download: a 409 (files outside its proxy, or too large), a 403 (MLflow
+    itself decides, with grants through roles the endpoint does not see) or a 5xx. A bad
+    request, an unknown version or a failed login raises, naming the server's reason; so does an
+    answer that breaks off or is no tar."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
@@ -278,11 +281,13 @@ def _from_team_server(name: str, version: str, root: Path) -> bool:
         params={"name": name, "version": version},
         stream=True,
         raise_on_status=False,
+        max_retries=0,  # a failure goes to MLflow's own download, which retries its requests
     )
     with response:
-        if MARK_HEADER not in response.headers or response.status_code == 409:
+        status = response.status_code
+        if MARK_HEADER not in response.headers or status in (403, 409) or status >= 500:
             return False
-        if response.status_code != 200:
+        if status != 200:
             try:
                 message = response.json().get("message", "")
             except ValueError:
@@ -291,7 +296,16 @@ def _from_team_server(name: str, version: str, root: Path) -> bool:
                 f"{name} version {version}: the server refused its files "
                 f"(HTTP {response.status_code}): {message}"
             )
-        _extract(response.raw, root, f"{name} version {version}")
+        response.raw.decode_content = True  # a proxy in between may have compressed it
+        try:
+            _extract(response.raw, root, f"{name} version {version}")
+        except UntrustedArtifact:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken-off or malformed answer
+            raise MlflowException(
+                f"{name} version {version}: the server's answer with its files broke off or is "
+                f"no tar ({exc.__class__.__name__}); try again"
+            ) from None
     return True
 
 

@@ -118,11 +118,21 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client on ``MLFLOW_S3_ENDPOINT_URL`` (AWS when unset), as MLflow's own."""
+    """A boto3 S3 client on MLflow's S3 settings: ``MLFLOW_S3_ENDPOINT_URL`` (AWS when unset),
+    ``MLFLOW_S3_IGNORE_TLS`` and ``MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE``, signature v4; the
+    credentials from boto3's usual chain (``AWS_*``, profiles, roles)."""
     import boto3
+    from botocore.config import Config as BotoConfig
 
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    insecure = os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() == "true"
+    style = os.environ.get("MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE", "auto")
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        verify=not insecure,
+        config=BotoConfig(signature_version="s3v4", s3={"addressing_style": style}),
+    )
 
 
 def s3_problem(uri: str, exc: Exception) -> SourceError:

@@ -588,6 +588,16 @@ def test_a_versions_files_come_in_one_answer_and_a_changed_object_is_read_again(
     assert bad.status_code == 400 and "'version'" in bad.json()["message"]
     missing = rest(team, "carol", "GET", path, params={"name": NAME, "version": "999"})
     assert missing.status_code == 404 and "no version 999" in missing.json()["message"]
+    nameless = rest(team, "carol", "GET", path, params={"version": v1})
+    assert nameless.status_code == 400 and "'name'" in nameless.json()["message"]
+    posted = rest(team, "carol", "POST", path, params={"name": NAME, "version": v1})
+    assert posted.status_code == 405
+    # refused by the endpoint, the client goes to MLflow's own download, which decides alike
+    with as_user(user_env(team, "dave")), using_store(team["uri"]):
+        with pytest.raises(MlflowException) as refused:
+            download_model(NAME, v1, tmp_path / "dave")
+    assert refused.value.error_code == "PERMISSION_DENIED"
+    assert "the server refused its files" not in refused.value.message
 
     answer = rest(team, "carol", "GET", path, params={"name": NAME, "version": v1})
     assert answer.status_code == 200 and answer.headers["X-Mlops-Files"] == "1"
@@ -778,3 +788,32 @@ def test_server_options_are_checked_and_named(option: str, key: str) -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"key '{key}'" in lines[0], done.stderr
+
+
+def test_the_servers_file_cache_keeps_recent_objects_within_its_limit(tmp_path: Path) -> None:
+    """mlops.team.files.FileCache: what was put is got back by its key (not by another size or
+    ETag), the least recently used go first past the limit, a crashed worker's old parts are
+    swept, and nothing is kept with a limit of 0."""
+    from mlops.team.files import FileCache
+
+    cache = FileCache(tmp_path / "c", limit_bytes=10)
+    cache.put(("b", "k1", "4", "e1"), b"aaaa")
+    cache.put(("b", "k2", "4", "e2"), b"bbbb")
+    assert cache.get(("b", "k1", "4", "e1")) == b"aaaa"
+    assert cache.get(("b", "k1", "4", "e-changed")) is None
+    old = time.time() - 60
+    os.utime(cache._path(("b", "k2", "4", "e2")), (old, old))  # k2: the least recently used
+    cache.put(("b", "k3", "4", "e3"), b"cccc")  # 12 bytes kept, over the limit of 10
+    part = cache.folder / ".part-left-by-a-crash"
+    part.write_bytes(b"x")
+    os.utime(part, (old - 7200, old - 7200))
+    cache.trim()
+    assert cache.get(("b", "k2", "4", "e2")) is None
+    assert cache.get(("b", "k1", "4", "e1")) == b"aaaa"
+    assert cache.get(("b", "k3", "4", "e3")) == b"cccc"
+    assert not part.exists()
+    cache.put(("b", "big", "11", "e"), b"x" * 11)  # larger than the whole cache: not kept
+    assert cache.get(("b", "big", "11", "e")) is None
+    nothing = FileCache(tmp_path / "none", limit_bytes=0)
+    nothing.put(("b", "k", "1", "e"), b"x")
+    assert nothing.get(("b", "k", "1", "e")) is None

@@ -76,10 +76,16 @@ class Candidate:
 
     @cached_property
     def run(self) -> Run | None:
-        return self.client.get_run(self.version.run_id) if self.version.run_id else None
+        return self._read_run()
 
     @cached_property
     def path(self) -> Path:
+        return self._download()
+
+    def _read_run(self) -> Run | None:
+        return self.client.get_run(self.version.run_id) if self.version.run_id else None
+
+    def _download(self) -> Path:
         dst = self.workdir / f"v{self.version.version}"
         dst.mkdir(parents=True, exist_ok=True)
         return download_model(self.version.name, str(self.version.version), dst)
@@ -135,10 +141,17 @@ def prefetch(*candidates: Candidate | None) -> None:
     todo = [c for c in candidates if c is not None]
     if not todo:
         return
+    # plain methods in the pool, the values stored after: Python 3.11's cached_property holds
+    # one lock per attribute for every instance, which would make the downloads take turns
     with ThreadPoolExecutor(max_workers=2 * len(todo)) as pool:
-        futures = [pool.submit(getattr, c, attr) for c in todo for attr in ("path", "run")]
-    for future in futures:
-        future.exception()  # raised again, where it matters, by the gate's own access
+        futures = {
+            (c, attr): pool.submit(getattr(c, method))
+            for c in todo
+            for attr, method in (("path", "_download"), ("run", "_read_run"))
+        }
+    for (candidate, attr), future in futures.items():
+        if future.exception() is None:  # a failure: the gate's own access tries again
+            candidate.__dict__.setdefault(attr, future.result())
 
 
 def threshold_gates(candidate: Candidate, thresholds: list[Threshold]) -> list[GateResult]:

@@ -374,13 +374,18 @@ class Policy:
         if request.method != "GET":
             raise files.FilesRefused(405, "BAD_REQUEST", "use GET")
         name, version = files.parameters(request.args)
-        if not _is_admin(user) and not _model_permission(name, user).can_read:
+        admin = _is_admin(user)
+        if not admin and not _model_permission(name, user).can_read:
             raise files.FilesRefused(
                 403, "PERMISSION_DENIED", f"reading the files of {name!r} needs READ on it"
             )
         try:
             uri = _registry().get_model_version_download_uri(name, version)
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise files.FilesRefused(
+                    503, "TEMPORARILY_UNAVAILABLE", "the registry did not answer; try again"
+                ) from None
             raise files.FilesRefused(
                 404,
                 "RESOURCE_DOES_NOT_EXIST",
@@ -391,6 +396,14 @@ class Policy:
                 409, "INVALID_STATE", "this server does not proxy artifacts (--serve-artifacts)"
             )
         path = files.proxied_path(uri)
+        # the files are the experiment's artifacts too: MLflow's proxy would ask READ on it
+        experiment = path.split("/", 1)[0]
+        if not admin and not _experiment_permission(experiment, user).can_read:
+            raise files.FilesRefused(
+                403,
+                "PERMISSION_DENIED",
+                f"reading the files of {name!r} needs READ on experiment {experiment}",
+            )
         try:
             body = files.archive(os.environ[ARTIFACTS_DESTINATION_ENV_VAR], path)
         except files.FilesRefused:
@@ -560,6 +573,21 @@ def _model_permission(model: str, user: str) -> Any:
     try:
         granted = store.get_registered_model_permission(model, user).permission
     except MlflowException:  # no grant of the user's own on this model
+        granted = auth_config.default_permission
+    return get_permission(granted)
+
+
+def _experiment_permission(experiment_id: str, user: str) -> Any:
+    """``user``'s permission on an experiment: their own grant, else the server's default
+    (grants through roles are not seen: a client refused here falls back to MLflow's own
+    download, which sees them)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth import auth_config, store
+    from mlflow.server.auth.permissions import get_permission
+
+    try:
+        granted = store.get_experiment_permission(experiment_id, user).permission
+    except MlflowException:
         granted = auth_config.default_permission
     return get_permission(granted)
 

@@ -31,6 +31,7 @@ import re
 import tarfile
 import tempfile
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,7 @@ MARK_HEADER = "X-Mlops-Files"
 CACHE_MB_ENV = "MLOPS_FILE_CACHE_MB"  # set by `mlops server` from server.file_cache_mb
 CACHE_DIR_ENV = "MLOPS_FILE_CACHE_DIR"  # set by `mlops server`: a folder its workers share
 DEFAULT_CACHE_MB = 256
-MAX_ARCHIVE_BYTES = 2 << 30  # larger versions go file by file (the answer is built in memory)
+MAX_ARCHIVE_BYTES = 256 << 20  # larger versions go file by file (an answer is built in memory)
 _READERS = 8
 _VERSION = re.compile(r"[1-9][0-9]{0,9}")
 
@@ -94,14 +95,21 @@ class FileCache:
                 os.unlink(tmp)
 
     def trim(self) -> None:
-        """Drop the least recently used files until the rest fit the limit."""
+        """Drop the least recently used files until the rest fit the limit, and parts a
+        crashed worker left (older than an hour)."""
         entries = []
+        stale = time.time() - 3600
         with os.scandir(self.folder) as found:
             for entry in found:
                 with contextlib.suppress(OSError):
-                    if entry.is_file() and not entry.name.startswith("."):
-                        stat = entry.stat()
-                        entries.append((stat.st_mtime, stat.st_size, entry.path))
+                    if not entry.is_file():
+                        continue
+                    stat = entry.stat()
+                    if entry.name.startswith("."):
+                        if stat.st_mtime < stale:
+                            os.unlink(entry.path)
+                        continue
+                    entries.append((stat.st_mtime, stat.st_size, entry.path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.limit:
@@ -115,9 +123,9 @@ _cache_lock = threading.Lock()
 _cache: FileCache | None = None
 
 
-def cache() -> FileCache:
+def cache() -> FileCache | None:
     """This worker's view of the cache: the folder `mlops server` shares between its workers
-    (``MLOPS_FILE_CACHE_DIR``), else one of the process's own."""
+    (``MLOPS_FILE_CACHE_DIR``); None (nothing kept) without one."""
     global _cache
     with _cache_lock:
         if _cache is None:
@@ -125,8 +133,10 @@ def cache() -> FileCache:
                 mb = int(os.environ.get(CACHE_MB_ENV, DEFAULT_CACHE_MB))
             except ValueError:
                 mb = DEFAULT_CACHE_MB
-            folder = os.environ.get(CACHE_DIR_ENV) or tempfile.mkdtemp(prefix="mlops-files-")
-            _cache = FileCache(folder, max(mb, 0) << 20)
+            folder = os.environ.get(CACHE_DIR_ENV)
+            if not folder or mb <= 0:
+                return None
+            _cache = FileCache(folder, mb << 20)
         return _cache
 
 
@@ -180,12 +190,17 @@ def archive(destination: str, path: str) -> bytes:
     return out.getvalue()
 
 
+_s3_lock = threading.Lock()
+
+
 @functools.cache
 def _s3() -> Any:
-    """One client per worker (boto3's clients are thread-safe), on MLflow's S3 settings."""
+    """One client per worker (a made client is thread-safe; making one is not, hence the lock),
+    on MLflow's S3 settings (:func:`mlops.sources.s3_client`)."""
     from mlops.sources import s3_client
 
-    return s3_client()
+    with _s3_lock:
+        return s3_client()
 
 
 def _read_s3(destination: str, path: str) -> dict[str, bytes]:
@@ -215,7 +230,7 @@ def _read_s3(destination: str, path: str) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     missing = []
     for key, size, etag in listed:
-        data = store.get((bucket, key, str(size), etag)) if etag else None
+        data = store.get((bucket, key, str(size), etag)) if store and etag else None
         if data is not None:
             found[key] = data
         else:
@@ -225,14 +240,15 @@ def _read_s3(destination: str, path: str) -> dict[str, bytes]:
         key, size, etag = item
         answer = client.get_object(Bucket=bucket, Key=key, **extra)
         data = answer["Body"].read()
-        if etag and answer.get("ETag") == etag and len(data) == size:
+        if store and etag and answer.get("ETag") == etag and len(data) == size:
             store.put((bucket, key, str(size), etag), data)
         return key, data
 
     if missing:
         with ThreadPoolExecutor(max_workers=min(_READERS, len(missing))) as pool:
             found.update(pool.map(get, missing))
-        store.trim()
+        if store:
+            store.trim()
     return {_relative(key, prefix): data for key, data in found.items()}
 
 
