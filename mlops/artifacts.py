@@ -240,8 +240,7 @@ def download_model(
         targets = []
         root.mkdir(parents=True, exist_ok=True)
         for path in files:
-            target = (root / path).resolve()
-            if not target.is_relative_to(root) or target == root:
+            if _inside(root, path) is None:
                 raise UntrustedArtifact(
                     f"{name} version {version}: the artifact store lists {path!r}, a path "
                     "outside the model folder; refusing to download it"
@@ -252,9 +251,6 @@ def download_model(
         for future in targets:
             future.result()
     return root
-
-
-FILES_ENDPOINT = "/api/2.0/mlops/model-versions/files"
 
 
 def _from_team_server(name: str, version: str, root: Path) -> bool:
@@ -272,7 +268,7 @@ def _from_team_server(name: str, version: str, root: Path) -> bool:
     uri = mlflow.get_registry_uri()
     if not uri.startswith(("http://", "https://")):
         return False
-    from mlops.team.files import MARK_HEADER
+    from mlops.team.files import FILES_ENDPOINT, MARK_HEADER
 
     response = http_request(
         get_default_host_creds(uri),
@@ -317,13 +313,8 @@ def _extract(stream: Any, root: Path, what: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
-            target = (root / member.name).resolve()
-            if (
-                not member.isfile()
-                or not target.is_relative_to(root)
-                or target == root
-                or Path(member.name).is_absolute()
-            ):
+            target = _inside(root, member.name)
+            if target is None or not member.isfile():
                 raise UntrustedArtifact(
                     f"{what}: the server's answer holds {member.name!r}, which is no file inside "
                     "the model folder; refusing it"
@@ -334,3 +325,10 @@ def _extract(stream: Any, root: Path, what: str) -> None:
             with open(target, "wb") as out:
                 while block := source.read(1 << 20):
                     out.write(block)
+
+
+def _inside(root: Path, path: str) -> Path | None:
+    """Where ``path`` lands under the resolved folder ``root``; None where it would leave it
+    (``../``, an absolute path) or name the folder itself."""
+    target = (root / path).resolve()
+    return target if target.is_relative_to(root) and target != root else None

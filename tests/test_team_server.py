@@ -213,7 +213,8 @@ def aliases(team: dict[str, Any]) -> dict[str, str]:
     return {a["alias"]: a["version"] for a in body.json()["registered_model"].get("aliases", [])}
 
 
-def version_tags(team: dict[str, Any], version: str) -> dict[str, str]:
+def model_version(team: dict[str, Any], version: str) -> dict[str, Any]:
+    """Version ``version`` of NAME as the REST API answers it to the admin."""
     body = rest(
         team,
         "admin",
@@ -221,7 +222,11 @@ def version_tags(team: dict[str, Any], version: str) -> dict[str, str]:
         "/api/2.0/mlflow/model-versions/get",
         params={"name": NAME, "version": version},
     )
-    return {t["key"]: t["value"] for t in body.json()["model_version"].get("tags", [])}
+    return body.json()["model_version"]
+
+
+def version_tags(team: dict[str, Any], version: str) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in model_version(team, version).get("tags", [])}
 
 
 def audit_rows(team: dict[str, Any]) -> list[dict[str, Any]]:
@@ -681,13 +686,7 @@ def test_ways_around_the_policy_are_closed_and_audited(team: dict[str, Any]) -> 
 
     # a scratch model: deleting its production version is a MANAGE move, audited when done
     scratch = f"scratch-{uuid.uuid4().hex[:6]}"
-    source = rest(
-        team,
-        "admin",
-        "GET",
-        "/api/2.0/mlflow/model-versions/get",
-        params={"name": NAME, "version": v1},
-    ).json()["model_version"]
+    source = model_version(team, v1)
     assert (
         rest(
             team,

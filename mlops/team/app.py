@@ -566,28 +566,29 @@ def _model_permission(model: str, user: str) -> Any:
     Grants made through roles (MLflow 3.17's RBAC) are not seen here: the policy asks for a
     grant to the user, and refuses (never allows) when there is none.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.server.auth import auth_config, store
-    from mlflow.server.auth.permissions import get_permission
+    from mlflow.server.auth import store
 
-    try:
-        granted = store.get_registered_model_permission(model, user).permission
-    except MlflowException:  # no grant of the user's own on this model
-        granted = auth_config.default_permission
-    return get_permission(granted)
+    return _granted(store.get_registered_model_permission, model, user)
 
 
 def _experiment_permission(experiment_id: str, user: str) -> Any:
-    """``user``'s permission on an experiment: their own grant, else the server's default
-    (grants through roles are not seen: a client refused here falls back to MLflow's own
-    download, which sees them)."""
+    """``user``'s permission on an experiment, as :func:`_model_permission` (a client refused
+    the files endpoint falls back to MLflow's own download, which sees grants through roles)."""
+    from mlflow.server.auth import store
+
+    return _granted(store.get_experiment_permission, experiment_id, user)
+
+
+def _granted(lookup: Any, resource: str, user: str) -> Any:
+    """The permission ``lookup(resource, user)`` finds granted to the user, else the server's
+    default."""
     from mlflow.exceptions import MlflowException
-    from mlflow.server.auth import auth_config, store
+    from mlflow.server.auth import auth_config
     from mlflow.server.auth.permissions import get_permission
 
     try:
-        granted = store.get_experiment_permission(experiment_id, user).permission
-    except MlflowException:
+        granted = lookup(resource, user).permission
+    except MlflowException:  # no grant of the user's own on it
         granted = auth_config.default_permission
     return get_permission(granted)
 

@@ -30,7 +30,6 @@ import posixpath
 import re
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +38,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FILES_PATHS = frozenset(
-    ("/api/2.0/mlops/model-versions/files", "/ajax-api/2.0/mlops/model-versions/files")
-)
+FILES_ENDPOINT = "/api/2.0/mlops/model-versions/files"
+FILES_PATHS = frozenset((FILES_ENDPOINT, FILES_ENDPOINT.replace("/api/", "/ajax-api/", 1)))
 MARK_HEADER = "X-Mlops-Files"
 CACHE_MB_ENV = "MLOPS_FILE_CACHE_MB"  # set by `mlops server` from server.file_cache_mb
 CACHE_DIR_ENV = "MLOPS_FILE_CACHE_DIR"  # set by `mlops server`: a folder its workers share
@@ -119,25 +117,16 @@ class FileCache:
             total -= size
 
 
-_cache_lock = threading.Lock()
-_cache: FileCache | None = None
-
-
+@functools.cache
 def cache() -> FileCache | None:
     """This worker's view of the cache: the folder `mlops server` shares between its workers
     (``MLOPS_FILE_CACHE_DIR``); None (nothing kept) without one."""
-    global _cache
-    with _cache_lock:
-        if _cache is None:
-            try:
-                mb = int(os.environ.get(CACHE_MB_ENV, DEFAULT_CACHE_MB))
-            except ValueError:
-                mb = DEFAULT_CACHE_MB
-            folder = os.environ.get(CACHE_DIR_ENV)
-            if not folder or mb <= 0:
-                return None
-            _cache = FileCache(folder, mb << 20)
-        return _cache
+    try:
+        mb = int(os.environ.get(CACHE_MB_ENV, DEFAULT_CACHE_MB))
+    except ValueError:
+        mb = DEFAULT_CACHE_MB
+    folder = os.environ.get(CACHE_DIR_ENV)
+    return FileCache(folder, mb << 20) if folder and mb > 0 else None
 
 
 def parameters(args: Any) -> tuple[str, str]:
@@ -190,17 +179,13 @@ def archive(destination: str, path: str) -> bytes:
     return out.getvalue()
 
 
-_s3_lock = threading.Lock()
-
-
 @functools.cache
 def _s3() -> Any:
-    """One client per worker (a made client is thread-safe; making one is not, hence the lock),
-    on MLflow's S3 settings (:func:`mlops.sources.s3_client`)."""
+    """One client per worker (thread-safe once made, on a session of its own), on MLflow's S3
+    settings (:func:`mlops.sources.s3_client`)."""
     from mlops.sources import s3_client
 
-    with _s3_lock:
-        return s3_client()
+    return s3_client()
 
 
 def _read_s3(destination: str, path: str) -> dict[str, bytes]:
