@@ -155,6 +155,24 @@ def logged(url: str, request_ids: list[str], expect_rows: int, timeout: float = 
         engine.dispose()
 
 
+def requests_since(url: str, start: float, expect: int, timeout: float = 20) -> int:
+    """How many requests (refused ones too) were logged since ``start``, once ``expect`` are."""
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    query = sa.select(sa.func.count(sa.distinct(PREDICTIONS.c.request_id))).where(
+        PREDICTIONS.c.at >= start, PREDICTIONS.c.shadow == sa.false()
+    )
+    try:
+        while True:
+            with engine.connect() as conn:
+                count = int(conn.execute(query).scalar_one())
+            if count >= expect or time.monotonic() > deadline:
+                return count
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
 def records(frame: pd.DataFrame) -> dict:
     return {"dataframe_split": {"columns": FEATURES, "data": frame[FEATURES].values.tolist()}}
 
@@ -419,7 +437,8 @@ def test_client_errors_cannot_roll_back_and_rules_wait_for_min_requests(
     ids = [body["predictions"][0]["request_id"] for _, body in good]
     url = f"sqlite:///{store['root'] / 'predictions.db'}"
     assert len(logged(url, ids, 5)) == 5
-    time.sleep(1.0)  # the failed requests are written with the same batches
+    # the refused requests are written by the same background writer: wait until all 25 are in
+    assert requests_since(url, start, 25) == 25
     end = time.time() + 0.5
 
     config = write_config(
