@@ -225,6 +225,10 @@ def model_version(team: dict[str, Any], version: str) -> dict[str, Any]:
     return body.json()["model_version"]
 
 
+def stages(team: dict[str, Any], *versions: str) -> list[str]:
+    return [model_version(team, v)["current_stage"] for v in versions]
+
+
 def version_tags(team: dict[str, Any], version: str) -> dict[str, str]:
     return {t["key"]: t["value"] for t in model_version(team, version).get("tags", [])}
 
@@ -275,6 +279,8 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
         finally:
             os.environ.pop("MLOPS_AUDIT_REASON")
     assert aliases(team)["staging"] == v2
+    # the server mirrored the legacy stages of that plain MlflowClient move itself
+    assert stages(team, v1, v2) == ["None", "Staging"]
 
     # production: refused to alice by every client, and the alias never moves
     refused = mlops(team, "alice", "promote", NAME, "--version", v2, "--to", "production")
@@ -317,6 +323,9 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     )
     assert promoted.returncode == 0, promoted.stderr
     assert aliases(team)["production"] == v2
+    # what follows the move, done by the server in the same step: v2's stage, and the staging
+    # alias that production used up removed; the client sent no stage or alias request of its own
+    assert stages(team, v1, v2) == ["None", "Production"] and "staging" not in aliases(team)
 
     rows = audit_rows(team)[before:]
     alice = [r for r in rows if r["who"] == "alice"]
@@ -335,6 +344,12 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     assert gates and all(g["passed"] for g in gates)  # the client's gates, declared
     shipped = next(r for r in rows if r["who"] == "bob" and r["action"] == "promote")
     assert (shipped["outcome"], shipped["to_version"], shipped["reason"]) == ("done", v2, "ship it")
+    assert shipped["detail"] == "legacy stages mirrored by the server"
+    assert [r["action"] for r in rows if r["outcome"] == "done"] == [
+        "promote",
+        "alias_set",
+        "promote",
+    ]
     # the version's one-line note, written by the server with the row (not by the client)
     note = version_tags(team, v2)["mlops.last_change"]
     assert note.startswith("promote to production done by bob at ")
@@ -382,6 +397,9 @@ def test_rollback_status_and_a_refusal_by_the_gates_through_the_server(
     back = mlops(team, "bob", "rollback", NAME, "--to", v1, "--reason", "alert")
     assert back.returncode == 0, back.stderr
     assert aliases(team)["production"] == v1
+    # mirrored by the server: v1 in Production, the version rolled back from archived and marked
+    assert stages(team, v1, v2) == ["Production", "Archived"]
+    assert version_tags(team, v2)["mlops.rolled_back"] == "true"
     row = next(r for r in reversed(audit_rows(team)) if r["action"] == "rollback")
     assert (row["who"], row["outcome"], row["from_version"], row["to_version"]) == (
         "bob",

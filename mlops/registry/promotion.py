@@ -735,7 +735,15 @@ def _apply(
                 f"{exc}; {target} is unchanged: nothing moves before its audit row is written"
             ) from None
         try:
-            _move(client, name, target, version, current, rollback=action == "rollback")
+            _move(
+                client,
+                name,
+                target,
+                version,
+                current,
+                rollback=action == "rollback",
+                server_follows=isinstance(audit, ServerAudit) and audit.mirrors_stages,
+            )
         except Exception as exc:
             if isinstance(audit, ServerAudit):  # the server refused or failed it, and audited it
                 raise audit.failed(exc) from exc
@@ -828,14 +836,19 @@ def _move(
     previous: str | None,
     *,
     rollback: bool,
+    server_follows: bool = False,
 ) -> None:
     """Point ``alias`` at ``version``, mirror legacy stages, mark what was replaced.
 
     Any failure after the alias moved puts the alias back, so a failed move changes nothing.
+    With ``server_follows`` (a team server that does what follows a move itself, in the same
+    step as its audit row, see :func:`mlops.team.app._mirror`) only the alias is moved here.
     """
     if previous == version:
         raise RegistryError(f"{name} version {version} is already {alias}")
     client.set_registered_model_alias(name, alias, version)
+    if server_follows:
+        return
     try:
         _after_move(client, name, alias, version, previous, rollback=rollback)
     except Exception:

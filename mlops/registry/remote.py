@@ -77,6 +77,8 @@ class ServerAudit:
 
     def __init__(self, tracking_uri: str) -> None:
         self.uri = tracking_uri.rstrip("/")
+        # the server mirrors the legacy stages after an alias move itself (its trail says so)
+        self.mirrors_stages = False
 
     @contextmanager
     def lock(self, model: str, holder: str, *, timeout: float | None = None) -> Iterator[bool]:
@@ -131,6 +133,7 @@ class ServerAudit:
     def records(self, model: str, *, last: int | None = None) -> list[AuditRecord]:
         """The model's trail, oldest first (with ``last``, its newest ``last`` rows)."""
         body = self._call("GET", {"name": model, **({"last": str(last)} if last else {})})
+        self.mirrors_stages = body.get("mirrors_stages") is True
         return [AuditRecord.from_json(r) for r in body.get("records", [])]
 
     def _call(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,14 @@ alias or stage (``/api/2.0/mlflow/registered-models/alias`` POST and DELETE,
 ``mlops promote`` and ``mlops rollback`` run their gates in the client and then declare the move
 they make (``X-Mlops-Action``, ``X-Mlops-Target``, ``X-Mlops-Version``, ``X-Mlops-Gates``,
 ``X-Mlops-Forced``; see :mod:`mlops.registry.remote`); the server records the declared action
-for the request that makes that move, and its follow-up requests (stage mirroring) under their
-own kind. A declaration is the client's word: it names the action and the gate results in the
-row but grants nothing: the permission check is the same for every client.
+for the request that makes that move. What follows a move of ``production`` or ``staging``
+(the legacy stages mirrored, the replaced version archived and marked, a staging alias that
+production used up removed) the server does itself, under the model's lock and before the row
+is settled, whichever client moved the alias; if it fails, the alias is put back, the row is
+``failed`` and the answer a 503. The trail's answer says so (``mirrors_stages``), and
+``mlops promote`` then moves only the alias. A declaration is the client's word: it names the
+action and the gate results in the row but grants nothing: the permission check is the same for
+every client.
 
 A move that was made, and a promotion whose gates refused it, also leave the one-line
 ``mlops.last_change`` tag on the version they name, set by the server with the row (whichever
@@ -215,6 +220,19 @@ class Policy:
             else:
                 outcome = REFUSED if status in (401, 403) else FAILED
                 detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
+            if outcome == DONE and intent.action in _MIRRORED_ACTIONS:
+                try:
+                    detail = _mirror(intent)
+                except Exception as exc:  # noqa: BLE001 - the alias is back: nothing changed
+                    outcome = FAILED
+                    detail = _clean(f"the legacy stages could not be mirrored ({exc})", 2000)
+                    logger.warning("audit #%d: %s", intent.id, detail)
+                    response = _error(
+                        503,
+                        "TEMPORARILY_UNAVAILABLE",
+                        f"{intent.target} of {intent.model} is unchanged: {detail} "
+                        f"(audit #{intent.id})",
+                    )
             try:
                 settled = self.audit.settle(intent.id, outcome, detail)
                 if outcome == DONE:  # a refused attempt changes nothing, not even a tag
@@ -346,7 +364,9 @@ class Policy:
                     )
             if request.method == "GET":
                 rows = [r.as_json() for r in self.audit.records(name, last=_last(request.args))]
-                return Response(json.dumps({"records": rows}), 200, mimetype="application/json")
+                # mirrors_stages: a client moves only the alias; the server does what follows
+                answer = {"records": rows, "mirrors_stages": True}
+                return Response(json.dumps(answer), 200, mimetype="application/json")
             record = self.audit.record(who=user, model=name, **_reported(body))
             _tag(record)
         except _BadRequest as exc:
@@ -419,6 +439,37 @@ class Policy:
 
 
 _TAGGED_ACTIONS = (*DECLARED_ACTIONS, "alias_set")  # not the stage mirroring that follows
+_MIRRORED_ACTIONS = _TAGGED_ACTIONS
+MIRRORED_DETAIL = "legacy stages mirrored by the server"
+
+
+def _mirror(intent: AuditRecord) -> str | None:
+    """What follows a move of production or staging, done by the server under the model's lock
+    before the row is settled, whichever client moved it: the legacy stages mirrored (the new
+    version's, and the replaced one's archived or cleared), the replaced version marked, and a
+    staging alias that production used up removed (:func:`mlops.registry.promotion._after_move`,
+    the same code a local promotion runs). A failure puts the alias back and raises."""
+    from mlops.registry import promotion
+
+    if intent.target not in (PRODUCTION, STAGING) or not intent.to_version:
+        return None
+    client = _registry()
+    try:
+        promotion._after_move(
+            client,
+            intent.model,
+            intent.target,
+            intent.to_version,
+            intent.from_version,
+            rollback=intent.action == "rollback",
+        )
+    except Exception:
+        if intent.from_version:
+            client.set_registered_model_alias(intent.model, intent.target, intent.from_version)
+        else:
+            client.delete_registered_model_alias(intent.model, intent.target)
+        raise
+    return MIRRORED_DETAIL
 
 
 def _tag(record: AuditRecord) -> None:
