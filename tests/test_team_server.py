@@ -839,3 +839,81 @@ def test_the_servers_file_cache_keeps_recent_objects_within_its_limit(tmp_path: 
     nothing = FileCache(tmp_path / "none", limit_bytes=0)
     nothing.put(("b", "k", "1", "e"), b"x")
     assert nothing.get(("b", "k", "1", "e")) is None
+
+
+def test_a_failed_follow_up_of_a_move_puts_the_alias_back_or_says_it_could_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the server does after an alias move, against a real registry database whose
+    triggers refuse first the stage changes, then the alias changes too."""
+    from datetime import datetime, timezone
+
+    from mlops.registry.audit import AuditRecord
+    from mlops.team import app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", uri)
+    app._registry.cache_clear()
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.create_registered_model("m")
+        for _ in range(2):
+            client.create_model_version("m", source=str(tmp_path))
+        client.set_registered_model_alias("m", "production", "1")
+        intent = AuditRecord(
+            id=7,
+            at=datetime.now(timezone.utc),
+            who="bob",
+            action="promote",
+            outcome="pending",
+            model="m",
+            target="production",
+            from_version="1",
+            to_version="2",
+            reason=None,
+            forced=False,
+            gates=[],
+        )
+        engine = sa.create_engine(uri)
+        frozen = "BEGIN SELECT RAISE(ABORT, 'frozen by the test'); END"
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER frozen_stages BEFORE UPDATE OF current_stage ON model_versions "
+                f"{frozen}"
+            )
+        client.set_registered_model_alias("m", "production", "2")  # the request's own change
+        outcome, detail, error = app._follow(intent)
+        assert outcome == "failed" and detail is not None and error is not None
+        assert "frozen by the test" in detail and "production put back to 1" in detail
+        assert error.startswith("production of m is unchanged")
+        assert client.get_registered_model("m").aliases == {"production": 1}
+        assert [client.get_model_version("m", v).current_stage for v in "12"] == ["None"] * 2
+
+        client.set_registered_model_alias("m", "production", "2")
+        with engine.begin() as conn:
+            for event in ("INSERT", "UPDATE", "DELETE"):
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER frozen_aliases_{event} BEFORE {event} ON "
+                    f"registered_model_aliases {frozen}"
+                )
+        outcome, detail, error = app._follow(intent)
+        assert outcome == "done" and detail is not None and error is not None
+        assert "putting production back failed too" in detail
+        assert error.startswith("production of m is now version 2")
+        assert client.get_registered_model("m").aliases == {"production": 2}
+
+        with engine.begin() as conn:
+            for trigger in (
+                "frozen_stages",
+                *(f"frozen_aliases_{e}" for e in ("INSERT", "UPDATE", "DELETE")),
+            ):
+                conn.exec_driver_sql(f"DROP TRIGGER {trigger}")
+        engine.dispose()
+        assert app._follow(intent) == ("done", app.MIRRORED_DETAIL, None)
+        assert [client.get_model_version("m", v).current_stage for v in "12"] == [
+            "Archived",
+            "Production",
+        ]
+        assert client.get_model_version("m", "2").tags["mlops.replaced_version"] == "1"
+    finally:
+        app._registry.cache_clear()

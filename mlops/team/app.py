@@ -221,17 +221,11 @@ class Policy:
                 outcome = REFUSED if status in (401, 403) else FAILED
                 detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
             if outcome == DONE and intent.action in _MIRRORED_ACTIONS:
-                try:
-                    detail = _mirror(intent)
-                except Exception as exc:  # noqa: BLE001 - the alias is back: nothing changed
-                    outcome = FAILED
-                    detail = _clean(f"the legacy stages could not be mirrored ({exc})", 2000)
-                    logger.warning("audit #%d: %s", intent.id, detail)
+                outcome, detail, error = _follow(intent)
+                if error is not None:
+                    logger.warning("audit #%d: %s", intent.id, error)
                     response = _error(
-                        503,
-                        "TEMPORARILY_UNAVAILABLE",
-                        f"{intent.target} of {intent.model} is unchanged: {detail} "
-                        f"(audit #{intent.id})",
+                        503, "TEMPORARILY_UNAVAILABLE", f"{error} (audit #{intent.id})"
                     )
             try:
                 settled = self.audit.settle(intent.id, outcome, detail)
@@ -443,33 +437,68 @@ _MIRRORED_ACTIONS = _TAGGED_ACTIONS
 MIRRORED_DETAIL = "legacy stages mirrored by the server"
 
 
-def _mirror(intent: AuditRecord) -> str | None:
+def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
     """What follows a move of production or staging, done by the server under the model's lock
     before the row is settled, whichever client moved it: the legacy stages mirrored (the new
     version's, and the replaced one's archived or cleared), the replaced version marked, and a
     staging alias that production used up removed (:func:`mlops.registry.promotion._after_move`,
-    the same code a local promotion runs). A failure puts the alias back and raises."""
+    the same code a local promotion runs).
+
+    Returns the row's outcome and detail, and the error to answer (None when all went well). A
+    failure puts the alias back (the row ``failed``: nothing changed) and the stages in line
+    with the aliases again; if the alias cannot be put back either, the move stands (``done``)
+    and the error says so.
+    """
     from mlops.registry import promotion
 
-    if intent.target not in (PRODUCTION, STAGING) or not intent.to_version:
-        return None
+    model, target = intent.model, intent.target
+    if target not in (PRODUCTION, STAGING) or not intent.to_version:
+        return DONE, None, None
     client = _registry()
     try:
         promotion._after_move(
             client,
-            intent.model,
-            intent.target,
+            model,
+            target,
             intent.to_version,
             intent.from_version,
             rollback=intent.action == "rollback",
         )
-    except Exception:
+        return DONE, MIRRORED_DETAIL, None
+    except Exception as exc:  # noqa: BLE001 - put the alias back, say what happened
+        failure = _first_line(exc)
+    try:
         if intent.from_version:
-            client.set_registered_model_alias(intent.model, intent.target, intent.from_version)
+            client.set_registered_model_alias(model, target, intent.from_version)
         else:
-            client.delete_registered_model_alias(intent.model, intent.target)
-        raise
-    return MIRRORED_DETAIL
+            client.delete_registered_model_alias(model, target)
+    except Exception as exc:  # noqa: BLE001 - the move stands, its follow-up did not happen
+        detail = _clean(
+            f"moved, but the legacy stages could not be mirrored ({failure}), and putting "
+            f"{target} back failed too ({_first_line(exc)})",
+            2000,
+        )
+        return DONE, detail, f"{target} of {model} is now version {intent.to_version}: {detail}"
+    try:  # a half-done mirror: the stages in line with the aliases again (best effort)
+        aliases = promotion._aliases(client, model)
+        for version, _old, new in promotion._stage_plan(client, model, aliases):
+            promotion._transition(client, model, version, new)
+    except Exception as exc:  # noqa: BLE001 - a local reconcile or the next move mirrors again
+        logger.warning("%s: the stages stay out of line with the aliases: %s", model, exc)
+    back = intent.from_version or "none"
+    detail = _clean(
+        f"the legacy stages could not be mirrored ({failure}); {target} put back to {back}", 2000
+    )
+    return FAILED, detail, f"{target} of {model} is unchanged: {detail}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line; a database error's own (SQLAlchemy's starts with its advice)."""
+    cause: BaseException | None = exc
+    while cause is not None and getattr(cause, "orig", None) is None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(getattr(cause, "orig", None) or exc)
+    return (text.strip().splitlines() or [exc.__class__.__name__])[0][:300]
 
 
 def _tag(record: AuditRecord) -> None:
