@@ -1220,8 +1220,8 @@ def feedback(
     "--engine",
     type=click.Choice(["pandas", "spark"]),
     default=None,
-    help="pandas: one process, streamed in chunks; spark: mlflow.pyfunc.spark_udf "
-    "(default: scoring.engine).",
+    help="pandas: one process, streamed in chunks; spark: the same model in Spark's Python "
+    "workers on Arrow batches (default: scoring.engine).",
 )
 @click.option(
     "--spark-master",

@@ -1,8 +1,8 @@
 """Batch scoring of tables with a registered version (`mlops score`).
 
 ``score`` downloads and verifies the version, then streams CSV or Parquet (a file, a folder, a
-glob; local or ``s3://``) through it with the ``pandas`` engine (bounded memory) or through
-``mlflow.pyfunc.spark_udf`` with the ``spark`` engine; rows the model's input contract refuses
+glob; local or ``s3://``) through it with the ``pandas`` engine (bounded memory) or in Spark's
+Python workers with the ``spark`` engine; rows the model's input contract refuses
 are set aside with their reason. Each job is one MLflow run.
 """
 

@@ -208,7 +208,7 @@ def _verified_model(name: str, version: str, dst: Path) -> Path:
     return path
 
 
-def _load(model_dir: Path, model_config: dict[str, Any]) -> Any:
+def load_wrapper(model_dir: Path, model_config: dict[str, Any]) -> Any:
     """The verified model's wrapper (``MlopsModel``); other models are refused by name."""
     from mlops.serving.wrapper import MlopsModel
 
@@ -235,7 +235,7 @@ def _run_pandas(
 ) -> Any:
     from mlops.scoring.pandas_engine import score_pandas
 
-    wrapper = _load(model_dir, model_config)
+    wrapper = load_wrapper(model_dir, model_config)
     output, rejects = Sink(output_uri, out_format), Sink(rejects_uri, CSV)
     try:
         counts = score_pandas(
@@ -273,7 +273,7 @@ def _run_spark(
     with spark_session(master, config.scoring.spark_driver_memory, batch) as spark:
         configured = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch))
         model_config = {**model_config, "max_rows": max(chunk_rows, int(configured))}
-        wrapper = _load(model_dir, model_config)
+        wrapper = load_wrapper(model_dir, model_config)
         return score_spark(
             spark,
             wrapper,

@@ -22,7 +22,7 @@ from mlops.config import Config
 from mlops.errors import MlopsError
 from mlops.explain import Explainer, RowContributions
 from mlops.monitoring.store import LOG_FILE, PREDICTIONS, MonitoringStore
-from mlops.scoring.core import _load, _verified_model, resolve_version
+from mlops.scoring.core import _verified_model, load_wrapper, resolve_version
 from mlops.tracking import project_store_url, step_run
 
 
@@ -69,7 +69,7 @@ def explain_version(
     version = resolve_version(name, alias=alias, version=version)
     with tempfile.TemporaryDirectory(prefix="mlops-explain-") as tmp:
         model_dir = _verified_model(name, version, Path(tmp) / "model")
-        wrapper = _load(
+        wrapper = load_wrapper(
             model_dir,
             {"model_name": name, "model_version": version, "max_rows": max(len(frame), 1)},
         )

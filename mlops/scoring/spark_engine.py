@@ -1,4 +1,4 @@
-"""The ``spark`` engine: the same verified model through ``mlflow.pyfunc.spark_udf``.
+"""The ``spark`` engine: the same verified model, in Spark's Python workers, on Arrow batches.
 
 Spark reads the input (Parquet, or CSV as text) and holds every row to the model's input
 contract. Where the input's types allow (Parquet with the model's numeric columns as integers or
@@ -8,12 +8,16 @@ only those go through the contract in Python (:mod:`mlops.scoring.rows`, the sam
 pandas engine), which gives each its reason; every other row goes through Python once, to the
 model. Otherwise a ``mapInPandas`` step checks every row and the checked table is persisted
 (memory, then disk) so the input is read and checked once. Accepted rows are scored by
-``spark_udf`` of the verified local model folder (a struct of the wrapper's answer columns; the
-model's name and version are literals) and written as Parquet partitions with
-``scoring_run_id``; refused rows are written as CSV with their ``reason``.
+``mapInArrow`` with the pandas engine's own code (:func:`_scorer`: the model folder loaded
+through ``mlflow.pyfunc`` once per Python worker, checksum checked; the answer built in Arrow),
+not by ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing took
+0.62 of the stock model's time on this project's benchmark (``benchmarks/README.md``), its
+pandas round trip and schema enforcement per batch. The model's name and version and the
+scoring run are literals in Spark; the output is written as Parquet partitions; refused rows
+are written as CSV with their ``reason``.
 
 Locally Spark runs as ``local[2]``; ``--spark-master`` names any cluster (whose executors need
-this package and can read the model folder's copy that ``spark_udf`` ships them).
+this package and its model's libraries; the model folder is shipped to them by Spark).
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def _doubt(contract: Any, schema: Any) -> Any:
     With the model's numeric columns typed as integers or floats and its categorical ones as
     strings, the contract refuses a row only for a null (or NaN) where training had none, an
     infinity, or a text longer than ``MAX_FIELD_CHARS``. Rows without any of these are scored
-    straight away, so the rows pass through Python once (``spark_udf``) instead of twice; the
+    straight away, so the rows pass through Python once (the scorer) instead of twice; the
     doubtful ones, few in any real table, are checked by the contract itself, which gives their
     reasons (and scores any it accepts after all).
     """
@@ -211,8 +215,7 @@ def score_spark(
     run_id: str,
     overwrite: bool,
 ) -> Counts:
-    """Score ``sources`` with the model at ``model_dir`` (verified) through ``spark_udf``."""
-    import mlflow.pyfunc
+    """Score ``sources`` with the model at ``model_dir`` (verified) in Spark's Python workers."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
@@ -253,42 +256,21 @@ def score_spark(
             for col in contract.numeric:
                 good = good.withColumn(col, F.col(col).cast("double"))
         fields = answer_fields(wrapper)
-        # the model's name and version are the same in every row: literals in Spark, not a
-        # column of text per row sent back from Python
-        constant = {NAME_COLUMN: wrapper.model_name, VERSION_COLUMN: wrapper.model_version}
-        answer = [(n, k) for n, k in fields if n != RUN_ID_COLUMN and n not in constant]
-        predict = mlflow.pyfunc.spark_udf(
-            spark,
-            str(model_dir),
-            result_type=_struct_type(answer),
-            env_manager="local",
-            model_config=model_config,
-        )
+        # the model's name, version and the run are the same in every row: literals in Spark,
+        # not columns of text per row sent back from Python
+        constant = {
+            NAME_COLUMN: wrapper.model_name,
+            VERSION_COLUMN: wrapper.model_version,
+            RUN_ID_COLUMN: run_id,
+        }
+        answer = [(n, k) for n, k in fields if n not in constant]
         names = {n for n, _ in fields}
-        kept = [c for c in good.columns if c not in names]
-        numeric = set(contract.numeric)
-        scored = good.withColumn(
-            # numbers as the signature's doubles (MLflow refuses an integer column for a double
-            # one); the output keeps the column as read
-            "__answer",
-            predict(
-                F.struct(
-                    *[
-                        F.col(c).cast("double").alias(c) if c in numeric else F.col(c)
-                        for c in contract.features
-                    ]
-                )
-            ),
-        ).select(
-            *[F.col(c) for c in kept],
-            *[
-                F.lit(constant[n]).alias(n)
-                if n in constant
-                else F.col("__answer").getField(n).alias(n)
-                for n, _ in fields
-                if n != RUN_ID_COLUMN
-            ],
-            F.lit(run_id).alias(RUN_ID_COLUMN),
+        kept = [f for f in good.schema.fields if f.name not in names]
+        answered = StructType([*kept, *_struct_type(answer).fields])
+        scorer = _scorer(_model_ref(spark, model_dir), model_config, [n for n, _ in answer])
+        scored = good.mapInArrow(scorer, answered).select(
+            *[F.col(f.name) for f in kept],
+            *[F.lit(constant[n]).alias(n) if n in constant else F.col(n) for n, _ in fields],
         )
         _write(scored.write.format("parquet"), output, overwrite)
         if rejected:
@@ -298,6 +280,62 @@ def score_spark(
     finally:
         marked.unpersist()
     return Counts(total - rejected, rejected)
+
+
+def _model_ref(spark: Any, model_dir: Path) -> str:
+    """Where a Python worker finds the verified model folder: the folder itself in local
+    mode; on a cluster, a copy Spark ships to every executor (read there by its name)."""
+    if spark.sparkContext.master.startswith("local"):
+        return str(model_dir)
+    spark.sparkContext.addFile(str(model_dir), recursive=True)
+    return _SHIPPED + model_dir.name
+
+
+_SHIPPED = "spark-files:"
+_WORKER_MODELS: dict[str, Any] = {}  # a Python worker's loaded wrappers (workers are reused)
+
+
+def _scorer(model_ref: str, model_config: dict[str, Any], answer: list[str]) -> Any:
+    """The ``mapInArrow`` function: each batch of checked rows, as read, with the wrapper's
+    answer columns (``answer``) appended.
+
+    The same code as the pandas engine (:class:`mlops.scoring.pandas_engine.Answer`) on Arrow
+    batches, with the wrapper loaded once per Python worker through ``mlflow.pyfunc`` (its
+    ``load_context`` checks the pipeline's checksum before deserialising it). Every row here
+    passed the contract already (Spark found no doubt about it, or the contract accepted it), so
+    a refusal now is a fault, not a reject.
+    """
+
+    def score(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
+        from mlops.scoring.core import load_wrapper
+        from mlops.scoring.pandas_engine import Answer
+
+        wrapper = _WORKER_MODELS.get(model_ref)
+        if wrapper is None:
+            path = model_ref
+            if model_ref.startswith(_SHIPPED):
+                from pyspark import SparkFiles
+
+                path = SparkFiles.get(model_ref[len(_SHIPPED) :])
+            wrapper = _WORKER_MODELS[model_ref] = load_wrapper(Path(path), model_config)
+        build = Answer(wrapper, "")
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            table = pa.Table.from_batches([batch])
+            checked = split_rows(wrapper.contract, table.to_pandas())
+            if checked.reasons:
+                raise MlopsError(
+                    "a row that passed the input contract was refused when scored: "
+                    + next(iter(checked.reasons.values()))
+                )
+            out = build.table(checked, table)
+            keep = [c for c in out.column_names if c in table.column_names or c in answer]
+            yield from out.select(keep).to_batches()
+
+    return score
 
 
 def _write(writer: Any, uri: str, overwrite: bool) -> None:
