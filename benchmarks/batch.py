@@ -4,16 +4,17 @@ One fitted scikit-learn pipeline (logistic regression on two numeric columns and
 categorical one) is registered through mlops and also logged as a stock ``mlflow.sklearn``
 model. On the same Parquet file (100,000-row row groups):
 
-- spark: our ``spark`` engine (contract check, ``spark_udf`` of our wrapper, Parquet out)
+- spark: our ``spark`` engine (contract check, our wrapper on Arrow batches, Parquet out)
   against ``mlflow.pyfunc.spark_udf`` of the stock model (Parquet out), one local[2] session,
   one untimed warm-up round of each on the whole input, then ``--spark-rounds`` alternating
-  rounds (medians);
+  rounds (medians); with ``--spark-floor`` also ``spark_udf`` of a pyfunc that does nothing
+  (what any engine built on ``spark_udf`` pays before its model does any work);
 - pandas: our ``pandas`` engine (chunk_rows=100,000) against stock ``pyfunc.predict`` on
   100,000-row batches of the same file, each batch's predictions appended to a Parquet file;
 - memory: the pandas engine's peak resident memory above its start (a fresh process, peak
   reset after imports), at --rows and at a quarter of it, against one chunk's size in pandas.
 
-    .venv/bin/python benchmarks/batch.py [--rows 1000000] [--skip-spark]
+    .venv/bin/python benchmarks/batch.py [--rows 1000000] [--skip-spark] [--spark-floor]
 
 Prints rows/s and the ratio ours/stock for each engine (goal: >= 1.5), and the memory ratio
 (goal: <= 2 at both sizes). Machines are noisy: compare ratios, not absolute times.
@@ -31,10 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -139,6 +142,22 @@ def stock_spark(spark: object, stock: Path, data: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+class _Nothing(mlflow.pyfunc.PythonModel):
+    """A pyfunc that answers its input's x1: what spark_udf costs without any model."""
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> Any:
+        return model_input["x1"].to_numpy()
+
+
+def nothing_model(root: Path) -> Path:
+    """The do-nothing pyfunc, logged with the same input example as the stock model."""
+    with mlflow.start_run(run_name="nothing"):
+        info = mlflow.pyfunc.log_model(
+            name="nothing", python_model=_Nothing(), input_example=make_rows(50)[FEATURES]
+        )
+    return Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "nothing")))
+
+
 def memory_child(data: str, out: str, version: str) -> None:
     """In a fresh process: the pandas engine's peak RSS above its start, in bytes (printed)."""
     config = load_config(overrides=["experiment=batch-bench"])
@@ -200,6 +219,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--skip-spark", action="store_true")
     parser.add_argument("--spark-rounds", type=int, default=3, help="timed rounds per side")
+    parser.add_argument(
+        "--spark-floor",
+        action="store_true",
+        help="also time spark_udf of a pyfunc that does nothing (the floor of any spark_udf "
+        "engine) in the same rounds",
+    )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -239,9 +264,14 @@ def main() -> None:
                 # the first job of each side on the whole input warms the JVM's compiled code
                 # and the Python workers (a first job ran up to 3x slower than the next on this
                 # machine): neither side's warm-up is timed; then alternating rounds, medians
-                stock_times, ours_times = [], []
+                stock_times, ours_times, floor_times = [], [], []
+                nothing = nothing_model(root) if args.spark_floor else None
                 for r in range(args.spark_rounds + 1):
                     stock_s = stock_spark(spark, stock, data, root / f"stock-spark-{r}")
+                    if nothing is not None:
+                        floor_s = stock_spark(spark, nothing, data, root / f"floor-spark-{r}")
+                        if r:
+                            floor_times.append(floor_s)
                     ours = score(
                         config,
                         NAME,
@@ -262,6 +292,12 @@ def main() -> None:
                 f"  (median of {args.spark_rounds} rounds after one warm-up round each;"
                 f" ratios {rounds})"
             )
+            if floor_times:
+                floor_s = statistics.median(floor_times)
+                print(
+                    f"{'floor':<8}{n / floor_s:>14,.0f}{n / stock_s:>14,.0f}"
+                    f"{stock_s / floor_s:>12.2f}  (spark_udf of a pyfunc that does nothing)"
+                )
 
         one_chunk = chunk_bytes(data)
         print(

@@ -11,8 +11,8 @@ model. Otherwise a ``mapInPandas`` step checks every row and the checked table i
 ``mapInArrow`` with the pandas engine's own code (:func:`_scorer`: the model folder loaded
 through ``mlflow.pyfunc`` once per Python worker, checksum checked; the answer built in Arrow),
 not by ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing took
-0.62 of the stock model's time on this project's benchmark (``benchmarks/README.md``), its
-pandas round trip and schema enforcement per batch. The model's name and version and the
+0.62 of the stock model's time (``benchmarks/batch.py --spark-floor``), its pandas round trip
+and schema enforcement per batch. The model's name and version and the
 scoring run are literals in Spark; the output is written as Parquet partitions; refused rows
 are written as CSV with their ``reason``.
 
