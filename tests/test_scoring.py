@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from mlops.scoring import ScoringInputError, score
 from mlops.training import train
 from tests.conftest import IN_CI, free_port, using_store
 from tests.helpers import make_csv
-from tests.servers import MOTO_S3_ENV, moto_s3
+from tests.servers import BIN, MOTO_S3_ENV, moto_s3, server_env
 
 NAME = "score-model"
 ROWS = 200_000
@@ -420,6 +421,62 @@ def test_a_failed_write_stops_the_job_and_leaves_nothing(shared: dict, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_spark_on_a_cluster_ships_the_verified_model_to_its_executors(
+    shared: dict, spark: Any, tmp_path: Path
+) -> None:
+    """A ``local-cluster`` master runs executors in JVMs of their own, each with its own Python
+    workers: the model folder reaches them as an archive Spark ships and unpacks, not as the
+    driver's path."""
+    frame = pd.read_csv(make_csv(tmp_path / "rows.csv", n=120, seed=11)).drop(columns="label")
+    frame.insert(0, "id", np.arange(len(frame)))
+    frame.to_parquet(tmp_path / "rows.parquet", index=False)
+    out = tmp_path / "cluster-scores"
+    # Spark's local cluster keeps its executors' folders under SPARK_HOME/work: a SPARK_HOME of
+    # links to the installed pyspark's own files, with a work folder of the test's
+    import pyspark
+
+    home = tmp_path / "spark-home"
+    home.mkdir()
+    for entry in Path(pyspark.__file__).parent.iterdir():
+        if entry.name != "work":
+            (home / entry.name).symlink_to(entry)
+    done = subprocess.run(
+        [
+            str(BIN / "mlops"),
+            "score",
+            NAME,
+            "--version",
+            shared["version"],
+            "--input",
+            str(tmp_path / "rows.parquet"),
+            "--output",
+            str(out),
+            "--engine",
+            "spark",
+            "--spark-master",
+            "local-cluster[1,1,1024]",
+        ],
+        env=server_env(
+            shared["uri"],
+            PYSPARK_PYTHON=sys.executable,
+            SPARK_HOME=str(home),
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = pd.read_parquet(out).sort_values("id").reset_index(drop=True)
+    assert list(scored["id"]) == list(frame["id"])
+    assert_matches(scored, reference(shared, frame))
+    assert set(scored["model_version"]) == {shared["version"]}
+    # the executors' copy: unpacked from the shipped archive in their own work folder
+    assert list((home / "work").rglob("model-*.zip/MLmodel")), done.stderr[-2000:]
+
+
 def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contract(
     shared: dict, spark: Any, tmp_path: Path
 ) -> None:

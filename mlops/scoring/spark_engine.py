@@ -23,8 +23,10 @@ this package and its model's libraries; the model folder is shipped to them by S
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -283,12 +285,15 @@ def score_spark(
 
 
 def _model_ref(spark: Any, model_dir: Path) -> str:
-    """Where a Python worker finds the verified model folder: the folder itself in local
-    mode; on a cluster, a copy Spark ships to every executor (read there by its name)."""
-    if spark.sparkContext.master.startswith("local"):
+    """Where a Python worker finds the verified model folder: the folder itself when Spark runs
+    in this process (``local``, ``local[N]``); on a cluster (``local-cluster`` included), a zip
+    of it that Spark ships to every executor and unpacks there (``addArchive``), by its name."""
+    if re.fullmatch(r"local(\[[^\]]*\])?", spark.sparkContext.master):
         return str(model_dir)
-    spark.sparkContext.addFile(str(model_dir), recursive=True)
-    return _SHIPPED + model_dir.name
+    base = model_dir.parent / f"{model_dir.name}-{uuid.uuid4().hex[:12]}"
+    archive = shutil.make_archive(str(base), "zip", root_dir=model_dir)
+    spark.sparkContext.addArchive(archive)
+    return _SHIPPED + Path(archive).name
 
 
 _SHIPPED = "spark-files:"
