@@ -10,9 +10,9 @@ model. Otherwise a ``mapInPandas`` step checks every row and the checked table i
 (memory, then disk) so the input is read and checked once. Accepted rows are scored by
 ``mapInArrow`` with the pandas engine's own code (:func:`_scorer`: the model folder loaded
 through ``mlflow.pyfunc`` once per Python worker, checksum checked; the answer built in Arrow),
-not by ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing took
-0.62 of the stock model's time (``benchmarks/batch.py --spark-floor``), its pandas round trip
-and schema enforcement per batch. The model's name and version and the
+not by ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing
+reached only 1.35-1.38x the stock model's rows/s (``benchmarks/batch.py --spark-floor``), its
+pandas round trip and schema enforcement per batch. The model's name and version and the
 scoring run are literals in Spark; the output is written as Parquet partitions; refused rows
 are written as CSV with their ``reason``.
 
