@@ -421,7 +421,6 @@ def test_a_failed_write_stops_the_job_and_leaves_nothing(shared: dict, tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_spark_on_a_cluster_ships_the_verified_model_to_its_executors(
     shared: dict, spark: Any, tmp_path: Path
 ) -> None:
@@ -477,6 +476,7 @@ def test_spark_on_a_cluster_ships_the_verified_model_to_its_executors(
     assert list((home / "work").rglob("model-*.zip/MLmodel")), done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contract(
     shared: dict, spark: Any, tmp_path: Path
 ) -> None:

@@ -344,7 +344,9 @@ def test_an_edit_user_moves_staging_but_no_client_moves_production_without_manag
     assert gates and all(g["passed"] for g in gates)  # the client's gates, declared
     shipped = next(r for r in rows if r["who"] == "bob" and r["action"] == "promote")
     assert (shipped["outcome"], shipped["to_version"], shipped["reason"]) == ("done", v2, "ship it")
-    assert shipped["detail"] == "legacy stages mirrored by the server"
+    assert shipped["detail"] == (
+        f"the server then: v{v2} Production; staging alias removed from v{v2}"
+    )
     assert [r["action"] for r in rows if r["outcome"] == "done"] == [
         "promote",
         "alias_set",
@@ -774,6 +776,30 @@ def test_ways_around_the_policy_are_closed_and_audited(team: dict[str, Any]) -> 
     assert sum("admin approved" in line for line in printed) == 1
     assert not any(line.startswith("#99") for line in printed)
 
+    # a lookalike of production or staging, and a version that is no number: refused first
+    for alias, version in (
+        ("Production", v1),
+        ("production ", v1),
+        ("staging", "1_0"),
+        ("staging", "0x1"),
+    ):
+        answer = {"name": NAME, "alias": alias, "version": version}
+        bad = rest(team, "admin", "POST", alias_path, json=answer)
+        assert bad.status_code == 400, (alias, version, bad.text)
+    # staging set on the production version (EDIT is enough): its stage stays Production
+    held = aliases(team)["production"]
+    staged = {"name": NAME, "alias": "staging", "version": held}
+    assert rest(team, "alice", "POST", alias_path, json=staged).status_code == 200
+    assert model_version(team, held)["current_stage"] == "Production"
+    # the production version written with a leading zero is the same version: nothing archived
+    again = {"name": NAME, "alias": "production", "version": "0" + held}
+    same = rest(team, "bob", "POST", alias_path, json=again)
+    assert same.status_code == 200, same.text
+    assert aliases(team)["production"] == held
+    assert model_version(team, held)["current_stage"] == "Production"
+    row = audit_rows(team)[-1]
+    assert (row["from_version"], row["to_version"], row["outcome"]) == (held, held, "done")
+
     # a lookalike of production (Cyrillic р) is refused
     lookalike = rest(
         team,
@@ -909,7 +935,11 @@ def test_a_failed_follow_up_of_a_move_puts_the_alias_back_or_says_it_could_not(
             ):
                 conn.exec_driver_sql(f"DROP TRIGGER {trigger}")
         engine.dispose()
-        assert app._follow(intent) == ("done", app.MIRRORED_DETAIL, None)
+        assert app._follow(intent) == (
+            "done",
+            "the server then: v2 Production; v1 Archived; v2 tagged mlops.replaced_version=1",
+            None,
+        )
         assert [client.get_model_version("m", v).current_stage for v in "12"] == [
             "Archived",
             "Production",

@@ -842,7 +842,7 @@ def _move(
 
     Any failure after the alias moved puts the alias back, so a failed move changes nothing.
     With ``server_follows`` (a team server that does what follows a move itself, in the same
-    step as its audit row, see :func:`mlops.team.app._mirror`) only the alias is moved here.
+    step as its audit row, see :func:`mlops.team.app._follow`) only the alias is moved here.
     """
     if previous == version:
         raise RegistryError(f"{name} version {version} is already {alias}")
@@ -867,20 +867,37 @@ def _after_move(
     previous: str | None,
     *,
     rollback: bool,
-) -> None:
-    """What follows an alias move (idempotent): stages, tags, the staging alias it used up."""
-    _transition(client, name, version, _LEGACY_STAGE[alias])
+) -> list[str]:
+    """What follows an alias move (idempotent): stages, tags, the staging alias it used up.
+
+    Production's stage wins: a staging alias on the production version leaves it in
+    Production. Returns what was done, one phrase each.
+    """
+    done: list[str] = []
     if alias == PRODUCTION:
+        _transition(client, name, version, "Production")
+        done.append(f"v{version} Production")
         if previous and previous != version:
             _transition(client, name, previous, "Archived")
+            done.append(f"v{previous} Archived")
             if rollback:
                 client.set_model_version_tag(name, previous, ROLLED_BACK_TAG, "true")
+                done.append(f"v{previous} tagged {ROLLED_BACK_TAG}")
             else:
                 client.set_model_version_tag(name, version, REPLACED_TAG, previous)
+                done.append(f"v{version} tagged {REPLACED_TAG}={previous}")
         if _aliases(client, name).get(STAGING) == version:
             client.delete_registered_model_alias(name, STAGING)
-    elif previous and previous != version and _aliases(client, name).get(PRODUCTION) != previous:
+            done.append(f"staging alias removed from v{version}")
+        return done
+    production = _aliases(client, name).get(PRODUCTION)
+    if production != version:
+        _transition(client, name, version, _LEGACY_STAGE[alias])
+        done.append(f"v{version} {_LEGACY_STAGE[alias]}")
+    if previous and previous != version and production != previous:
         _transition(client, name, previous, "None")
+        done.append(f"v{previous} None")
+    return done
 
 
 def _transition(client: mlflow.MlflowClient, name: str, version: str, stage: str) -> None:

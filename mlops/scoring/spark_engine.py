@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -269,10 +270,11 @@ def score_spark(
         names = {n for n, _ in fields}
         kept = [f for f in good.schema.fields if f.name not in names]
         answered = StructType([*kept, *_struct_type(answer).fields])
-        scorer = _scorer(_model_ref(spark, model_dir), model_config, [n for n, _ in answer])
+        columns = [f.name for f in answered.fields]
+        scorer = _scorer(_model_ref(spark, model_dir), model_config, columns)
         scored = good.mapInArrow(scorer, answered).select(
-            *[F.col(f.name) for f in kept],
-            *[F.lit(constant[n]).alias(n) if n in constant else F.col(n) for n, _ in fields],
+            *[_col(f.name) for f in kept],
+            *[F.lit(constant[n]).alias(n) if n in constant else _col(n) for n, _ in fields],
         )
         _write(scored.write.format("parquet"), output, overwrite)
         if rejected:
@@ -284,25 +286,47 @@ def score_spark(
     return Counts(total - rejected, rejected)
 
 
+def _col(name: str) -> Any:
+    """A top-level column by its name, whatever it holds (a dot in ``proba_v1.2`` too)."""
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
 def _model_ref(spark: Any, model_dir: Path) -> str:
     """Where a Python worker finds the verified model folder: the folder itself when Spark runs
     in this process (``local``, ``local[N]``); on a cluster (``local-cluster`` included), a zip
-    of it that Spark ships to every executor and unpacks there (``addArchive``), by its name."""
+    of it that Spark ships to every executor and unpacks there (``addArchive``), by its name.
+
+    The zip is named by the folder's checksum and kept in the temporary folder: a session keeps
+    what it was given for its lifetime (an executor that joins later fetches it too), and a
+    notebook's session scoring the same version again reuses it."""
     if re.fullmatch(r"local(\[[^\]]*\])?", spark.sparkContext.master):
         return str(model_dir)
-    base = model_dir.parent / f"{model_dir.name}-{uuid.uuid4().hex[:12]}"
-    archive = shutil.make_archive(str(base), "zip", root_dir=model_dir)
-    spark.sparkContext.addArchive(archive)
-    return _SHIPPED + Path(archive).name
+    from mlops.artifacts import model_checksum
+
+    folder = Path(tempfile.gettempdir()) / "mlops-spark-models"
+    folder.mkdir(exist_ok=True)
+    base = folder / f"model-{model_checksum(model_dir)[:24]}"
+    archive = Path(f"{base}.zip")
+    if not archive.exists():
+        partial = shutil.make_archive(f"{base}.{uuid.uuid4().hex[:8]}", "zip", root_dir=model_dir)
+        os.replace(partial, archive)
+    key = (id(spark.sparkContext), archive.name)
+    if key not in _ADDED:
+        spark.sparkContext.addArchive(str(archive))
+        _ADDED.add(key)
+    return _SHIPPED + archive.name
 
 
 _SHIPPED = "spark-files:"
-_WORKER_MODELS: dict[str, Any] = {}  # a Python worker's loaded wrappers (workers are reused)
+_ADDED: set[tuple[int, str]] = set()  # archives given to this process's Spark sessions
+_WORKER_MODELS: dict[str, Any] = {}  # the model a reused Python worker loaded last
 
 
-def _scorer(model_ref: str, model_config: dict[str, Any], answer: list[str]) -> Any:
+def _scorer(model_ref: str, model_config: dict[str, Any], columns: list[str]) -> Any:
     """The ``mapInArrow`` function: each batch of checked rows, as read, with the wrapper's
-    answer columns (``answer``) appended.
+    answer columns appended; exactly ``columns``, in that order.
 
     The same code as the pandas engine (:class:`mlops.scoring.pandas_engine.Answer`) on Arrow
     batches, with the wrapper loaded once per Python worker through ``mlflow.pyfunc`` (its
@@ -324,21 +348,22 @@ def _scorer(model_ref: str, model_config: dict[str, Any], answer: list[str]) -> 
                 from pyspark import SparkFiles
 
                 path = SparkFiles.get(model_ref[len(_SHIPPED) :])
-            wrapper = _WORKER_MODELS[model_ref] = load_wrapper(Path(path), model_config)
+            wrapper = load_wrapper(Path(path), model_config)
+            _WORKER_MODELS.clear()
+            _WORKER_MODELS[model_ref] = wrapper
         build = Answer(wrapper, "")
         for batch in batches:
             if not batch.num_rows:
                 continue
             table = pa.Table.from_batches([batch])
-            checked = split_rows(wrapper.contract, table.to_pandas())
+            features = table.select(wrapper.contract.features).to_pandas()
+            checked = split_rows(wrapper.contract, features)
             if checked.reasons:
                 raise MlopsError(
                     "a row that passed the input contract was refused when scored: "
                     + next(iter(checked.reasons.values()))
                 )
-            out = build.table(checked, table)
-            keep = [c for c in out.column_names if c in table.column_names or c in answer]
-            yield from out.select(keep).to_batches()
+            yield from build.table(checked, table).select(columns).to_batches()
 
     return score
 

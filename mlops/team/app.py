@@ -24,11 +24,11 @@ they make (``X-Mlops-Action``, ``X-Mlops-Target``, ``X-Mlops-Version``, ``X-Mlop
 for the request that makes that move. What follows a move of ``production`` or ``staging``
 (the legacy stages mirrored, the replaced version archived and marked, a staging alias that
 production used up removed) the server does itself, under the model's lock and before the row
-is settled, whichever client moved the alias; if it fails, the alias is put back, the row is
-``failed`` and the answer a 503. The trail's answer says so (``mirrors_stages``), and
-``mlops promote`` then moves only the alias. A declaration is the client's word: it names the
-action and the gate results in the row but grants nothing: the permission check is the same for
-every client.
+is settled, whichever client set the alias; if it fails, the alias is put back, the row is
+``failed`` and the answer a 409 (MLflow's client retries a 503). The trail's answer says so
+(``mirrors_stages``), and ``mlops promote`` then moves only the alias. A declaration is the
+client's word: it names the action and the gate results in the row but grants nothing: the
+permission check is the same for every client.
 
 A move that was made, and a promotion whose gates refused it, also leave the one-line
 ``mlops.last_change`` tag on the version they name, set by the server with the row (whichever
@@ -221,12 +221,15 @@ class Policy:
                 outcome = REFUSED if status in (401, 403) else FAILED
                 detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
             if outcome == DONE and intent.action in _MIRRORED_ACTIONS:
-                outcome, detail, error = _follow(intent)
+                try:
+                    outcome, detail, error = _follow(intent)
+                except Exception as exc:  # noqa: BLE001 - no registry client: say so, settle
+                    outcome, error = FAILED, f"the move's follow-up could not start ({exc})"
+                    detail = _clean(error, 2000)
                 if error is not None:
                     logger.warning("audit #%d: %s", intent.id, error)
-                    response = _error(
-                        503, "TEMPORARILY_UNAVAILABLE", f"{error} (audit #{intent.id})"
-                    )
+                    # 409, not 503: MLflow's client retries a 503, which would move it again
+                    response = _error(409, "INVALID_STATE", f"{error} (audit #{intent.id})")
             try:
                 settled = self.audit.settle(intent.id, outcome, detail)
                 if outcome == DONE:  # a refused attempt changes nothing, not even a tag
@@ -302,12 +305,14 @@ class Policy:
             move = Move("alias_set", model, record.target, record.to_version, None)
             now = _current(move) if not record.target.startswith("stage ") else None
             moved = now == record.to_version and now is not None
+            detail = "settled by the server after an interrupted request"
+            if moved and record.action in _MIRRORED_ACTIONS and record.target in _GUARDED_ALIASES:
+                try:  # finish what follows the move (all of it idempotent)
+                    detail += "; then: " + _followed(_after_move(record))
+                except Exception as exc:  # noqa: BLE001 - the next move mirrors again
+                    detail += f"; its follow-up failed ({_first_line(exc)})"
             try:
-                self.audit.settle(
-                    record.id,
-                    DONE if moved else FAILED,
-                    "settled by the server after an interrupted request",
-                )
+                self.audit.settle(record.id, DONE if moved else FAILED, _clean(detail, 2000))
             except Exception as exc:  # noqa: BLE001 - another worker settled it first
                 logger.info("audit #%d: %s", record.id, exc)
 
@@ -434,15 +439,34 @@ class Policy:
 
 _TAGGED_ACTIONS = (*DECLARED_ACTIONS, "alias_set")  # not the stage mirroring that follows
 _MIRRORED_ACTIONS = _TAGGED_ACTIONS
-MIRRORED_DETAIL = "legacy stages mirrored by the server"
+MIRRORED = "the server then: "  # the detail of a move the server followed up
+
+
+def _after_move(intent: AuditRecord) -> list[str]:
+    """:func:`mlops.registry.promotion._after_move` for the move ``intent`` records."""
+    from mlops.registry import promotion
+
+    assert intent.to_version is not None
+    return promotion._after_move(
+        _registry(),
+        intent.model,
+        intent.target,
+        intent.to_version,
+        intent.from_version,
+        rollback=intent.action == "rollback",
+    )
+
+
+def _followed(done: list[str]) -> str:
+    return "; ".join(done) or "nothing to change"
 
 
 def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
     """What follows a move of production or staging, done by the server under the model's lock
-    before the row is settled, whichever client moved it: the legacy stages mirrored (the new
-    version's, and the replaced one's archived or cleared), the replaced version marked, and a
-    staging alias that production used up removed (:func:`mlops.registry.promotion._after_move`,
-    the same code a local promotion runs).
+    before the row is settled, whichever client set the alias: the legacy stages mirrored (the
+    new version's, unless production holds it, and the replaced one's archived or cleared), the
+    replaced version marked, and a staging alias that production used up removed (the same code
+    a local promotion runs). The row's detail says what was done.
 
     Returns the row's outcome and detail, and the error to answer (None when all went well). A
     failure puts the alias back (the row ``failed``: nothing changed) and the stages in line
@@ -454,19 +478,11 @@ def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
     model, target = intent.model, intent.target
     if target not in (PRODUCTION, STAGING) or not intent.to_version:
         return DONE, None, None
-    client = _registry()
     try:
-        promotion._after_move(
-            client,
-            model,
-            target,
-            intent.to_version,
-            intent.from_version,
-            rollback=intent.action == "rollback",
-        )
-        return DONE, MIRRORED_DETAIL, None
+        return DONE, MIRRORED + _followed(_after_move(intent)), None
     except Exception as exc:  # noqa: BLE001 - put the alias back, say what happened
         failure = _first_line(exc)
+    client = _registry()
     try:
         if intent.from_version:
             client.set_registered_model_alias(model, target, intent.from_version)
@@ -483,7 +499,7 @@ def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
         aliases = promotion._aliases(client, model)
         for version, _old, new in promotion._stage_plan(client, model, aliases):
             promotion._transition(client, model, version, new)
-    except Exception as exc:  # noqa: BLE001 - a local reconcile or the next move mirrors again
+    except Exception as exc:  # noqa: BLE001 - the next move of this model mirrors again
         logger.warning("%s: the stages stay out of line with the aliases: %s", model, exc)
     back = intent.from_version or "none"
     detail = _clean(
@@ -537,11 +553,17 @@ def _move_of(req: Any) -> Move | None:
         args = _params(req)
         model, alias = _text(args, "name"), _text(args, "alias")
         if method == "POST":
-            version, kind = _text(args, "version"), "alias_set"
+            version, kind = _version(_text(args, "version")), "alias_set"
             if not alias.isascii():
                 raise _BadRequest(
                     f"alias {alias!r}: this server takes aliases of ASCII letters, digits, _ "
                     "and - only (a lookalike of production or staging misleads its readers)"
+                )
+            if alias.strip().lower() in _GUARDED_ALIASES and alias not in _GUARDED_ALIASES:
+                raise _BadRequest(
+                    f"alias {alias!r}: write it {alias.strip().lower()!r} (a variant in other "
+                    "letters or with spaces misleads its readers, and some databases take it "
+                    "for the same alias)"
                 )
         else:
             version, kind = None, "alias_delete"
@@ -550,7 +572,11 @@ def _move_of(req: Any) -> Move | None:
         return Move(kind, model, alias, version, needs, detail)
     if path in STAGE_PATHS and method == "POST":
         args = _params(req)
-        model, version, stage = _text(args, "name"), _text(args, "version"), _text(args, "stage")
+        model, version, stage = (
+            _text(args, "name"),
+            _version(_text(args, "version")),
+            _text(args, "stage"),
+        )
         wanted = stage.strip().lower()
         held = _stage_of(model, version)
         if "production" in (wanted, held):
@@ -581,6 +607,14 @@ def _move_of(req: Any) -> Move | None:
             return None
         return Move("model_delete", model, held, None, "MANAGE")
     return None
+
+
+def _version(text: str) -> str:
+    """A version number as the registry stores it (``"03"`` is version 3); anything but ASCII
+    digits is refused here, before MLflow's own reading (which takes ``"1_0"`` for 10)."""
+    if not text.isascii() or not text.isdigit():
+        raise _BadRequest(f"'version' must be a version number (digits), got {text[:40]!r}")
+    return str(int(text))
 
 
 def _params(req: Any) -> dict[str, Any]:
