@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from mlops.errors import MlopsError, RegistryError
+from mlops.errors import RegistryError
+from mlops.scoring.model import ScoringFailed, load_wrapper
 from mlops.scoring.sinks import (
     Sink,
     check_destination,
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ENGINES = ("pandas", "spark")
-
-
-class ScoringFailed(MlopsError, RuntimeError):
-    """The model failed on rows its contract accepted (a model or environment problem)."""
 
 
 @dataclass(frozen=True)
@@ -206,20 +203,6 @@ def _verified_model(name: str, version: str, dst: Path) -> Path:
         ) from None
     verify_registered(name, version, path)
     return path
-
-
-def load_wrapper(model_dir: Path, model_config: dict[str, Any]) -> Any:
-    """The verified model's wrapper (``MlopsModel``); other models are refused by name."""
-    from mlops.serving.wrapper import MlopsModel
-
-    model = mlflow.pyfunc.load_model(str(model_dir), model_config=model_config)
-    wrapper = model.unwrap_python_model()
-    if not isinstance(wrapper, MlopsModel):
-        raise ScoringFailed(
-            f"model at {model_dir} is no mlops model ({type(wrapper).__name__}); `mlops score` "
-            "needs a version logged by mlops (its input contract decides what is rejected)"
-        )
-    return wrapper
 
 
 def _run_pandas(

@@ -22,7 +22,8 @@ from mlops.config import Config
 from mlops.errors import MlopsError
 from mlops.explain import Explainer, RowContributions
 from mlops.monitoring.store import LOG_FILE, PREDICTIONS, MonitoringStore
-from mlops.scoring.core import _verified_model, load_wrapper, resolve_version
+from mlops.scoring.core import _verified_model, resolve_version
+from mlops.scoring.model import load_wrapper
 from mlops.tracking import project_store_url, step_run
 
 

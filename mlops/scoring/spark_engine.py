@@ -338,7 +338,7 @@ def _scorer(model_ref: str, model_config: dict[str, Any], columns: list[str]) ->
     def score(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
-        from mlops.scoring.core import load_wrapper
+        from mlops.scoring.model import load_wrapper
         from mlops.scoring.pandas_engine import Answer
 
         wrapper = _WORKER_MODELS.get(model_ref)
