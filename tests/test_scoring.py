@@ -490,6 +490,8 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     base["x1"] = base["x1"].round().astype("int64")
     base["color"] = base["color"].astype(object)
     base.loc[5, "color"] = "z" * 200_000  # over MAX_FIELD_CHARS
+    # an earlier output scored again: its answer columns are replaced, its other columns kept
+    base["model_version"], base["prediction"], base["note"] = "0", "stale", "kept"
     typed = tmp_path / "typed.parquet"
     base.to_parquet(typed, index=False)
     assert _doubt(load_contract(shared), spark.read.parquet(str(typed)).schema) is not None
@@ -508,6 +510,7 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     assert list(scored["id"]) == list(good["id"])
     assert_matches(scored, reference(shared, good.assign(x1=good["x1"].astype(float))))
     assert set(scored["model_name"]) == {NAME} and set(scored["model_version"]) == {"1"}
+    assert set(scored["note"]) == {"kept"} and list(scored.columns).count("prediction") == 1
     (reason,) = pd.concat(
         pd.read_csv(p) for p in (tmp_path / "typed-out-rejects.csv").glob("*.csv")
     )["reason"]
