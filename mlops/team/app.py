@@ -54,6 +54,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from mlops.db import scrub
 from mlops.registry.audit import (
     DONE,
     FAILED,
@@ -224,7 +225,8 @@ class Policy:
                 try:
                     outcome, detail, error = _follow(intent)
                 except Exception as exc:  # noqa: BLE001 - no registry client: say so, settle
-                    outcome, error = FAILED, f"the move's follow-up could not start ({exc})"
+                    outcome = FAILED
+                    error = f"the move's follow-up could not start ({_first_line(exc)})"
                     detail = _clean(error, 2000)
                 if error is not None:
                     logger.warning("audit #%d: %s", intent.id, error)
@@ -514,7 +516,9 @@ def _first_line(exc: BaseException) -> str:
     while cause is not None and getattr(cause, "orig", None) is None:
         cause = cause.__cause__ or cause.__context__
     text = str(getattr(cause, "orig", None) or exc)
-    return (text.strip().splitlines() or [exc.__class__.__name__])[0][:300]
+    line = (text.strip().splitlines() or [exc.__class__.__name__])[0]
+    # it goes into an audit row, a log line and an answer: never the database's password
+    return scrub(line, os.environ.get(BACKEND_ENV), os.environ.get(AUDIT_URL_ENV))[:300]
 
 
 def _tag(record: AuditRecord) -> None:
