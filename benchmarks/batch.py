@@ -8,11 +8,15 @@ model. On the same Parquet file (100,000-row row groups):
   against ``mlflow.pyfunc.spark_udf`` of the stock model (Parquet out), one local[2] session,
   one untimed warm-up round of each on the whole input, then ``--spark-rounds`` alternating
   rounds (medians); with ``--spark-floor`` also ``spark_udf`` of a pyfunc that does nothing
-  (what any engine built on ``spark_udf`` pays before its model does any work);
+  (what any engine built on ``spark_udf`` pays before its model does any work) and a
+  ``mapInArrow`` step that answers constants (what our engine's way of running Python pays);
 - pandas: our ``pandas`` engine (chunk_rows=100,000) against stock ``pyfunc.predict`` on
   100,000-row batches of the same file, each batch's predictions appended to a Parquet file;
 - memory: the pandas engine's peak resident memory above its start (a fresh process, peak
-  reset after imports), at --rows and at a quarter of it, against one chunk's size in pandas.
+  reset after a warm-up job), at --rows and at a quarter of it, in ``--memory-runs`` processes
+  each, against one chunk's size in pandas; beside it the peak of bytes live in Arrow's pool
+  (steady from run to run, where the resident peak varies with when the allocator hands freed
+  pages back).
 
     .venv/bin/python benchmarks/batch.py [--rows 1000000] [--skip-spark] [--spark-floor]
 
@@ -149,6 +153,32 @@ class _Nothing(mlflow.pyfunc.PythonModel):
         return model_input["x1"].to_numpy()
 
 
+def arrow_floor(spark: object, data: Path, out: Path) -> float:
+    """``mapInArrow`` over the same file that answers every row with constants in the columns
+    our engine adds (prediction, one probability per class), Parquet out: seconds. What any
+    engine that hands every row to Python on Arrow batches pays before checking a row or
+    running a model (our engine's floor)."""
+    start = time.perf_counter()
+    frame = spark.read.parquet(str(data))  # type: ignore[attr-defined]
+    answers = [("prediction", "string"), ("proba_no", "double"), ("proba_yes", "double")]
+    schema = ", ".join(
+        [
+            *(f"{f.name} {f.dataType.simpleString()}" for f in frame.schema),
+            *(f"{n} {t}" for n, t in answers),
+        ]
+    )
+    names = [*frame.columns, *(n for n, _ in answers)]
+
+    def constant(batches: Any) -> Any:
+        for batch in batches:
+            n = batch.num_rows
+            extra = [pa.array(["yes"] * n), pa.array([0.5] * n), pa.array([0.5] * n)]
+            yield pa.RecordBatch.from_arrays([*batch.columns, *extra], names=names)
+
+    frame.mapInArrow(constant, schema).write.mode("overwrite").parquet(str(out))
+    return time.perf_counter() - start
+
+
 def nothing_model(root: Path) -> Path:
     """The do-nothing pyfunc, logged with the same input example as the stock model."""
     with mlflow.start_run(run_name="nothing"):
@@ -159,7 +189,10 @@ def nothing_model(root: Path) -> Path:
 
 
 def memory_child(data: str, out: str, version: str) -> None:
-    """In a fresh process: the pandas engine's peak RSS above its start, in bytes (printed)."""
+    """In a fresh process: the pandas engine's peak RSS above its start and the peak of the
+    bytes live in Arrow's memory pool (sampled every half millisecond), in bytes (printed)."""
+    import threading
+
     config = load_config(overrides=["experiment=batch-bench"])
     # a small job first loads the libraries and the model once; the peak so far is theirs,
     # not the engine's: reset it, then read it after the real job
@@ -176,7 +209,15 @@ def memory_child(data: str, out: str, version: str) -> None:
         overwrite=True,
     )
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
+    before, arrow_before = _status("VmRSS"), pa.total_allocated_bytes()
+    arrow_peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.0005):
+            arrow_peak[0] = max(arrow_peak[0], pa.total_allocated_bytes() - arrow_before)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     score(
         config,
         NAME,
@@ -186,7 +227,9 @@ def memory_child(data: str, out: str, version: str) -> None:
         engine="pandas",
         chunk_rows=CHUNK,
     )
-    print(json.dumps({"peak_above_start": _status("VmHWM") - before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_above_start": _status("VmHWM") - before, "arrow": arrow_peak[0]}))
 
 
 def _status(key: str) -> int:
@@ -196,7 +239,7 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def pandas_peak(data: Path, out: Path, version: str) -> int:
+def pandas_peak(data: Path, out: Path, version: str) -> dict[str, int]:
     env = {**os.environ}
     done = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(data), str(out), version],
@@ -206,7 +249,7 @@ def pandas_peak(data: Path, out: Path, version: str) -> int:
     )
     if done.returncode:
         raise RuntimeError(f"memory run failed:\n{done.stderr[-3000:]}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_above_start"])
+    return {k: int(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def chunk_bytes(data: Path) -> int:
@@ -222,8 +265,11 @@ def main() -> None:
     parser.add_argument(
         "--spark-floor",
         action="store_true",
-        help="also time spark_udf of a pyfunc that does nothing (the floor of any spark_udf "
-        "engine) in the same rounds",
+        help="also time, in the same rounds, spark_udf of a pyfunc that does nothing (the floor "
+        "of any spark_udf engine) and mapInArrow answering constants (our engine's floor)",
+    )
+    parser.add_argument(
+        "--memory-runs", type=int, default=3, help="fresh processes per input size (memory)"
     )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,14 +310,16 @@ def main() -> None:
                 # the first job of each side on the whole input warms the JVM's compiled code
                 # and the Python workers (a first job ran up to 3x slower than the next on this
                 # machine): neither side's warm-up is timed; then alternating rounds, medians
-                stock_times, ours_times, floor_times = [], [], []
+                stock_times, ours_times, floor_times, arrow_times = [], [], [], []
                 nothing = nothing_model(root) if args.spark_floor else None
                 for r in range(args.spark_rounds + 1):
                     stock_s = stock_spark(spark, stock, data, root / f"stock-spark-{r}")
                     if nothing is not None:
                         floor_s = stock_spark(spark, nothing, data, root / f"floor-spark-{r}")
+                        arrow_s = arrow_floor(spark, data, root / f"arrow-floor-{r}")
                         if r:
                             floor_times.append(floor_s)
+                            arrow_times.append(arrow_s)
                     ours = score(
                         config,
                         NAME,
@@ -298,20 +346,32 @@ def main() -> None:
                     f"{'floor':<8}{n / floor_s:>14,.0f}{n / stock_s:>14,.0f}"
                     f"{stock_s / floor_s:>12.2f}  (spark_udf of a pyfunc that does nothing)"
                 )
+                arrow_s = statistics.median(arrow_times)
+                print(
+                    f"{'arrow':<8}{n / arrow_s:>14,.0f}{n / stock_s:>14,.0f}"
+                    f"{stock_s / arrow_s:>12.2f}  (mapInArrow answering constants: no check, "
+                    "no model)"
+                )
 
         one_chunk = chunk_bytes(data)
         print(
-            "\npandas engine peak memory above a warmed-up process "
-            f"(one chunk in pandas: {one_chunk / 1e6:.1f} MB)"
+            f"\npandas engine peak memory above a warmed-up process, {args.memory_runs} fresh "
+            f"processes per size (one chunk in pandas: {one_chunk / 1e6:.1f} MB); resident "
+            "memory (RSS, what the goal counts) and the peak of bytes live in Arrow's pool"
         )
         small = root / "quarter.parquet"
         write_input(small, max(n // 4, CHUNK))
         for label, path in ((f"{n:,} rows", data), (f"{max(n // 4, CHUNK):,} rows", small)):
-            out = root / f"mem-{path.stem}.parquet"
-            peak = pandas_peak(path, out, version)
+            peaks = [
+                pandas_peak(path, root / f"mem-{path.stem}-{i}.parquet", version)
+                for i in range(args.memory_runs)
+            ]
+            rss = [p["peak_above_start"] / one_chunk for p in peaks]
+            arrow = [p["arrow"] / one_chunk for p in peaks]
             print(
-                f"  {label:<14}{peak / 1e6:>8.1f} MB = {peak / one_chunk:.2f} x one chunk"
-                "  (goal <= 2)"
+                f"  {label:<14} RSS x one chunk: {', '.join(f'{r:.2f}' for r in rss)}"
+                f" (median {statistics.median(rss):.2f}, max {max(rss):.2f}; goal <= 2);"
+                f" Arrow live: {', '.join(f'{a:.2f}' for a in arrow)}"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)

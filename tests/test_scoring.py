@@ -492,6 +492,7 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     base.loc[5, "color"] = "z" * 200_000  # over MAX_FIELD_CHARS
     # an earlier output scored again: its answer columns are replaced, its other columns kept
     base["model_version"], base["prediction"], base["note"] = "0", "stale", "kept"
+    base["note.text"] = "a name with a dot"  # Spark reads a dot in a name as a struct's field
     typed = tmp_path / "typed.parquet"
     base.to_parquet(typed, index=False)
     assert _doubt(load_contract(shared), spark.read.parquet(str(typed)).schema) is not None
@@ -511,6 +512,7 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     assert_matches(scored, reference(shared, good.assign(x1=good["x1"].astype(float))))
     assert set(scored["model_name"]) == {NAME} and set(scored["model_version"]) == {"1"}
     assert set(scored["note"]) == {"kept"} and list(scored.columns).count("prediction") == 1
+    assert set(scored["note.text"]) == {"a name with a dot"}
     (reason,) = pd.concat(
         pd.read_csv(p) for p in (tmp_path / "typed-out-rejects.csv").glob("*.csv")
     )["reason"]
@@ -531,6 +533,40 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
         engine="spark",
     )
     assert (result.rows_scored, result.rows_rejected) == (0, 59)
+
+
+@pytest.mark.slow
+def test_a_refusal_spark_did_not_foresee_still_reaches_the_rejects_file(
+    shared: dict, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rejects job checks only the rows Spark finds doubtful; should those miss a row the
+    scoring job refused (here: a doubt condition that finds none), every row is checked again
+    and the rejects file holds each refused row with its reason."""
+    from pyspark.sql import functions as F
+
+    from mlops.scoring import spark_engine
+
+    base = pd.read_csv(make_csv(tmp_path / "rows.csv", n=40, seed=4)).drop(columns="label")
+    base.insert(0, "id", np.arange(len(base)))
+    base["color"] = base["color"].astype(object)
+    base.loc[[3, 30], "x2"] = [np.inf, np.nan]
+    base.to_parquet(tmp_path / "rows.parquet", index=False)
+    monkeypatch.setattr(spark_engine, "_doubt", lambda contract, schema: F.lit(False))
+    result = score(
+        load_config(overrides=["experiment=scoring"]),
+        NAME,
+        version=shared["version"],
+        input_uri=str(tmp_path / "rows.parquet"),
+        output_uri=str(tmp_path / "out"),
+        engine="spark",
+    )
+    assert (result.rows_scored, result.rows_rejected) == (38, 2)
+    rejects = pd.concat(pd.read_csv(p) for p in (tmp_path / "out-rejects.csv").glob("*.csv"))
+    assert sorted(rejects["id"]) == [3, 30]
+    assert all("'x2'" in reason for reason in rejects["reason"])
+    assert sorted(pd.read_parquet(tmp_path / "out")["id"]) == [
+        i for i in range(40) if i not in (3, 30)
+    ]
 
 
 def load_contract(store: dict) -> Any:

@@ -1,20 +1,20 @@
 """The ``spark`` engine: the same verified model, in Spark's Python workers, on Arrow batches.
 
-Spark reads the input (Parquet, or CSV as text) and holds every row to the model's input
-contract. Where the input's types allow (Parquet with the model's numeric columns as integers or
-floats and its categorical ones as strings), Spark itself sets aside the rows the contract may
-refuse (a null where training had none, an infinity, an over-long text: :func:`_doubt`), and
-only those go through the contract in Python (:mod:`mlops.scoring.rows`, the same code as the
-pandas engine), which gives each its reason; every other row goes through Python once, to the
-model. Otherwise a ``mapInPandas`` step checks every row and the checked table is persisted
-(memory, then disk) so the input is read and checked once. Accepted rows are scored by
-``mapInArrow`` with the pandas engine's own code (:func:`_scorer`: the model folder loaded
-through ``mlflow.pyfunc`` once per Python worker, checksum checked; the answer built in Arrow),
-not by ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing
-reached only 1.35-1.38x the stock model's rows/s (``benchmarks/batch.py --spark-floor``), its
-pandas round trip and schema enforcement per batch. The model's name and version and the
-scoring run are literals in Spark; the output is written as Parquet partitions; refused rows
-are written as CSV with their ``reason``.
+Spark reads the input (Parquet, or CSV as text) once: ``mapInArrow`` hands each batch to
+Python, where the pandas engine's own code holds its rows to the model's input contract (and
+the data rules that refuse rows) and scores the rows it accepts (:func:`_scorer`: the model
+folder loaded through ``mlflow.pyfunc`` once per Python worker, checksum checked; the answer
+built in Arrow), and Spark writes them as Parquet partitions. Accumulators count the rows
+scored and refused. Only where rows were refused does a second job find them again, with
+the contract's reasons, and write them as CSV with a ``reason``: where the input's types
+allow (Parquet with the model's numeric columns as integers or floats and its categorical
+ones as strings), only the rows Spark itself finds doubtful (:func:`_doubt`) go through
+Python for that.
+
+Not ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing reached
+only 1.35-1.48x the stock model's rows/s (``benchmarks/batch.py --spark-floor``), its pandas
+round trip and schema enforcement per batch. The model's name and version and the scoring run
+are literals in Spark.
 
 Locally Spark runs as ``local[2]``; ``--spark-master`` names any cluster (whose executors need
 this package and its model's libraries; the model folder is shipped to them by Spark).
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import MlopsError
+from mlops.scoring.model import ScoringFailed
 from mlops.scoring.pandas_engine import Counts, rejecting_rules
 from mlops.scoring.rows import (
     REASON_COLUMN,
@@ -122,8 +123,10 @@ def _contract_spec(contract: Any) -> dict[str, Any]:
     }
 
 
-def _checker(spec: dict[str, Any], text: bool) -> Any:
-    """The ``mapInPandas`` function: each batch with a ``reason`` (None where accepted)."""
+def _checker(spec: dict[str, Any], text: bool, found: Any, names: list[str]) -> Any:
+    """The ``mapInPandas`` function over a :func:`_positional` frame whose columns are
+    ``names``: each batch with a ``reason`` (None where accepted); the refused rows are added
+    to the accumulator ``found``."""
 
     def check(batches: Iterator[Any]) -> Iterator[Any]:
         from mlops.rules import RowRules
@@ -139,11 +142,15 @@ def _checker(spec: dict[str, Any], text: bool) -> Any:
         rules = RowRules.build(spec.get("rules"), spec["numeric"], spec["categorical"])
         for frame in batches:
             frame = frame.reset_index(drop=True)
+            positions = list(frame.columns)
+            frame.columns = names
             checked = split_by_rules(
                 rules, split_rows(contract, from_text(contract, frame) if text else frame)
             )
             reasons = checked.reasons
             frame[REASON_COLUMN] = [reasons.get(i) for i in range(len(frame))] if reasons else None
+            found.add(len(reasons))
+            frame.columns = [*positions, REASON_COLUMN]
             yield frame
 
     return check
@@ -173,7 +180,7 @@ def _doubt(contract: Any, schema: Any) -> Any:
     integers = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
     condition = F.lit(False)
     for col, required in zip(contract.numeric, contract.required_numeric, strict=True):
-        kind, c = kinds[col], F.col(col)
+        kind, c = kinds[col], _col(col)
         if isinstance(kind, integers):
             terms = [c.isNull()] if required else []
         elif isinstance(kind, (T.FloatType, T.DoubleType)):
@@ -187,7 +194,7 @@ def _doubt(contract: Any, schema: Any) -> Any:
     for col, required in zip(contract.categorical, contract.required_categorical, strict=True):
         if not isinstance(kinds[col], T.StringType):
             return None
-        c = F.col(col)
+        c = _col(col)
         condition = condition | F.coalesce(F.length(c) > MAX_FIELD_CHARS, F.lit(False))
         if required:
             condition = condition | c.isNull()
@@ -218,10 +225,18 @@ def score_spark(
     run_id: str,
     overwrite: bool,
 ) -> Counts:
-    """Score ``sources`` with the model at ``model_dir`` (verified) in Spark's Python workers."""
-    from pyspark import StorageLevel
+    """Score ``sources`` with the model at ``model_dir`` (verified) in Spark's Python workers.
+
+    One job reads the input once and writes the scored rows: each Arrow batch is held to the
+    contract (and the data rules that refuse rows) and its accepted rows scored, in the same
+    Python pass (:func:`_scorer`); the rows scored and refused are counted by accumulators,
+    which Spark applies once per partition of a job's final stage, so the counts are exact
+    under task retries. Only where rows were refused, a second job finds them again, with
+    their reasons, and writes the rejects file.
+    """
+    import pyarrow as pa
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType, StructField, StructType
+    from pyspark.sql.types import DoubleType, StructField, StructType
 
     contract = wrapper.contract
     paths = [_spark_path(s.uri) for s in sources]
@@ -231,59 +246,108 @@ def score_spark(
     else:
         frame = spark.read.parquet(*paths)
     check_columns(contract, frame.columns, f"input {sources[0].uri!r}")
-    marked_schema = StructType([*frame.schema.fields, StructField(REASON_COLUMN, StringType())])
+    fields = answer_fields(wrapper)
+    # the model's name, version and the run are the same in every row: literals in Spark,
+    # not columns of text per row sent back from Python
+    constant = {
+        NAME_COLUMN: wrapper.model_name,
+        VERSION_COLUMN: wrapper.model_version,
+        RUN_ID_COLUMN: run_id,
+    }
+    answer = [(n, k) for n, k in fields if n not in constant]
+    names = {n for n, _ in fields}
+    kept = [f for f in frame.schema.fields if f.name not in names]
+    target = None  # the Arrow types of a CSV's answer (its batches are built from pandas)
+    if text:  # the model's numbers as the contract read them, not as Spark would cast text
+        kept = [
+            StructField(f.name, DoubleType()) if f.name in contract.numeric else f for f in kept
+        ]
+        target = [
+            *((f.name, pa.float64() if f.name in contract.numeric else pa.string()) for f in kept),
+            *answer,
+        ]
+    answered = [*kept, *_struct_type(answer).fields]
+    sc = spark.sparkContext
+    scored_rows, refused_rows = sc.accumulator(0), sc.accumulator(0)
+    scorer = _scorer(
+        _model_ref(spark, model_dir),
+        model_config,
+        frame.columns,
+        [f.name for f in answered],
+        target=target,
+        counters=(scored_rows, refused_rows),
+    )
+    positional, _ = _positional(frame)
+    out = [_OUT + str(i) for i in range(len(answered))]
+    place = {f.name: p for f, p in zip(answered[len(kept) :], out[len(kept) :], strict=True)}
+    scored = positional.mapInArrow(
+        scorer, StructType([StructField(p, f.dataType) for p, f in zip(out, answered, strict=True)])
+    ).select(
+        *[F.col(p).alias(f.name) for p, f in zip(out, kept, strict=False)],
+        *[
+            F.lit(constant[n]).alias(n) if n in constant else F.col(place[n]).alias(n)
+            for n, _ in fields
+        ],
+    )
+    _write(scored.write.format("parquet"), output, overwrite)
+    counts = Counts(scored_rows.value, refused_rows.value)
+    if counts.rejected:
+        _write_rejects(spark, wrapper, frame, text, rejects, counts.rejected, overwrite)
+    return counts
+
+
+def _write_rejects(
+    spark: Any, wrapper: Any, frame: Any, text: bool, uri: str, expected: int, overwrite: bool
+) -> None:
+    """The refused rows of ``frame`` with their reasons, as CSV: where the input's types allow,
+    only the rows Spark finds doubtful (:func:`_doubt`) go through the contract in Python.
+
+    The scoring job counted ``expected`` refused rows; should the doubtful rows hold fewer
+    (a refusal Spark's condition did not foresee), every row is checked again, so the file
+    always holds every row the scoring job refused."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    contract = wrapper.contract
     rules = rejecting_rules(wrapper)
     # rows breaking a data rule are refused by name: the rules go to the check in Python, and
     # every row with them (Spark's own doubts know the contract, not the rules)
     spec = {**_contract_spec(contract), "rules": wrapper.meta.get("rules") if rules else None}
-    checker = _checker(spec, text)
     doubt = None if text or rules is not None else _doubt(contract, frame.schema)
-    if doubt is None:  # every row through the contract in Python, the checked table kept
-        marked = frame.mapInPandas(checker, marked_schema).persist(StorageLevel.MEMORY_AND_DISK)
-        clean = None
-    else:  # only the rows Spark finds doubtful go through the contract (for their reasons)
-        flagged = frame.withColumn(_DOUBT, doubt)
-        clean = flagged.filter(~F.col(_DOUBT)).drop(_DOUBT)
-        doubtful = flagged.filter(F.col(_DOUBT)).drop(_DOUBT)
-        marked = doubtful.mapInPandas(checker, marked_schema).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        refused = marked.filter(F.col(REASON_COLUMN).isNotNull())
-        rejected = refused.count()
-        good = marked.filter(F.col(REASON_COLUMN).isNull()).drop(REASON_COLUMN)
-        if clean is not None:
-            total = frame.count()
-            good = clean.unionByName(good)
-        else:
-            total = marked.count()
-        if text:
-            for col in contract.numeric:
-                good = good.withColumn(col, F.col(col).cast("double"))
-        fields = answer_fields(wrapper)
-        # the model's name, version and the run are the same in every row: literals in Spark,
-        # not columns of text per row sent back from Python
-        constant = {
-            NAME_COLUMN: wrapper.model_name,
-            VERSION_COLUMN: wrapper.model_version,
-            RUN_ID_COLUMN: run_id,
-        }
-        answer = [(n, k) for n, k in fields if n not in constant]
-        names = {n for n, _ in fields}
-        kept = [f for f in good.schema.fields if f.name not in names]
-        answered = StructType([*kept, *_struct_type(answer).fields])
-        columns = [f.name for f in answered.fields]
-        scorer = _scorer(_model_ref(spark, model_dir), model_config, columns)
-        scored = good.mapInArrow(scorer, answered).select(
-            *[_col(f.name) for f in kept],
-            *[F.lit(constant[n]).alias(n) if n in constant else _col(n) for n, _ in fields],
+    for condition in (doubt, None) if doubt is not None else (None,):
+        found = spark.sparkContext.accumulator(0)
+        source, names = _positional(frame if condition is None else frame.filter(condition))
+        marked_schema = StructType(
+            [*source.schema.fields, StructField(REASON_COLUMN, StringType())]
         )
-        _write(scored.write.format("parquet"), output, overwrite)
-        if rejected:
-            _write(
-                refused.coalesce(1).write.format("csv").option("header", True), rejects, overwrite
+        refused = (
+            source.mapInPandas(_checker(spec, text, found, names), marked_schema)
+            .filter(F.col(REASON_COLUMN).isNotNull())
+            .select(
+                *[F.col(p).alias(n) for p, n in zip(source.columns, names, strict=True)],
+                REASON_COLUMN,
             )
-    finally:
-        marked.unpersist()
-    return Counts(total - rejected, rejected)
+            .coalesce(1)
+        )
+        _write(refused.write.format("csv").option("header", True), uri, overwrite)
+        if found.value >= expected:
+            return
+        overwrite = True  # the file just written is replaced by the full check's
+    raise ScoringFailed(
+        f"the scoring job refused {expected} rows, but checking every row again found "
+        f"{found.value}; the rejects file {uri!r} holds those"
+    )
+
+
+_IN, _OUT = "_mlops_in_", "_mlops_out_"
+
+
+def _positional(frame: Any) -> tuple[Any, list[str]]:
+    """``frame`` with its columns renamed by position, and their names: ``mapInArrow`` and
+    ``mapInPandas`` look every input column up by its name, which a dot in it (``note.text``)
+    turns into a struct field that is not there; the Python side puts the names back."""
+    names = list(frame.columns)
+    return frame.toDF(*[_IN + str(i) for i in range(len(names))]), names
 
 
 def _col(name: str) -> Any:
@@ -324,16 +388,29 @@ _ADDED: set[tuple[int, str]] = set()  # archives given to this process's Spark s
 _WORKER_MODELS: dict[str, Any] = {}  # the model a reused Python worker loaded last
 
 
-def _scorer(model_ref: str, model_config: dict[str, Any], columns: list[str]) -> Any:
-    """The ``mapInArrow`` function: each batch of checked rows, as read, with the wrapper's
-    answer columns appended; exactly ``columns``, in that order.
+def _scorer(
+    model_ref: str,
+    model_config: dict[str, Any],
+    names: list[str],
+    columns: list[str],
+    *,
+    target: list[tuple[str, Any]] | None,
+    counters: tuple[Any, Any],
+) -> Any:
+    """The ``mapInArrow`` function over a :func:`_positional` frame whose columns are ``names``:
+    each batch's rows that the contract (and the data rules that refuse rows) accepts, as
+    read, with the wrapper's answer columns appended; exactly ``columns``, in that order,
+    named by position (``_mlops_out_<i>``). The rows scored and refused are added to
+    ``counters``.
 
-    The same code as the pandas engine (:class:`mlops.scoring.pandas_engine.Answer`) on Arrow
-    batches, with the wrapper loaded once per Python worker through ``mlflow.pyfunc`` (its
-    ``load_context`` checks the pipeline's checksum before deserialising it). Every row here
-    passed the contract already (Spark found no doubt about it, or the contract accepted it), so
-    a refusal now is a fault, not a reject.
+    The same code as the pandas engine (:func:`mlops.scoring.rows.split_rows`, then
+    :class:`mlops.scoring.pandas_engine.Answer`) on Arrow batches, with the wrapper loaded once
+    per Python worker through ``mlflow.pyfunc`` (its ``load_context`` checks the pipeline's
+    checksum before deserialising it). A CSV (``target``: its answer's Arrow types) has its
+    model columns answered as the contract read them (numbers as numbers), its other columns
+    as read.
     """
+    scored_rows, refused_rows = counters
 
     def score(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -351,19 +428,29 @@ def _scorer(model_ref: str, model_config: dict[str, Any], columns: list[str]) ->
             wrapper = load_wrapper(Path(path), model_config)
             _WORKER_MODELS.clear()
             _WORKER_MODELS[model_ref] = wrapper
+        contract, rules = wrapper.contract, rejecting_rules(wrapper)
         build = Answer(wrapper, "")
+        positions = [_OUT + str(i) for i in range(len(columns))]
         for batch in batches:
             if not batch.num_rows:
                 continue
-            table = pa.Table.from_batches([batch])
-            features = table.select(wrapper.contract.features).to_pandas()
-            checked = split_rows(wrapper.contract, features)
-            if checked.reasons:
-                raise MlopsError(
-                    "a row that passed the input contract was refused when scored: "
-                    + next(iter(checked.reasons.values()))
-                )
-            yield from build.table(checked, table).select(columns).to_batches()
+            table = pa.Table.from_batches([batch]).rename_columns(names)
+            if target is not None:  # CSV: every column as read; the contract reads the model's
+                frame = table.to_pandas()
+                checked = split_by_rules(rules, split_rows(contract, from_text(contract, frame)))
+                read = None
+            else:
+                features = table.select(contract.features).to_pandas()
+                checked = split_by_rules(rules, split_rows(contract, features))
+                read = table
+            refused_rows.add(len(checked.reasons))
+            if checked.arrays is None:
+                continue
+            scored_rows.add(len(checked.good))
+            answered = build.table(checked, read).select(columns)
+            if target is not None:  # a column of nothing but nulls comes as Arrow's null type
+                answered = answered.cast(pa.schema(target))
+            yield from answered.rename_columns(positions).to_batches()
 
     return score
 
