@@ -17,7 +17,9 @@ With ``--family F`` (logreg, random_forest, hist_gb, keras_mlp) it compares, for
 trained and registered as ``mlops train --register`` does, four servers of the same fitted
 model in one run: stock MLflow (the sklearn flavor of the pipeline, cloudpickled), ours on the
 native runtime, ours on the ONNX export (``mlops export``, float32) and ours on its int8
-export; it prints 1-row p50/p99, 1-row requests/s with 8 clients, each ratio to stock, ONNX
+export, ours through ``mlflow models serve`` or, with ``--server mlops``, through the
+production server (``mlops serve --version V --runtime R``); it prints
+1-row p50/p99, 1-row requests/s with 8 clients, each ratio to stock, ONNX
 against native, and the exports' sizes and metric drops from their parity reports.
 """
 
@@ -109,6 +111,13 @@ def main() -> None:
         choices=["logreg", "random_forest", "hist_gb", "keras_mlp"],
         default=None,
         help="compare stock, ours native, ours ONNX and ours ONNX int8 for this family",
+    )
+    parser.add_argument(
+        "--server",
+        choices=["mlflow", "mlops"],
+        default="mlflow",
+        help="with --family: serve ours through `mlflow models serve` (default) or the "
+        "production server, `mlops serve --runtime R` (stock is always `mlflow models serve`)",
     )
     args = parser.parse_args()
     if args.family:
@@ -311,9 +320,17 @@ def family_runtimes(args: argparse.Namespace) -> None:
         ports = {}
         for key, (model_uri, model_config) in servers.items():
             port = free_port()
-            extra = {"SERVING_MODEL_CONFIG": json.dumps(model_config)} if model_config else {}
-            env = server_env(uri, MLFLOW_MODELS_WORKERS="1", **extra)
-            stack.enter_context(running(serve_cmd(model_uri, port), env, port, work / f"{key}.log"))
+            if model_config and args.server == "mlops":  # the production server, pinned
+                cmd = [sys.executable, "-m", "mlops", "serve", name, "--version", version]
+                cmd += ["-p", str(port), "--runtime", model_config["runtime"]]
+                if "onnx_variant" in model_config:
+                    cmd += ["--onnx-variant", model_config["onnx_variant"]]
+                env = server_env(uri)
+            else:
+                cmd = serve_cmd(model_uri, port)
+                extra = {"SERVING_MODEL_CONFIG": json.dumps(model_config)} if model_config else {}
+                env = server_env(uri, MLFLOW_MODELS_WORKERS="1", **extra)
+            stack.enter_context(running(cmd, env, port, work / f"{key}.log"))
             ports[key] = port
         for port in ports.values():  # warm up
             latencies(port, one, 50)
@@ -332,7 +349,8 @@ def family_runtimes(args: argparse.Namespace) -> None:
     stock_p50, _, stock_rps = summary["stock"]
     print(
         f"family {args.family}: machine {os.cpu_count()} cores; {args.rounds} alternating "
-        "rounds; one worker per server; breast cancer, 1-row requests"
+        "rounds; one worker per server; breast cancer, 1-row requests; stock on `mlflow models "
+        f"serve`, ours on `{'mlops serve' if args.server == 'mlops' else 'mlflow models serve'}`"
     )
     print(
         f"{'server':12}{'p50 ms':>10}{'p99 ms':>10}{'req/s (8)':>12}"

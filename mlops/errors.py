@@ -7,6 +7,20 @@ one line and exit non-zero.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """An error's first line (at most ``limit`` characters), for one-line messages, log lines
+    and audit rows; for a database error, the driver's own (SQLAlchemy's wraps it in advice),
+    found along the exception's causes."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and getattr(cause, "orig", None) is None and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(getattr(cause, "orig", None) or exc)
+    line = (text.strip().splitlines() or [exc.__class__.__name__])[0]
+    return line if limit is None else line[:limit]
+
+
 class MlopsError(Exception):
     """Root of every error this package raises on purpose."""
 

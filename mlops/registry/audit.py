@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from mlops.db import mask_url, open_tables
-from mlops.errors import RegistryError
+from mlops.errors import RegistryError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class AuditLog:
                 key = conn.execute(sa.insert(AUDIT).values(**values)).inserted_primary_key
         except SQLAlchemyError as exc:
             raise RegistryError(
-                f"cannot write the audit record to {mask_url(self.url)}: {_first_line(exc)}"
+                f"cannot write the audit record to {mask_url(self.url)}: {first_line(exc, None)}"
             ) from None
         assert key is not None  # a single-row INSERT always reports its primary key
         return AuditRecord(id=int(key[0]), **{**values, "gates": gates})  # type: ignore[arg-type]
@@ -358,7 +358,7 @@ class AuditLog:
         except SQLAlchemyError as exc:
             raise RegistryError(
                 f"cannot settle audit record #{record_id} in {mask_url(self.url)}: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc, None)}"
             ) from None
         if found is None or changed != 1:
             raise RegistryError(f"audit record #{record_id} is not pending; it was settled before")
@@ -392,11 +392,6 @@ def _to_record(row: Any) -> AuditRecord:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _first_line(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return (str(orig).strip().splitlines() or [exc.__class__.__name__])[0]
 
 
 def _lock_not_available(exc: DBAPIError) -> bool:

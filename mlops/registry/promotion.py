@@ -41,7 +41,7 @@ from mlflow.exceptions import MlflowException
 
 from mlops.artifacts import download_model
 from mlops.config import Config
-from mlops.errors import ConfigError, GateFailed, RegistryError
+from mlops.errors import ConfigError, GateFailed, RegistryError, first_line
 from mlops.registry import gates as v
 from mlops.registry.audit import (
     DONE,
@@ -627,12 +627,13 @@ def _trail_state(trail: Iterable[AuditRecord]) -> dict[str, str | None]:
 
 def _mirror_stages(
     client: mlflow.MlflowClient,
-    audit: AuditLog,
+    audit: AuditLog | None,
     name: str,
     aliases: dict[str, str],
     who: str,
 ) -> list[AuditRecord]:
-    """Put the legacy stages back in line with the aliases, each round audited first."""
+    """Put the legacy stages back in line with the aliases, each round audited first (without
+    ``audit``: by a caller whose own row already covers them, the team server's)."""
     out: list[AuditRecord] = []
     for _ in range(_MIRROR_ROUNDS):
         plan = _stage_plan(client, name, aliases)
@@ -641,6 +642,10 @@ def _mirror_stages(
         detail = "legacy stages put back in line with the aliases: " + "; ".join(
             f"v{ver} {old} -> {new}" for ver, old, new in plan
         )
+        if audit is None:
+            for ver, _old, new in plan:
+                _transition(client, name, ver, new)
+            continue
         target = PRODUCTION if any("Production" in (old, new) for _, old, new in plan) else STAGING
         intent = audit.record(
             who=who,
@@ -788,7 +793,7 @@ def _failed_move(
     who: str,
 ) -> RegistryError:
     """Settle the intent of a move that raised, by what the registry now says."""
-    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+    first = first_line(exc)
     name, target = intent.model, intent.target
     try:
         now = _aliases(client, name).get(target)

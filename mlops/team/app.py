@@ -55,6 +55,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from mlops.db import scrub
+from mlops.errors import first_line
 from mlops.registry.audit import (
     DONE,
     FAILED,
@@ -221,7 +222,7 @@ class Policy:
             else:
                 outcome = REFUSED if status in (401, 403) else FAILED
                 detail = _clean(f"HTTP {status}: {_message(response)}", 2000)
-            if outcome == DONE and intent.action in _MIRRORED_ACTIONS:
+            if outcome == DONE and intent.action in _MOVES:
                 try:
                     outcome, detail, error = _follow(intent)
                 except Exception as exc:  # noqa: BLE001 - no registry client: say so, settle
@@ -308,7 +309,7 @@ class Policy:
             now = _current(move) if not record.target.startswith("stage ") else None
             moved = now == record.to_version and now is not None
             detail = "settled by the server after an interrupted request"
-            if moved and record.action in _MIRRORED_ACTIONS and record.target in _GUARDED_ALIASES:
+            if moved and record.action in _MOVES and record.target in _GUARDED_ALIASES:
                 try:  # finish what follows the move (all of it idempotent)
                     detail += "; then: " + _followed(_after_move(record))
                 except Exception as exc:  # noqa: BLE001 - the next move mirrors again
@@ -439,8 +440,8 @@ class Policy:
         return Response(body, 200, mimetype="application/x-tar")
 
 
-_TAGGED_ACTIONS = (*DECLARED_ACTIONS, "alias_set")  # not the stage mirroring that follows
-_MIRRORED_ACTIONS = _TAGGED_ACTIONS
+# the moves the server tags and follows up (not the stage mirroring that follows them)
+_MOVES = (*DECLARED_ACTIONS, "alias_set")
 MIRRORED = "the server then: "  # the detail of a move the server followed up
 
 
@@ -497,10 +498,9 @@ def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
             2000,
         )
         return DONE, detail, f"{target} of {model} is now version {intent.to_version}: {detail}"
-    try:  # a half-done mirror: the stages in line with the aliases again (best effort)
-        aliases = promotion._aliases(client, model)
-        for version, _old, new in promotion._stage_plan(client, model, aliases):
-            promotion._transition(client, model, version, new)
+    try:  # a half-done mirror: the stages in line with the aliases again (best effort; the
+        # row above says what happened, so these transitions have none of their own)
+        promotion._mirror_stages(client, None, model, promotion._aliases(client, model), "")
     except Exception as exc:  # noqa: BLE001 - the next move of this model mirrors again
         logger.warning("%s: the stages stay out of line with the aliases: %s", model, exc)
     back = intent.from_version or "none"
@@ -511,21 +511,16 @@ def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The error's first line; a database error's own (SQLAlchemy's starts with its advice)."""
-    cause: BaseException | None = exc
-    while cause is not None and getattr(cause, "orig", None) is None:
-        cause = cause.__cause__ or cause.__context__
-    text = str(getattr(cause, "orig", None) or exc)
-    line = (text.strip().splitlines() or [exc.__class__.__name__])[0]
-    # it goes into an audit row, a log line and an answer: never the database's password
-    return scrub(line, os.environ.get(BACKEND_ENV), os.environ.get(AUDIT_URL_ENV))[:300]
+    """The error's first line, without the database's password: it goes into an audit row, a
+    log line and an answer."""
+    return scrub(first_line(exc), os.environ.get(BACKEND_ENV), os.environ.get(AUDIT_URL_ENV))
 
 
 def _tag(record: AuditRecord) -> None:
     """The ``mlops.last_change`` tag on the version a promotion, rollback or alias move names,
     set by the server as it writes the row, whichever client moved it: a move that was made,
     or a promotion its gates refused as reported by a user with EDIT (best effort)."""
-    if record.action not in _TAGGED_ACTIONS or not record.to_version:
+    if record.action not in _MOVES or not record.to_version:
         return
     try:
         _registry().set_model_version_tag(
