@@ -14,8 +14,8 @@ def first_line(exc: BaseException, limit: int | None = 300) -> str:
     cause: BaseException | None = exc
     seen: set[int] = set()
     while cause is not None and getattr(cause, "orig", None) is None and id(cause) not in seen:
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        seen.add(id(cause))  # the causes Python would show: not a context ``from None`` hid
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     text = str(getattr(cause, "orig", None) or exc)
     line = (text.strip().splitlines() or [exc.__class__.__name__])[0]
     return line if limit is None else line[:limit]

@@ -24,6 +24,7 @@ import pytest
 from mlops.cli import main
 from mlops.config import load_config
 from mlops.scoring import ScoringInputError, score
+from mlops.scoring.model import ScoringFailed
 from mlops.training import train
 from tests.conftest import IN_CI, free_port, using_store
 from tests.helpers import make_csv
@@ -478,12 +479,24 @@ def test_spark_on_a_cluster_ships_the_verified_model_to_its_executors(
 
 @pytest.mark.slow
 def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contract(
-    shared: dict, spark: Any, tmp_path: Path
+    shared: dict, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Typed Parquet: Spark sends only the rows the contract may refuse through it (integer
-    columns scored as numbers, an over-long text refused with the contract's reason); a type
-    the contract judges itself (booleans for a numeric column) sends every row through it."""
+    """Typed Parquet: the rejects job sends only the rows Spark finds doubtful through the
+    contract, once (integer columns scored as numbers, an over-long text refused with the
+    contract's reason); a type the contract judges itself (booleans for a numeric column)
+    sends every row through it. Input columns named like answer columns (in any letter case)
+    or like ``reason`` are replaced; a name with a dot is kept."""
+    from mlops.scoring import spark_engine
     from mlops.scoring.spark_engine import _doubt
+
+    checks: list[list[str]] = []  # each check job the rejects file took (its columns)
+    real_checker = spark_engine._checker
+
+    def checker(spec: dict, text: bool, names: list[str]) -> Any:
+        checks.append(names)
+        return real_checker(spec, text, names)
+
+    monkeypatch.setattr(spark_engine, "_checker", checker)
 
     base = pd.read_csv(make_csv(tmp_path / "rows.csv", n=60, seed=9)).drop(columns="label")
     base.insert(0, "id", np.arange(len(base)))
@@ -491,8 +504,9 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     base["color"] = base["color"].astype(object)
     base.loc[5, "color"] = "z" * 200_000  # over MAX_FIELD_CHARS
     # an earlier output scored again: its answer columns are replaced, its other columns kept
-    base["model_version"], base["prediction"], base["note"] = "0", "stale", "kept"
+    base["model_version"], base["Prediction"], base["note"] = "0", "stale", "kept"
     base["note.text"] = "a name with a dot"  # Spark reads a dot in a name as a struct's field
+    base["reason"] = "the input's own"
     typed = tmp_path / "typed.parquet"
     base.to_parquet(typed, index=False)
     assert _doubt(load_contract(shared), spark.read.parquet(str(typed)).schema) is not None
@@ -513,10 +527,12 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     assert set(scored["model_name"]) == {NAME} and set(scored["model_version"]) == {"1"}
     assert set(scored["note"]) == {"kept"} and list(scored.columns).count("prediction") == 1
     assert set(scored["note.text"]) == {"a name with a dot"}
-    (reason,) = pd.concat(
-        pd.read_csv(p) for p in (tmp_path / "typed-out-rejects.csv").glob("*.csv")
-    )["reason"]
-    assert "column 'color' has a value of 200000 characters" in reason
+    assert "Prediction" not in scored.columns
+    rejects = pd.concat(pd.read_csv(p) for p in (tmp_path / "typed-out-rejects.csv").glob("*.csv"))
+    assert list(rejects.columns).count("reason") == 1 and list(rejects["id"]) == [5]
+    assert "column 'color' has a value of 200000 characters" in rejects["reason"].iloc[0]
+    assert set(rejects["note.text"]) == {"a name with a dot"}
+    assert len(checks) == 1  # the doubtful rows held the refused one: no second check
 
     booleans = base.drop(index=5).assign(x1=lambda f: f["x1"] > 0)
     booleans.to_parquet(tmp_path / "bool.parquet", index=False)
@@ -567,6 +583,72 @@ def test_a_refusal_spark_did_not_foresee_still_reaches_the_rejects_file(
     assert sorted(pd.read_parquet(tmp_path / "out")["id"]) == [
         i for i in range(40) if i not in (3, 30)
     ]
+
+    # a check that finds fewer refused rows than the scoring job even over every row: the job
+    # fails and says so, rather than report rejects it cannot show
+    def lenient(spec: dict, text: bool, names: list[str]) -> Any:
+        return lambda batches: (b.assign(_mlops_reason=None) for b in batches)
+
+    monkeypatch.setattr(spark_engine, "_checker", lenient)
+    with pytest.raises(ScoringFailed, match="refused 2 rows, but checking every row again found 0"):
+        score(
+            load_config(overrides=["experiment=scoring"]),
+            NAME,
+            version=shared["version"],
+            input_uri=str(tmp_path / "rows.parquet"),
+            output_uri=str(tmp_path / "out2"),
+            engine="spark",
+        )
+
+
+@pytest.mark.slow
+def test_a_model_whose_feature_name_holds_a_dot_scores_the_same_on_both_engines(
+    shared: dict, spark: Any, tmp_path: Path
+) -> None:
+    """A feature named ``x.1`` (Spark would read it as field ``1`` of a struct ``x``): checked,
+    refused by name and scored by the Spark engine as by the pandas engine."""
+    csv = tmp_path / "train.csv"
+    pd.read_csv(make_csv(tmp_path / "raw.csv", n=200, seed=3)).rename(columns={"x1": "x.1"}).to_csv(
+        csv, index=False
+    )
+    config = load_config(
+        overrides=[
+            f"data.dataset={csv}",
+            "data.target=label",
+            "data.categorical=[color]",
+            "registry.model_name=dotted",
+            "experiment=scoring",
+        ]
+    )
+    version = train(config, register=True).registered_version
+    rows = pd.read_csv(csv).drop(columns="label")
+    rows.insert(0, "id", np.arange(len(rows)))
+    rows.loc[7, "x.1"] = np.nan
+    rows.to_parquet(tmp_path / "rows.parquet", index=False)
+    answers = {}
+    for engine in ("spark", "pandas"):
+        out = tmp_path / f"{engine}.parquet"
+        result = score(
+            config,
+            "dotted",
+            version=version,
+            input_uri=str(tmp_path / "rows.parquet"),
+            output_uri=str(out),
+            engine=engine,
+        )
+        assert (result.rows_scored, result.rows_rejected) == (199, 1)
+        answers[engine] = pd.read_parquet(out).sort_values("id").reset_index(drop=True)
+        found = sorted((tmp_path / f"{engine}-rejects.csv").glob("**/*.csv")) or [
+            tmp_path / f"{engine}-rejects.csv"
+        ]
+        rejects = pd.concat(pd.read_csv(p) for p in found)
+        assert list(rejects["id"]) == [7] and "'x.1'" in rejects["reason"].iloc[0]
+        assert "x.1" in rejects.columns
+    spark_rows, pandas_rows = answers["spark"], answers["pandas"]
+    assert list(spark_rows["id"]) == [i for i in range(200) if i != 7]
+    assert list(spark_rows["prediction"]) == list(pandas_rows["prediction"])
+    np.testing.assert_allclose(spark_rows["x.1"], pandas_rows["x.1"])
+    np.testing.assert_allclose(spark_rows["proba_yes"], pandas_rows["proba_yes"], rtol=1e-9)
 
 
 def load_contract(store: dict) -> Any:

@@ -114,6 +114,40 @@ def test_scrub_removes_literal_and_expanded_secrets(monkeypatch: pytest.MonkeyPa
     assert "ExpandedTok3n" not in out and "LiteralKey9" not in out and "mlops" in out
 
 
+def test_an_error_quoted_in_one_line_names_its_own_cause_and_never_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``first_line``: a driver error's own text (not SQLAlchemy's advice), not a context that
+    ``raise ... from None`` hid; the team server's one line scrubs the database URL before it
+    cuts the line, so a URL across the cut leaves no piece of its password."""
+    from mlops.errors import RegistryError, first_line
+    from mlops.team import app
+
+    class Wrapped(Exception):
+        orig = ValueError("FATAL: role 'x' does not exist\nDETAIL: more")
+
+    assert first_line(Wrapped("(psycopg.OperationalError) advice")) == (
+        "FATAL: role 'x' does not exist"
+    )
+    try:
+        try:
+            raise Wrapped("low level")
+        except Wrapped:
+            raise RegistryError("cannot write the audit record: check the URL") from None
+    except RegistryError as exc:
+        assert first_line(exc) == "cannot write the audit record: check the URL"
+    assert first_line(ValueError("x" * 500)) == "x" * 300
+    assert first_line(ValueError("")) == "ValueError"
+
+    url = "postgresql://mlops:S3cretPassw0rd@db.internal:5432/mlflow"
+    monkeypatch.setenv(app.BACKEND_ENV, url)
+    for start in (0, 250, 280, 295, 299):
+        line = app._first_line(RuntimeError("e" * start + f" cannot connect to {url}"))
+        assert len(line) <= 300 and "S3c" not in line, (start, line)
+        if "mlops:" in line:  # no first letter of the password either
+            assert not line.split("mlops:", 1)[1].startswith("S"), (start, line)
+
+
 def test_a_store_url_with_a_placeholder_connects_and_an_unset_one_is_named(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

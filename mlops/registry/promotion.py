@@ -639,13 +639,13 @@ def _mirror_stages(
         plan = _stage_plan(client, name, aliases)
         if not plan:
             return out
-        detail = "legacy stages put back in line with the aliases: " + "; ".join(
-            f"v{ver} {old} -> {new}" for ver, old, new in plan
-        )
         if audit is None:
             for ver, _old, new in plan:
                 _transition(client, name, ver, new)
             continue
+        detail = "legacy stages put back in line with the aliases: " + "; ".join(
+            f"v{ver} {old} -> {new}" for ver, old, new in plan
+        )
         target = PRODUCTION if any("Production" in (old, new) for _, old, new in plan) else STAGING
         intent = audit.record(
             who=who,

@@ -107,9 +107,9 @@ def read_chunks(
         # back to it, where a Python file's reads are Python bytes that the C heap keeps
         # (tens of MB of resident memory that grows with the input); column chunks are read
         # as they are decoded (pre_buffer off), through a 64 KiB buffer (buffer_size), not a
-        # whole column chunk at once: measured on a 1,000,000-row file of 100,000-row groups,
-        # Arrow's live peak fell from 1.62-1.70 to 1.32-1.36 times one chunk's pandas size,
-        # at the same speed
+        # whole column chunk at once: on a 1,000,000-row file of 100,000-row groups, the peak
+        # of bytes live in Arrow's pool (sampled as benchmarks/batch.py does) fell from
+        # 1.62-1.70 to 1.32-1.36 times one chunk's pandas size, at the same speed
         opened: Any = pa.OSFile(source.uri)
         options: dict[str, Any] = {"pre_buffer": False, "buffer_size": 1 << 16}
     else:  # S3 objects are read by ranged GETs, coalesced ahead (pre_buffer) to save round trips

@@ -12,7 +12,7 @@ ones as strings), only the rows Spark itself finds doubtful (:func:`_doubt`) go 
 Python for that.
 
 Not ``mlflow.pyfunc.spark_udf``: through ``spark_udf`` even a model that does nothing reached
-only 1.35-1.48x the stock model's rows/s (``benchmarks/batch.py --spark-floor``), its pandas
+only 1.32-1.48x the stock model's rows/s (``benchmarks/batch.py --spark-floor``), its pandas
 round trip and schema enforcement per batch. The model's name and version and the scoring run
 are literals in Spark.
 
@@ -123,10 +123,10 @@ def _contract_spec(contract: Any) -> dict[str, Any]:
     }
 
 
-def _checker(spec: dict[str, Any], text: bool, found: Any, names: list[str]) -> Any:
+def _checker(spec: dict[str, Any], text: bool, names: list[str]) -> Any:
     """The ``mapInPandas`` function over a :func:`_positional` frame whose columns are
-    ``names``: each batch with a ``reason`` (None where accepted); the refused rows are added
-    to the accumulator ``found``."""
+    ``names``: each batch with the contract's reason for each row (``_mlops_reason``, None
+    where accepted)."""
 
     def check(batches: Iterator[Any]) -> Iterator[Any]:
         from mlops.rules import RowRules
@@ -148,15 +148,11 @@ def _checker(spec: dict[str, Any], text: bool, found: Any, names: list[str]) -> 
                 rules, split_rows(contract, from_text(contract, frame) if text else frame)
             )
             reasons = checked.reasons
-            frame[REASON_COLUMN] = [reasons.get(i) for i in range(len(frame))] if reasons else None
-            found.add(len(reasons))
-            frame.columns = [*positions, REASON_COLUMN]
+            frame.columns = positions
+            frame[_REASON] = [reasons.get(i) for i in range(len(frame))] if reasons else None
             yield frame
 
     return check
-
-
-_DOUBT = "__mlops_doubt__"
 
 
 def _doubt(contract: Any, schema: Any) -> Any:
@@ -255,8 +251,11 @@ def score_spark(
         RUN_ID_COLUMN: run_id,
     }
     answer = [(n, k) for n, k in fields if n not in constant]
-    names = {n for n, _ in fields}
-    kept = [f for f in frame.schema.fields if f.name not in names]
+    # an input column named like an answer column is replaced (by default Spark takes
+    # ``Prediction`` for ``prediction``)
+    kept = [
+        f for f in frame.schema.fields if not any(_same_name(spark, f.name, n) for n, _ in fields)
+    ]
     target = None  # the Arrow types of a CSV's answer (its batches are built from pandas)
     if text:  # the model's numbers as the contract read them, not as Spark would cast text
         kept = [
@@ -302,9 +301,11 @@ def _write_rejects(
     """The refused rows of ``frame`` with their reasons, as CSV: where the input's types allow,
     only the rows Spark finds doubtful (:func:`_doubt`) go through the contract in Python.
 
-    The scoring job counted ``expected`` refused rows; should the doubtful rows hold fewer
-    (a refusal Spark's condition did not foresee), every row is checked again, so the file
-    always holds every row the scoring job refused."""
+    The check runs in parallel and the refused rows (few) are kept while they are counted and
+    written as one file. The scoring job counted ``expected`` refused rows; should the doubtful
+    rows hold fewer (a refusal Spark's condition did not foresee), every row is checked again,
+    so the file holds every row the scoring job refused."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
@@ -314,32 +315,46 @@ def _write_rejects(
     # every row with them (Spark's own doubts know the contract, not the rules)
     spec = {**_contract_spec(contract), "rules": wrapper.meta.get("rules") if rules else None}
     doubt = None if text or rules is not None else _doubt(contract, frame.schema)
+    found = 0
     for condition in (doubt, None) if doubt is not None else (None,):
-        found = spark.sparkContext.accumulator(0)
         source, names = _positional(frame if condition is None else frame.filter(condition))
-        marked_schema = StructType(
-            [*source.schema.fields, StructField(REASON_COLUMN, StringType())]
-        )
+        marked = StructType([*source.schema.fields, StructField(_REASON, StringType())])
         refused = (
-            source.mapInPandas(_checker(spec, text, found, names), marked_schema)
-            .filter(F.col(REASON_COLUMN).isNotNull())
-            .select(
-                *[F.col(p).alias(n) for p, n in zip(source.columns, names, strict=True)],
-                REASON_COLUMN,
+            source.mapInPandas(_checker(spec, text, names), marked)
+            .filter(F.col(_REASON).isNotNull())
+            .select(  # an input column named like ``reason`` is replaced, as pandas' engine does
+                *[
+                    F.col(p).alias(n)
+                    for p, n in zip(source.columns, names, strict=True)
+                    if not _same_name(spark, n, REASON_COLUMN)
+                ],
+                F.col(_REASON).alias(REASON_COLUMN),
             )
-            .coalesce(1)
+            .persist(StorageLevel.MEMORY_AND_DISK)
         )
-        _write(refused.write.format("csv").option("header", True), uri, overwrite)
-        if found.value >= expected:
+        try:
+            found = refused.count()
+            if found >= expected or condition is None:
+                writer = refused.coalesce(1).write.format("csv").option("header", True)
+                _write(writer, uri, overwrite)
+        finally:
+            refused.unpersist()
+        if found >= expected:
             return
-        overwrite = True  # the file just written is replaced by the full check's
     raise ScoringFailed(
         f"the scoring job refused {expected} rows, but checking every row again found "
-        f"{found.value}; the rejects file {uri!r} holds those"
+        f"{found}; the rejects file {uri!r} holds those"
     )
 
 
-_IN, _OUT = "_mlops_in_", "_mlops_out_"
+def _same_name(spark: Any, a: str, b: str) -> bool:
+    """Whether Spark takes ``a`` and ``b`` for one column (by default, whatever their case)."""
+    if spark.conf.get("spark.sql.caseSensitive", "false").lower() == "true":
+        return a == b
+    return a.lower() == b.lower()
+
+
+_IN, _OUT, _REASON = "_mlops_in_", "_mlops_out_", "_mlops_reason"
 
 
 def _positional(frame: Any) -> tuple[Any, list[str]]:

@@ -513,7 +513,8 @@ def _follow(intent: AuditRecord) -> tuple[str, str | None, str | None]:
 def _first_line(exc: BaseException) -> str:
     """The error's first line, without the database's password: it goes into an audit row, a
     log line and an answer."""
-    return scrub(first_line(exc), os.environ.get(BACKEND_ENV), os.environ.get(AUDIT_URL_ENV))
+    line = scrub(first_line(exc, None), os.environ.get(BACKEND_ENV), os.environ.get(AUDIT_URL_ENV))
+    return line[:300]  # cut after scrubbing: a URL across the cut is still found whole
 
 
 def _tag(record: AuditRecord) -> None:
