@@ -510,15 +510,7 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     typed = tmp_path / "typed.parquet"
     base.to_parquet(typed, index=False)
     assert _doubt(load_contract(shared), spark.read.parquet(str(typed)).schema) is not None
-    config = load_config(overrides=["experiment=scoring"])
-    result = score(
-        config,
-        NAME,
-        version=shared["version"],
-        input_uri=str(typed),
-        output_uri=str(tmp_path / "typed-out"),
-        engine="spark",
-    )
+    result = score_on_spark(shared, typed, tmp_path / "typed-out")
     assert (result.rows_scored, result.rows_rejected) == (59, 1)
     scored = pd.read_parquet(tmp_path / "typed-out").sort_values("id").reset_index(drop=True)
     good = base.drop(index=5).reset_index(drop=True)
@@ -540,14 +532,7 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
         _doubt(load_contract(shared), spark.read.parquet(str(tmp_path / "bool.parquet")).schema)
         is None
     )
-    result = score(
-        config,
-        NAME,
-        version=shared["version"],
-        input_uri=str(tmp_path / "bool.parquet"),
-        output_uri=str(tmp_path / "bool-out"),
-        engine="spark",
-    )
+    result = score_on_spark(shared, tmp_path / "bool.parquet", tmp_path / "bool-out")
     assert (result.rows_scored, result.rows_rejected) == (0, 59)
 
 
@@ -568,14 +553,7 @@ def test_a_refusal_spark_did_not_foresee_still_reaches_the_rejects_file(
     base.loc[[3, 30], "x2"] = [np.inf, np.nan]
     base.to_parquet(tmp_path / "rows.parquet", index=False)
     monkeypatch.setattr(spark_engine, "_doubt", lambda contract, schema: F.lit(False))
-    result = score(
-        load_config(overrides=["experiment=scoring"]),
-        NAME,
-        version=shared["version"],
-        input_uri=str(tmp_path / "rows.parquet"),
-        output_uri=str(tmp_path / "out"),
-        engine="spark",
-    )
+    result = score_on_spark(shared, tmp_path / "rows.parquet", tmp_path / "out")
     assert (result.rows_scored, result.rows_rejected) == (38, 2)
     rejects = pd.concat(pd.read_csv(p) for p in (tmp_path / "out-rejects.csv").glob("*.csv"))
     assert sorted(rejects["id"]) == [3, 30]
@@ -591,14 +569,7 @@ def test_a_refusal_spark_did_not_foresee_still_reaches_the_rejects_file(
 
     monkeypatch.setattr(spark_engine, "_checker", lenient)
     with pytest.raises(ScoringFailed, match="refused 2 rows, but checking every row again found 0"):
-        score(
-            load_config(overrides=["experiment=scoring"]),
-            NAME,
-            version=shared["version"],
-            input_uri=str(tmp_path / "rows.parquet"),
-            output_uri=str(tmp_path / "out2"),
-            engine="spark",
-        )
+        score_on_spark(shared, tmp_path / "rows.parquet", tmp_path / "out2")
 
 
 @pytest.mark.slow
@@ -649,6 +620,18 @@ def test_a_model_whose_feature_name_holds_a_dot_scores_the_same_on_both_engines(
     assert list(spark_rows["prediction"]) == list(pandas_rows["prediction"])
     np.testing.assert_allclose(spark_rows["x.1"], pandas_rows["x.1"])
     np.testing.assert_allclose(spark_rows["proba_yes"], pandas_rows["proba_yes"], rtol=1e-9)
+
+
+def score_on_spark(store: dict, source: Path, output: Path) -> Any:
+    """The module's model (its registered version) scores ``source`` with the Spark engine."""
+    return score(
+        load_config(overrides=["experiment=scoring"]),
+        NAME,
+        version=store["version"],
+        input_uri=str(source),
+        output_uri=str(output),
+        engine="spark",
+    )
 
 
 def load_contract(store: dict) -> Any:
