@@ -492,9 +492,9 @@ def test_spark_sets_doubtful_rows_aside_by_type_and_leaves_the_rest_to_the_contr
     checks: list[list[str]] = []  # each check job the rejects file took (its columns)
     real_checker = spark_engine._checker
 
-    def checker(spec: dict, text: bool, names: list[str]) -> Any:
+    def checker(model_ref: str, model_config: dict, text: bool, names: list[str]) -> Any:
         checks.append(names)
-        return real_checker(spec, text, names)
+        return real_checker(model_ref, model_config, text, names)
 
     monkeypatch.setattr(spark_engine, "_checker", checker)
 
@@ -564,7 +564,7 @@ def test_a_refusal_spark_did_not_foresee_still_reaches_the_rejects_file(
 
     # a check that finds fewer refused rows than the scoring job even over every row: the job
     # fails and says so, rather than report rejects it cannot show
-    def lenient(spec: dict, text: bool, names: list[str]) -> Any:
+    def lenient(model_ref: str, model_config: dict, text: bool, names: list[str]) -> Any:
         return lambda batches: (b.assign(_mlops_reason=None) for b in batches)
 
     monkeypatch.setattr(spark_engine, "_checker", lenient)

@@ -25,9 +25,7 @@ from mlops.scoring.rows import (
     RUN_ID_COLUMN,
     Checked,
     check_columns,
-    from_text,
-    split_by_rules,
-    split_rows,
+    check_rows,
 )
 from mlops.scoring.sinks import Sink, answer_fields
 from mlops.scoring.sources import CSV, Chunk, Source, read_chunks
@@ -78,10 +76,7 @@ def score_pandas(
         for source in sources:
             with closing(_read_ahead(io, source, rows, contract)) as pieces:
                 for chunk in pieces:
-                    frame = chunk.frame
-                    if source.format == CSV:
-                        frame = from_text(contract, frame)
-                    checked = split_by_rules(rules, split_rows(contract, frame))
+                    checked = check_rows(contract, rules, chunk.frame, text=source.format == CSV)
                     if len(checked.rejects):
                         rejects.write(checked.rejects)
                         rejected += len(checked.rejects)

@@ -118,6 +118,17 @@ def _find_refused(
             _find_refused(contract, frame, lo, hi, reasons)
 
 
+def check_rows(
+    contract: InputContract, rules: RowRules | None, frame: pd.DataFrame, *, text: bool
+) -> Checked:
+    """``frame`` split by the contract, then by the data rules that refuse rows (``rules``;
+    None: none do); ``text``: a CSV's values, read as the contract reads CSV first. What both
+    engines hold every row to."""
+    return split_by_rules(
+        rules, split_rows(contract, from_text(contract, frame) if text else frame)
+    )
+
+
 def split_by_rules(rules: RowRules | None, checked: Checked) -> Checked:
     """``checked`` with the accepted rows that break a data rule (``data.rules``, a model
     served with ``on_rule_violation: reject``) moved to its rejects, each with the rule's own

@@ -40,9 +40,7 @@ from mlops.scoring.rows import (
     REASON_COLUMN,
     RUN_ID_COLUMN,
     check_columns,
-    from_text,
-    split_by_rules,
-    split_rows,
+    check_rows,
 )
 from mlops.scoring.sinks import answer_fields
 from mlops.scoring.sources import CSV, Source
@@ -104,50 +102,19 @@ def _spark_path(uri: str) -> str:
     return "s3a://" + uri[len("s3://") :] if uri.startswith("s3://") else uri
 
 
-def _contract_spec(contract: Any) -> dict[str, Any]:
-    """What rebuilds the contract in a Python worker (plain lists and numbers)."""
-    nullable = [
-        c for c, req in zip(contract.numeric, contract.required_numeric, strict=True) if not req
-    ]
-    nullable += [
-        c
-        for c, req in zip(contract.categorical, contract.required_categorical, strict=True)
-        if not req
-    ]
-    return {
-        "numeric": list(contract.numeric),
-        "categorical": list(contract.categorical),
-        "nullable": nullable,
-        "max_rows": contract.max_rows,
-        "coerce_numbers": contract.coerce_numbers,
-    }
-
-
-def _checker(spec: dict[str, Any], text: bool, names: list[str]) -> Any:
+def _checker(model_ref: str, model_config: dict[str, Any], text: bool, names: list[str]) -> Any:
     """The ``mapInPandas`` function over a :func:`_positional` frame whose columns are
     ``names``: each batch with the contract's reason for each row (``_mlops_reason``, None
-    where accepted)."""
+    where accepted), by the worker's loaded wrapper (:func:`_worker_wrapper`)."""
 
     def check(batches: Iterator[Any]) -> Iterator[Any]:
-        from mlops.rules import RowRules
-        from mlops.serving.inputs import InputContract
-
-        contract = InputContract(
-            spec["numeric"],
-            spec["categorical"],
-            nullable=spec["nullable"],
-            max_rows=spec["max_rows"],
-            coerce_numbers=spec["coerce_numbers"],
-        )
-        rules = RowRules.build(spec.get("rules"), spec["numeric"], spec["categorical"])
+        wrapper = _worker_wrapper(model_ref, model_config)
+        contract, rules = wrapper.contract, rejecting_rules(wrapper)
         for frame in batches:
             frame = frame.reset_index(drop=True)
             positions = list(frame.columns)
             frame.columns = names
-            checked = split_by_rules(
-                rules, split_rows(contract, from_text(contract, frame) if text else frame)
-            )
-            reasons = checked.reasons
+            reasons = check_rows(contract, rules, frame, text=text).reasons
             frame.columns = positions
             frame[_REASON] = [reasons.get(i) for i in range(len(frame))] if reasons else None
             yield frame
@@ -253,9 +220,8 @@ def score_spark(
     answer = [(n, k) for n, k in fields if n not in constant]
     # an input column named like an answer column is replaced (by default Spark takes
     # ``Prediction`` for ``prediction``)
-    kept = [
-        f for f in frame.schema.fields if not any(_same_name(spark, f.name, n) for n, _ in fields)
-    ]
+    same = _same_name(spark)
+    kept = [f for f in frame.schema.fields if not any(same(f.name, n) for n, _ in fields)]
     target = None  # the Arrow types of a CSV's answer (its batches are built from pandas)
     if text:  # the model's numbers as the contract read them, not as Spark would cast text
         kept = [
@@ -268,8 +234,9 @@ def score_spark(
     answered = [*kept, *_struct_type(answer).fields]
     sc = spark.sparkContext
     scored_rows, refused_rows = sc.accumulator(0), sc.accumulator(0)
+    model_ref = _model_ref(spark, model_dir)
     scorer = _scorer(
-        _model_ref(spark, model_dir),
+        model_ref,
         model_config,
         frame.columns,
         [f.name for f in answered],
@@ -291,12 +258,30 @@ def score_spark(
     _write(scored.write.format("parquet"), output, overwrite)
     counts = Counts(scored_rows.value, refused_rows.value)
     if counts.rejected:
-        _write_rejects(spark, wrapper, frame, text, rejects, counts.rejected, overwrite)
+        _write_rejects(
+            spark,
+            wrapper,
+            model_ref,
+            model_config,
+            frame,
+            text,
+            rejects,
+            counts.rejected,
+            overwrite,
+        )
     return counts
 
 
 def _write_rejects(
-    spark: Any, wrapper: Any, frame: Any, text: bool, uri: str, expected: int, overwrite: bool
+    spark: Any,
+    wrapper: Any,
+    model_ref: str,
+    model_config: dict[str, Any],
+    frame: Any,
+    text: bool,
+    uri: str,
+    expected: int,
+    overwrite: bool,
 ) -> None:
     """The refused rows of ``frame`` with their reasons, as CSV: where the input's types allow,
     only the rows Spark finds doubtful (:func:`_doubt`) go through the contract in Python.
@@ -309,24 +294,23 @@ def _write_rejects(
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    contract = wrapper.contract
+    # rows breaking a data rule are refused by name: every row goes to the check in Python
+    # (Spark's own doubts know the contract, not the rules)
     rules = rejecting_rules(wrapper)
-    # rows breaking a data rule are refused by name: the rules go to the check in Python, and
-    # every row with them (Spark's own doubts know the contract, not the rules)
-    spec = {**_contract_spec(contract), "rules": wrapper.meta.get("rules") if rules else None}
-    doubt = None if text or rules is not None else _doubt(contract, frame.schema)
+    doubt = None if text or rules is not None else _doubt(wrapper.contract, frame.schema)
+    same = _same_name(spark)
     found = 0
     for condition in (doubt, None) if doubt is not None else (None,):
         source, names = _positional(frame if condition is None else frame.filter(condition))
         marked = StructType([*source.schema.fields, StructField(_REASON, StringType())])
         refused = (
-            source.mapInPandas(_checker(spec, text, names), marked)
+            source.mapInPandas(_checker(model_ref, model_config, text, names), marked)
             .filter(F.col(_REASON).isNotNull())
             .select(  # an input column named like ``reason`` is replaced, as pandas' engine does
                 *[
                     F.col(p).alias(n)
                     for p, n in zip(source.columns, names, strict=True)
-                    if not _same_name(spark, n, REASON_COLUMN)
+                    if not same(n, REASON_COLUMN)
                 ],
                 F.col(_REASON).alias(REASON_COLUMN),
             )
@@ -347,11 +331,12 @@ def _write_rejects(
     )
 
 
-def _same_name(spark: Any, a: str, b: str) -> bool:
-    """Whether Spark takes ``a`` and ``b`` for one column (by default, whatever their case)."""
+def _same_name(spark: Any) -> Any:
+    """Whether Spark takes two names for one column (by default, whatever their case): the
+    session's setting read once."""
     if spark.conf.get("spark.sql.caseSensitive", "false").lower() == "true":
-        return a == b
-    return a.lower() == b.lower()
+        return lambda a, b: a == b
+    return lambda a, b: a.lower() == b.lower()
 
 
 _IN, _OUT, _REASON = "_mlops_in_", "_mlops_out_", "_mlops_reason"
@@ -403,6 +388,24 @@ _ADDED: set[tuple[int, str]] = set()  # archives given to this process's Spark s
 _WORKER_MODELS: dict[str, Any] = {}  # the model a reused Python worker loaded last
 
 
+def _worker_wrapper(model_ref: str, model_config: dict[str, Any]) -> Any:
+    """The verified model's wrapper in a Python worker, loaded once per worker process (a
+    reused worker keeps the last one): the folder itself, or the archive Spark shipped."""
+    from mlops.scoring.model import load_wrapper
+
+    wrapper = _WORKER_MODELS.get(model_ref)
+    if wrapper is None:
+        path = model_ref
+        if model_ref.startswith(_SHIPPED):
+            from pyspark import SparkFiles
+
+            path = SparkFiles.get(model_ref[len(_SHIPPED) :])
+        wrapper = load_wrapper(Path(path), model_config)
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[model_ref] = wrapper
+    return wrapper
+
+
 def _scorer(
     model_ref: str,
     model_config: dict[str, Any],
@@ -430,19 +433,9 @@ def _scorer(
     def score(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
-        from mlops.scoring.model import load_wrapper
         from mlops.scoring.pandas_engine import Answer
 
-        wrapper = _WORKER_MODELS.get(model_ref)
-        if wrapper is None:
-            path = model_ref
-            if model_ref.startswith(_SHIPPED):
-                from pyspark import SparkFiles
-
-                path = SparkFiles.get(model_ref[len(_SHIPPED) :])
-            wrapper = load_wrapper(Path(path), model_config)
-            _WORKER_MODELS.clear()
-            _WORKER_MODELS[model_ref] = wrapper
+        wrapper = _worker_wrapper(model_ref, model_config)
         contract, rules = wrapper.contract, rejecting_rules(wrapper)
         build = Answer(wrapper, "")
         positions = [_OUT + str(i) for i in range(len(columns))]
@@ -450,14 +443,10 @@ def _scorer(
             if not batch.num_rows:
                 continue
             table = pa.Table.from_batches([batch]).rename_columns(names)
-            if target is not None:  # CSV: every column as read; the contract reads the model's
-                frame = table.to_pandas()
-                checked = split_by_rules(rules, split_rows(contract, from_text(contract, frame)))
-                read = None
-            else:
-                features = table.select(contract.features).to_pandas()
-                checked = split_by_rules(rules, split_rows(contract, features))
-                read = table
+            text = target is not None  # CSV: every column as read; the contract reads its own
+            frame = (table if text else table.select(contract.features)).to_pandas()
+            checked = check_rows(contract, rules, frame, text=text)
+            read = None if text else table
             refused_rows.add(len(checked.reasons))
             if checked.arrays is None:
                 continue
