@@ -622,6 +622,40 @@ def test_a_model_whose_feature_name_holds_a_dot_scores_the_same_on_both_engines(
     np.testing.assert_allclose(spark_rows["proba_yes"], pandas_rows["proba_yes"], rtol=1e-9)
 
 
+@pytest.mark.slow
+def test_spark_input_it_cannot_read_and_a_failed_job_are_one_line_errors(
+    shared: dict, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that is no Parquet, or whose column names differ only in letter case, is named
+    with Spark's own reason (not a Java trace); a job that fails in the Python workers is a
+    ScoringFailed with the worker's error, and nothing is left where the output belongs."""
+    from mlops.scoring import spark_engine
+
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(ScoringInputError, match=r"'.*broken.parquet' cannot be read by Spark \("):
+        score_on_spark(shared, tmp_path / "broken.parquet", tmp_path / "o1")
+    rows = pd.read_csv(make_csv(tmp_path / "rows.csv", n=20, seed=2)).drop(columns="label")
+    rows.assign(Note="a", note="b").to_parquet(tmp_path / "case.parquet", index=False)
+    with pytest.raises(ScoringInputError, match="COLUMN_ALREADY_EXISTS.*letter case"):
+        score_on_spark(shared, tmp_path / "case.parquet", tmp_path / "o2")
+
+    rows.to_parquet(tmp_path / "rows.parquet", index=False)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        def score(batches: Any) -> Any:
+            raise RuntimeError("the model's library is missing on this worker")
+            yield  # a generator, as mapInArrow wants
+
+        return score
+
+    monkeypatch.setattr(spark_engine, "_scorer", failing)
+    with pytest.raises(ScoringFailed, match="library is missing on this worker") as failed:
+        score_on_spark(shared, tmp_path / "rows.parquet", tmp_path / "o3")
+    assert "\n" not in str(failed.value) and "nothing was written" in str(failed.value)
+    assert not (tmp_path / "o3").exists()
+    assert not list(tmp_path.glob(".o3*"))
+
+
 def score_on_spark(store: dict, source: Path, output: Path) -> Any:
     """The module's model (its registered version) scores ``source`` with the Spark engine."""
     return score(

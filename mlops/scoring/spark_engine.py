@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlops.errors import MlopsError
+from mlops.errors import MlopsError, first_line
 from mlops.scoring.model import ScoringFailed
 from mlops.scoring.pandas_engine import Counts, rejecting_rules
 from mlops.scoring.rows import (
@@ -43,7 +43,7 @@ from mlops.scoring.rows import (
     check_rows,
 )
 from mlops.scoring.sinks import answer_fields
-from mlops.scoring.sources import CSV, Source
+from mlops.scoring.sources import CSV, ScoringInputError, Source
 from mlops.serving.wrapper import NAME_COLUMN, VERSION_COLUMN
 
 BATCH_ROWS = 50_000  # rows per Arrow batch handed to Python (check and model) in a new session
@@ -204,10 +204,18 @@ def score_spark(
     contract = wrapper.contract
     paths = [_spark_path(s.uri) for s in sources]
     text = sources[0].format == CSV
-    if text:  # as text: the contract reads CSV values, as the pandas engine does
-        frame = spark.read.option("header", True).option("inferSchema", False).csv(paths)
-    else:
-        frame = spark.read.parquet(*paths)
+    try:
+        if text:  # as text: the contract reads CSV values, as the pandas engine does
+            frame = spark.read.option("header", True).option("inferSchema", False).csv(paths)
+        else:
+            frame = spark.read.parquet(*paths)
+    except Exception as exc:  # noqa: BLE001 - no Parquet, columns Spark takes for one: one line
+        kind = "CSV files with a header row" if text else "Parquet files"
+        raise ScoringInputError(
+            f"input {sources[0].uri!r} cannot be read by Spark ({_spark_error(exc)}); pass "
+            f"readable {kind} with column names that differ in more than letter case, or use "
+            "--engine pandas"
+        ) from None
     check_columns(contract, frame.columns, f"input {sources[0].uri!r}")
     fields = answer_fields(wrapper)
     # the model's name, version and the run are the same in every row: literals in Spark,
@@ -255,7 +263,15 @@ def score_spark(
             for n, _ in fields
         ],
     )
-    _write(scored.write.format("parquet"), output, overwrite)
+    try:
+        _write(scored.write.format("parquet"), output, overwrite)
+    except Exception as exc:  # noqa: BLE001 - a Java trace is no answer: its message, one line
+        if isinstance(exc, MlopsError):
+            raise
+        raise ScoringFailed(
+            f"the Spark job scoring {sources[0].uri!r} failed ({_spark_error(exc)}); nothing was "
+            f"written to {output!r}"
+        ) from exc
     counts = Counts(scored_rows.value, refused_rows.value)
     if counts.rejected:
         _write_rejects(
@@ -329,6 +345,25 @@ def _write_rejects(
         f"the scoring job refused {expected} rows, but checking every row again found "
         f"{found}; the rejects file {uri!r} holds those"
     )
+
+
+def _spark_error(exc: BaseException) -> str:
+    """A Spark error's own message, one line: a Python worker's error (its traceback's last
+    line), a JVM error's (not py4j's 'An error occurred while calling o123.save'), a converted
+    one's without its JVM stack."""
+    from pyspark.errors import PythonException
+
+    if isinstance(exc, PythonException):  # a worker's traceback: its last line is the error
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        if lines:
+            return first_line(RuntimeError(lines[-1].strip()))
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            return first_line(RuntimeError(str(java.getMessage())))
+        except Exception:  # noqa: BLE001 - the JVM is gone: what Python has
+            pass
+    return first_line(exc)
 
 
 def _same_name(spark: Any) -> Any:
